@@ -1,0 +1,36 @@
+"""chatapp: a self-hostable chatbot web application whose database sessions are right by construction."""
+
+from __future__ import annotations
+
+import os
+
+from flask import Flask
+
+from chatapp.config import Defaults, check_secret_key
+
+__version__ = "0.1.0"
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    """Create and configure an app; binds extensions, touches no database."""
+    app = Flask(__name__, instance_relative_config=True)
+    app.config.from_object(Defaults)
+    app.config.from_pyfile("config.py", silent=True)
+    app.config.from_prefixed_env("CHATAPP")
+    if test_config is not None:
+        app.config.from_mapping(test_config)
+    check_secret_key(app.config)
+    os.makedirs(app.instance_path, exist_ok=True)
+
+    from chatapp import cli, db, migrations
+
+    db.init_app(app)
+    migrations.init_app(app)
+    cli.init_app(app)
+
+    @app.get("/healthz")
+    def healthz():
+        """Liveness: answers without touching the database."""
+        return {"status": "ok"}
+
+    return app

@@ -1,0 +1,149 @@
+"""Account and token rules. Services add and flush; the caller commits."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from datetime import timedelta
+
+import sqlalchemy as sa
+from flask import current_app
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from chatapp.auth.models import ApiToken, User
+from chatapp.db import db, utcnow
+from chatapp.errors import Conflict, InvalidInput
+
+USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{3,40}")
+USERNAME_RULE = "3-40 characters: letters, digits, '_', '.' or '-'"
+TOKEN_PREFIX = "chat_"
+# last_used_at is a hint for people, not an audit log: writing it at most this often
+# keeps read requests from becoming write transactions.
+TOKEN_TOUCH_INTERVAL = timedelta(seconds=60)
+# Verifying against this hash when the user does not exist keeps the response time
+# of a wrong username close to that of a wrong password.
+_DUMMY_HASH: dict[str, str] = {}
+
+
+def validate_username(username: object) -> str:
+    if not isinstance(username, str) or not USERNAME_PATTERN.fullmatch(username):
+        raise InvalidInput(f"username must be {USERNAME_RULE}", field="username")
+    return username
+
+
+def validate_password(password: object) -> str:
+    low = current_app.config["PASSWORD_MIN_LENGTH"]
+    high = current_app.config["PASSWORD_MAX_LENGTH"]
+    if not isinstance(password, str) or not low <= len(password) <= high:
+        raise InvalidInput(f"password must be {low}-{high} characters", field="password")
+    return password
+
+
+def hash_password(password: str) -> str:
+    return generate_password_hash(password, method=current_app.config["PASSWORD_HASH_METHOD"])
+
+
+def find_user(username: str) -> User | None:
+    return db.session.scalar(sa.select(User).where(User.username == username))
+
+
+def create_user(username: object, password: object) -> User:
+    """Add a new user after checking the rules; raises Conflict if the name is taken."""
+    username = validate_username(username)
+    password = validate_password(password)
+    if find_user(username) is not None:
+        raise Conflict(f"username {username!r} is taken; choose another", code="username_taken")
+    user = User(username=username, password_hash=hash_password(password))
+    db.session.add(user)
+    try:
+        # A concurrent registration of the same name loses here, not at commit.
+        with db.session.begin_nested():
+            db.session.flush()
+    except sa.exc.IntegrityError:
+        raise Conflict(
+            f"username {username!r} is taken; choose another", code="username_taken"
+        ) from None
+    return user
+
+
+def check_credentials(username: object, password: object) -> User | None:
+    """The user whose password matches, or None (same work whether or not the user exists)."""
+    user = find_user(username) if isinstance(username, str) else None
+    if user is None:
+        method = current_app.config["PASSWORD_HASH_METHOD"]
+        if method not in _DUMMY_HASH:
+            _DUMMY_HASH[method] = generate_password_hash(secrets.token_hex(8), method=method)
+        check_password_hash(_DUMMY_HASH[method], str(password))
+        return None
+    if not isinstance(password, str) or not check_password_hash(user.password_hash, password):
+        return None
+    return user
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_token(user: User, name: str = "") -> tuple[ApiToken, str]:
+    """Add a new token for the user; returns the row and the token, which is never stored."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    row = ApiToken(
+        user_id=user.id, token_hash=hash_token(token), prefix=token[:12], name=name[:100]
+    )
+    db.session.add(row)
+    db.session.flush()
+    return row, token
+
+
+def find_active_token(token: str) -> ApiToken | None:
+    """The unrevoked token row for a presented token, with its user loaded."""
+    if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+        return None
+    return db.session.scalar(
+        sa.select(ApiToken)
+        .options(sa.orm.joinedload(ApiToken.user))
+        .where(ApiToken.token_hash == hash_token(token), ApiToken.revoked_at.is_(None))
+    )
+
+
+def token_needs_touch(token: ApiToken) -> bool:
+    return token.last_used_at is None or utcnow() - token.last_used_at > TOKEN_TOUCH_INTERVAL
+
+
+def touch_token(token_id: int) -> None:
+    """Record that a token was used (at most once per TOKEN_TOUCH_INTERVAL)."""
+    now = utcnow()
+    db.session.execute(
+        sa.update(ApiToken)
+        .where(
+            ApiToken.id == token_id,
+            sa.or_(
+                ApiToken.last_used_at.is_(None),
+                ApiToken.last_used_at < now - TOKEN_TOUCH_INTERVAL,
+            ),
+        )
+        .values(last_used_at=now)
+    )
+
+
+def revoke_token(token: ApiToken) -> None:
+    if token.revoked_at is None:
+        token.revoked_at = utcnow()
+    db.session.flush()
+
+
+def list_tokens(user_id: int) -> list[ApiToken]:
+    return list(
+        db.session.scalars(
+            sa.select(ApiToken)
+            .where(ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None))
+            .order_by(ApiToken.id.desc())
+        )
+    )
+
+
+def find_user_token(user_id: int, token_id: int) -> ApiToken | None:
+    return db.session.scalar(
+        sa.select(ApiToken).where(ApiToken.id == token_id, ApiToken.user_id == user_id)
+    )

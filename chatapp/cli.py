@@ -1,0 +1,91 @@
+"""Maintainer commands: init-db, create-user, create-token, and the shell's preloaded names."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import sqlalchemy as sa
+from flask import Flask, current_app
+from flask.cli import with_appcontext
+
+from chatapp import migrations
+from chatapp.auth import services as auth
+from chatapp.db import db, unit_of_work
+from chatapp.errors import AppError
+
+
+def init_app(app: Flask) -> None:
+    app.cli.add_command(init_db_command)
+    app.cli.add_command(create_user_command)
+    app.cli.add_command(create_token_command)
+    app.shell_context_processor(shell_context)
+
+
+def shell_context() -> dict:
+    from chatapp import models
+
+    names = {name: getattr(models, name) for name in models.__all__}
+    return {"db": db, "sa": sa, **names}
+
+
+def _require_schema() -> None:
+    try:
+        current = migrations.schema_is_current()
+    except sa.exc.OperationalError as exc:
+        raise click.ClickException(f"cannot reach the database: {exc.orig}") from None
+    if not current:
+        raise click.ClickException(
+            "the database is not initialised or not up to date; run: flask --app chatapp init-db"
+        )
+
+
+@click.command("init-db")
+@with_appcontext
+def init_db_command() -> None:
+    """Create the schema or upgrade it to the latest migration (safe to repeat)."""
+    try:
+        migrations.upgrade_to_latest()
+    except sa.exc.OperationalError as exc:
+        raise click.ClickException(f"cannot reach the database: {exc.orig}") from None
+    finally:
+        db.session.remove()
+    click.echo("Database is at the latest schema.")
+
+
+def _read_password(password_stdin: bool) -> str:
+    if password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    return click.prompt("Password", hide_input=True, confirmation_prompt=True)
+
+
+@click.command("create-user")
+@with_appcontext
+@click.argument("username")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+def create_user_command(username: str, password_stdin: bool) -> None:
+    """Create a user; the password is prompted for, or read with --password-stdin."""
+    _require_schema()
+    password = _read_password(password_stdin)
+    try:
+        with unit_of_work(current_app._get_current_object()):
+            user = auth.create_user(username, password)
+            user_id = user.id
+    except AppError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(f"Created user {username!r} (id {user_id}).")
+
+
+@click.command("create-token")
+@with_appcontext
+@click.argument("username")
+@click.option("--name", default="cli", show_default=True, help="A label for the token.")
+def create_token_command(username: str, name: str) -> None:
+    """Create an API token for a user and print it (it is shown only this once)."""
+    _require_schema()
+    with unit_of_work(current_app._get_current_object()):
+        user = auth.find_user(username)
+        if user is None:
+            raise click.ClickException(f"no user named {username!r}; create it with create-user")
+        _row, token = auth.create_token(user, name=name)
+    click.echo(token)

@@ -1,0 +1,119 @@
+"""Fixtures: ``app``, ``client``, ``runner`` and ``auth``, on SQLite and on PostgreSQL.
+
+Every test that uses ``app`` is guarded: when it ends, the session registry must be
+empty and no pooled connection checked out, so any test that leaks a session fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from chatapp import create_app
+from chatapp.db import db
+from tests import databases
+from tests.helpers import AuthActions, assert_no_leaks, wait_for_background_work
+
+BACKENDS = ["sqlite", "postgresql"]
+
+
+def base_test_config(uri: str) -> dict:
+    return {
+        "TESTING": True,
+        "SECRET_KEY": "test-secret",
+        "SQLALCHEMY_DATABASE_URI": uri,
+        # Fast hashing keeps the suite quick; production uses scrypt.
+        "PASSWORD_HASH_METHOD": "pbkdf2:sha256:1000",
+        "WTF_CSRF_ENABLED": False,
+    }
+
+
+def _migrate(uri: str) -> None:
+    from chatapp.migrations import upgrade_to_latest
+
+    app = create_app(base_test_config(uri))
+    with app.app_context():
+        upgrade_to_latest()
+        db.engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("template") / "template.sqlite"
+    _migrate(f"sqlite:///{path}")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def postgres_database():
+    base_url = databases.postgres_base_url()
+    databases.require_postgres_or_skip(base_url)
+    database = databases.PostgresDatabase(base_url)
+    database.create()
+    try:
+        _migrate(database.url)
+        yield database
+    finally:
+        database.drop()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def database_uri(request, backend, tmp_path):
+    """A migrated, empty database for one test."""
+    if backend == "sqlite":
+        template = request.getfixturevalue("sqlite_template")
+        target = tmp_path / "chatapp.sqlite"
+        databases.copy_sqlite(template, str(target))
+        yield f"sqlite:///{target}"
+    else:
+        database = request.getfixturevalue("postgres_database")
+        yield database.url
+        from chatapp.db import Base
+
+        database.truncate_all(Base.metadata)
+
+
+@pytest.fixture
+def extra_config() -> dict:
+    """Override in a test module (or parametrize indirectly) to add config."""
+    return {}
+
+
+@pytest.fixture
+def app(database_uri, extra_config, tmp_path):
+    app = create_app({**base_test_config(database_uri), **extra_config})
+    # Keep instance files of tests out of the repository's instance folder.
+    app.instance_path = str(tmp_path / "instance")
+    yield app
+    with app.app_context():
+        for engine in db.engines.values():
+            engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def leak_guard(request):
+    """Fail any test that leaves a session in the registry or a connection checked out."""
+    app = request.getfixturevalue("app") if "app" in request.fixturenames else None
+    yield
+    if app is not None:
+        wait_for_background_work(app)
+        assert_no_leaks(app)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()
+
+
+@pytest.fixture
+def auth(client):
+    return AuthActions(client)

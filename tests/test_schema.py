@@ -1,0 +1,81 @@
+"""Migrations, models and database-level rules."""
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from chatapp.auth.models import User
+from chatapp.chat.models import Conversation, Message, Role, Status
+from chatapp.db import Base, db, unit_of_work
+
+
+def test_migrations_and_models_agree(app):
+    with app.app_context():
+        with db.engine.connect() as connection:
+            context = MigrationContext.configure(
+                connection, opts={"compare_type": True, "render_as_batch": True}
+            )
+            differences = compare_metadata(context, Base.metadata)
+    assert differences == []
+
+
+def test_init_db_is_idempotent(runner, app):
+    for _ in range(2):
+        result = runner.invoke(args=["init-db"])
+        assert result.exit_code == 0, result.output
+        assert "latest schema" in result.output
+
+
+def seed_conversation(app) -> int:
+    with unit_of_work(app) as session:
+        user = User(username="owner", password_hash="x")
+        session.add(user)
+        session.flush()
+        conversation = Conversation(owner_id=user.id, title="t")
+        session.add(conversation)
+        session.flush()
+        for role in (Role.USER, Role.ASSISTANT):
+            session.add(Message(conversation_id=conversation.id, role=role, content="hi"))
+        return conversation.id
+
+
+def test_deleting_a_conversation_deletes_its_messages_in_the_database(app):
+    conversation_id = seed_conversation(app)
+    # A Core DELETE bypasses the ORM entirely: only ON DELETE CASCADE can remove the messages.
+    with unit_of_work(app) as session:
+        session.execute(sa.delete(Conversation.__table__).where(Conversation.id == conversation_id))
+    with unit_of_work(app, write=False) as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(Message)) == 0
+
+
+def test_role_and_status_are_checked_by_the_database(app):
+    conversation_id = seed_conversation(app)
+    with pytest.raises(sa.exc.IntegrityError):
+        with unit_of_work(app) as session:
+            session.execute(
+                sa.text(
+                    "INSERT INTO messages (conversation_id, role, content, status, created_at, updated_at)"
+                    " VALUES (:c, 'robot', '', 'complete', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                ),
+                {"c": conversation_id},
+            )
+
+
+def test_timestamps_come_back_timezone_aware(app):
+    seed_conversation(app)
+    with unit_of_work(app, write=False) as session:
+        message = session.scalars(sa.select(Message)).first()
+        assert message.created_at.tzinfo is not None
+        assert message.status is Status.COMPLETE
+
+
+def test_indexes_for_the_app_queries_exist(app):
+    with app.app_context():
+        inspector = sa.inspect(db.engine)
+        message_indexes = {tuple(ix["column_names"]) for ix in inspector.get_indexes("messages")}
+        conversation_indexes = {
+            tuple(ix["column_names"]) for ix in inspector.get_indexes("conversations")
+        }
+    assert ("conversation_id", "id") in message_indexes
+    assert ("owner_id", "updated_at", "id") in conversation_indexes
