@@ -22,15 +22,17 @@ def create_app(test_config: dict | None = None) -> Flask:
     check_secret_key(app.config)
     os.makedirs(app.instance_path, exist_ok=True)
 
-    from chatapp import cli, db, migrations
+    from chatapp import api, cli, db, health, migrations
+    from chatapp.chat import reaper, runner
+    from chatapp.extensions import csrf, login_manager
 
     db.init_app(app)
     migrations.init_app(app)
+    login_manager.init_app(app)
+    csrf.init_app(app)
+    runner.init_app(app)
+    reaper.init_app(app)
+    api.init_app(app)
+    app.register_blueprint(health.bp)
     cli.init_app(app)
-
-    @app.get("/healthz")
-    def healthz():
-        """Liveness: answers without touching the database."""
-        return {"status": "ok"}
-
     return app

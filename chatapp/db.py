@@ -31,7 +31,9 @@ class Base(DeclarativeBase):
     metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
 
-db = SQLAlchemy(model_class=Base)
+# expire_on_commit=False: a view that commits can still render what it just wrote
+# without reopening a transaction to reload it.
+db = SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
 # Every engine this process created, so a forked worker can drop inherited pools.
 _ENGINES: "weakref.WeakSet[sa.Engine]" = weakref.WeakSet()
 

@@ -84,6 +84,8 @@ class Message(db.Model):
         _enum_column(Status, "message_status"), default=Status.COMPLETE
     )
     error: Mapped[str | None] = mapped_column(sa.Text)
+    # Bumped when a reply is (re)started; writers from an older attempt match no row.
+    attempt: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

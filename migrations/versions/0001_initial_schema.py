@@ -60,6 +60,7 @@ def upgrade():
     sa.Column('content', sa.Text(), nullable=False),
     sa.Column('status', sa.Enum('pending', 'streaming', 'complete', 'failed', name='message_status', native_enum=False, create_constraint=True, length=16), nullable=False),
     sa.Column('error', sa.Text(), nullable=True),
+    sa.Column('attempt', sa.Integer(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['conversation_id'], ['conversations.id'], name=op.f('fk_messages_conversation_id_conversations'), ondelete='CASCADE'),

@@ -1,0 +1,76 @@
+"""Who is calling the API: a Bearer token, or the browser's login session (with CSRF)."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Response, g, request
+from flask_login import current_user
+
+from chatapp.auth import services as auth
+from chatapp.auth.models import User
+from chatapp.db import begin_write, db
+from chatapp.errors import Unauthorized
+from chatapp.extensions import csrf
+
+log = logging.getLogger(__name__)
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def begin_write_for_unsafe_methods() -> None:
+    """Requests that change data take the SQLite write lock before their first read."""
+    if request.method not in SAFE_METHODS:
+        begin_write()
+
+
+def require_user() -> None:
+    """Set g.user from the Bearer token or the login cookie, or answer 401."""
+    header = request.headers.get("Authorization")
+    g.api_token = None
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized(
+                "the Authorization header must be 'Bearer <token>'", code="invalid_token"
+            )
+        row = auth.find_active_token(token.strip())
+        if row is None:
+            raise Unauthorized(
+                "the token is invalid or revoked; create a new one with POST /api/v1/tokens",
+                code="invalid_token",
+            )
+        g.user = row.user
+        g.api_token = row
+        return
+    if current_user.is_authenticated:
+        if request.method not in SAFE_METHODS:
+            # Cookies ride along on cross-site requests; the CSRF token does not.
+            csrf.protect()
+        g.user = current_user._get_current_object()
+        return
+    raise Unauthorized(
+        "authentication required: send 'Authorization: Bearer <token>' "
+        "(create a token with POST /api/v1/tokens)",
+        code="unauthorized",
+    )
+
+
+def current_api_user() -> User:
+    return g.user
+
+
+def record_token_use(response: Response) -> Response:
+    """Stamp the token's last_used_at in its own short write, after the view's work is done."""
+    token = g.get("api_token")
+    if token is None or response.status_code >= 400 or not auth.token_needs_touch(token):
+        return response
+    token_id = token.id
+    try:
+        db.session.rollback()  # end the request's read; a write view has already committed
+        begin_write()
+        auth.touch_token(token_id)
+        db.session.commit()
+    except Exception:  # a hint for people, never worth failing the request over
+        db.session.rollback()
+        log.warning("could not record use of token %s", token_id, exc_info=True)
+    return response

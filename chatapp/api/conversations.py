@@ -1,0 +1,63 @@
+"""Conversations: list, create, read, rename, delete."""
+
+from flask_smorest import Blueprint
+
+from chatapp.api.auth import current_api_user, record_token_use, require_user
+from chatapp.api.docs import error_responses
+from chatapp.api.schemas import ConversationIn, ConversationOut, ConversationPage, ConversationPatch, PageQuery
+from chatapp.chat import services as chat
+from chatapp.db import db
+
+blp = Blueprint("conversations", __name__, description="Conversations")
+blp.before_request(require_user)
+blp.after_request(record_token_use)
+
+
+@blp.get("/conversations")
+@blp.arguments(PageQuery, location="query")
+@blp.response(200, ConversationPage)
+@error_responses(blp, 401, 422, 503)
+def list_conversations(query):
+    """List your conversations, most recently updated first."""
+    return chat.list_conversations(current_api_user().id, query["limit"], query["cursor"])
+
+
+@blp.post("/conversations")
+@blp.arguments(ConversationIn)
+@blp.response(201, ConversationOut)
+@error_responses(blp, 400, 401, 413, 415, 422, 503)
+def create_conversation(body):
+    """Start a conversation."""
+    conversation = chat.create_conversation(current_api_user().id, body.get("title"))
+    db.session.commit()
+    return conversation
+
+
+@blp.get("/conversations/<int:conversation_id>")
+@blp.response(200, ConversationOut)
+@error_responses(blp, 401, 404, 503)
+def get_conversation(conversation_id):
+    """Read one of your conversations."""
+    return chat.get_conversation(current_api_user().id, conversation_id)
+
+
+@blp.patch("/conversations/<int:conversation_id>")
+@blp.arguments(ConversationPatch)
+@blp.response(200, ConversationOut)
+@error_responses(blp, 400, 401, 404, 413, 415, 422, 503)
+def rename_conversation(body, conversation_id):
+    """Rename one of your conversations."""
+    conversation = chat.get_conversation(current_api_user().id, conversation_id)
+    chat.rename_conversation(conversation, body["title"])
+    db.session.commit()
+    return conversation
+
+
+@blp.delete("/conversations/<int:conversation_id>")
+@blp.response(204)
+@error_responses(blp, 401, 404, 503)
+def delete_conversation(conversation_id):
+    """Delete one of your conversations and all its messages."""
+    chat.delete_conversation(chat.get_conversation(current_api_user().id, conversation_id))
+    db.session.commit()
+    return ""

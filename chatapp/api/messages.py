@@ -1,0 +1,78 @@
+"""Messages: list, post (starts a reply), regenerate a reply, stream a reply."""
+
+from flask import Response, current_app, request
+from flask_smorest import Blueprint
+
+from chatapp.api.auth import current_api_user, record_token_use, require_user
+from chatapp.api.docs import error_responses
+from chatapp.api.schemas import MessageIn, MessageOut, MessagePage, PageQuery, PostedMessage
+from chatapp.chat import services as chat
+from chatapp.chat.runner import get_runner
+from chatapp.chat.stream import parse_last_event_id, reply_events
+from chatapp.db import db
+
+blp = Blueprint("messages", __name__, description="Messages and bot replies")
+blp.before_request(require_user)
+blp.after_request(record_token_use)
+
+
+@blp.get("/conversations/<int:conversation_id>/messages")
+@blp.arguments(PageQuery, location="query")
+@blp.response(200, MessagePage)
+@error_responses(blp, 401, 404, 422, 503)
+def list_messages(query, conversation_id):
+    """List a conversation's messages, oldest first."""
+    conversation = chat.get_conversation(current_api_user().id, conversation_id)
+    return chat.list_messages(conversation.id, query["limit"], query["cursor"])
+
+
+@blp.post("/conversations/<int:conversation_id>/messages")
+@blp.arguments(MessageIn)
+@blp.response(202, PostedMessage)
+@error_responses(blp, 400, 401, 404, 409, 413, 415, 422, 503)
+def post_message(body, conversation_id):
+    """Send a message; the bot's reply starts as "pending" and can be streamed."""
+    conversation = chat.get_conversation(current_api_user().id, conversation_id)
+    message, reply = chat.post_message(conversation, body["content"])
+    db.session.commit()
+    # Only the id crosses into the runner's thread, after the commit made it visible.
+    get_runner(current_app).submit(reply.id)
+    return {"message": message, "reply": reply}
+
+
+@blp.post("/conversations/<int:conversation_id>/messages/<int:reply_id>/regenerate")
+@blp.response(202, MessageOut)
+@error_responses(blp, 401, 404, 409, 503)
+def regenerate_reply(conversation_id, reply_id):
+    """Restart a complete or failed reply from scratch."""
+    conversation = chat.get_conversation(current_api_user().id, conversation_id)
+    reply = chat.restart_reply(conversation, chat.get_reply(conversation, reply_id))
+    db.session.commit()
+    get_runner(current_app).submit(reply.id)
+    return reply
+
+
+@blp.get("/conversations/<int:conversation_id>/messages/<int:reply_id>/stream")
+@blp.doc(
+    responses={
+        "200": {
+            "description": "Server-sent events: text deltas, then one `done` event with "
+            "{status, error}.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        }
+    }
+)
+@error_responses(blp, 401, 404, 503)
+def stream_reply(conversation_id, reply_id):
+    """Stream a reply's text as it is generated (stored text first)."""
+    conversation = chat.get_conversation(current_api_user().id, conversation_id)
+    reply_id = chat.get_reply(conversation, reply_id).id
+    resume = parse_last_event_id(request.headers.get("Last-Event-ID"))
+    # The request's session ends when this view returns; the generator opens one
+    # short unit of work per poll and holds nothing while it waits.
+    db.session.commit()
+    return Response(
+        reply_events(current_app._get_current_object(), reply_id, resume),
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

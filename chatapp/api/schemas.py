@@ -1,0 +1,107 @@
+"""Request and response schemas: they validate requests and generate the OpenAPI document."""
+
+from marshmallow import Schema, fields, validate
+
+from chatapp.auth.services import USERNAME_PATTERN, USERNAME_RULE
+from chatapp.chat.services import CONTENT_MAX, TITLE_MAX
+from chatapp.config import Defaults
+
+
+class Credentials(Schema):
+    username = fields.String(
+        required=True,
+        validate=validate.Regexp(USERNAME_PATTERN.pattern + r"\Z", error=f"must be {USERNAME_RULE}"),
+        metadata={"example": "alice", "pattern": "^[A-Za-z0-9_.-]{3,40}$"},
+    )
+    password = fields.String(
+        required=True,
+        load_only=True,
+        validate=validate.Length(Defaults.PASSWORD_MIN_LENGTH, Defaults.PASSWORD_MAX_LENGTH),
+    )
+
+
+class TokenRequest(Schema):
+    username = fields.String(required=True, validate=validate.Length(1, 200))
+    password = fields.String(required=True, load_only=True, validate=validate.Length(1, 1000))
+    name = fields.String(load_default="api", validate=validate.Length(0, 100))
+
+
+class UserOut(Schema):
+    id = fields.Integer(required=True)
+    username = fields.String(required=True)
+    created_at = fields.DateTime(required=True)
+
+
+class TokenOut(Schema):
+    token = fields.String(required=True, metadata={"description": "Shown once; store it now."})
+    id = fields.Integer(required=True)
+    prefix = fields.String(required=True)
+    name = fields.String(required=True)
+    created_at = fields.DateTime(required=True)
+
+
+class PageQuery(Schema):
+    limit = fields.Integer(load_default=20, validate=validate.Range(1, 100))
+    cursor = fields.String(load_default=None, validate=validate.Length(1, 200))
+
+
+class ConversationIn(Schema):
+    title = fields.String(validate=validate.Length(1, TITLE_MAX))
+
+
+class ConversationPatch(Schema):
+    title = fields.String(required=True, validate=validate.Length(1, TITLE_MAX))
+
+
+class ConversationOut(Schema):
+    id = fields.Integer(required=True)
+    title = fields.String(required=True)
+    created_at = fields.DateTime(required=True)
+    updated_at = fields.DateTime(required=True)
+
+
+class ConversationPage(Schema):
+    items = fields.List(fields.Nested(ConversationOut), required=True)
+    next_cursor = fields.String(required=True, allow_none=True)
+
+
+class MessageIn(Schema):
+    content = fields.String(required=True, validate=validate.Length(1, CONTENT_MAX))
+
+
+class MessageOut(Schema):
+    id = fields.Integer(required=True)
+    conversation_id = fields.Integer(required=True)
+    role = fields.Function(lambda m: m.role.value, required=True, metadata={"enum": ["user", "assistant", "system"]})
+    content = fields.String(required=True)
+    status = fields.Function(
+        lambda m: m.status.value,
+        required=True,
+        metadata={"enum": ["pending", "streaming", "complete", "failed"]},
+    )
+    error = fields.String(required=True, allow_none=True)
+    created_at = fields.DateTime(required=True)
+    updated_at = fields.DateTime(required=True)
+
+
+class MessagePage(Schema):
+    items = fields.List(fields.Nested(MessageOut), required=True)
+    next_cursor = fields.String(required=True, allow_none=True)
+
+
+class PostedMessage(Schema):
+    message = fields.Nested(MessageOut, required=True)
+    reply = fields.Nested(MessageOut, required=True)
+
+
+class ErrorDetail(Schema):
+    code = fields.String(required=True)
+    message = fields.String(required=True)
+
+
+class ErrorOut(Schema):
+    error = fields.Nested(ErrorDetail, required=True)
+
+
+class Status(Schema):
+    status = fields.String(required=True)

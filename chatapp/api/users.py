@@ -1,0 +1,59 @@
+"""Accounts and tokens: POST /users, POST /tokens, DELETE /tokens/current."""
+
+from flask import current_app, g
+from flask_smorest import Blueprint
+
+from chatapp.api.docs import error_responses
+from chatapp.api.auth import record_token_use, require_user
+from chatapp.api.schemas import Credentials, TokenOut, TokenRequest, UserOut
+from chatapp.auth import services as auth
+from chatapp.db import db
+from chatapp.errors import Forbidden, Unauthorized
+
+blp = Blueprint("accounts", __name__, description="Accounts and API tokens")
+
+
+@blp.post("/users")
+@blp.arguments(Credentials)
+@blp.response(201, UserOut)
+@error_responses(blp, 400, 403, 409, 413, 415, 422, 503, authenticated=False)
+def register(body):
+    """Create an account."""
+    if not current_app.config["REGISTRATION_OPEN"]:
+        raise Forbidden("registration is closed on this server; ask its operator for an account",
+                        code="registration_closed")
+    user = auth.create_user(body["username"], body["password"])
+    db.session.commit()
+    return user
+
+
+@blp.post("/tokens")
+@blp.arguments(TokenRequest)
+@blp.response(201, TokenOut)
+@error_responses(blp, 400, 401, 413, 415, 422, 503, authenticated=False)
+def create_token(body):
+    """Exchange a username and password for an API token (shown once)."""
+    user = auth.check_credentials(body["username"], body["password"])
+    if user is None:
+        raise Unauthorized("wrong username or password", code="invalid_credentials")
+    row, token = auth.create_token(user, name=body["name"])
+    db.session.commit()
+    return {"token": token, "id": row.id, "prefix": row.prefix, "name": row.name,
+            "created_at": row.created_at}
+
+
+@blp.delete("/tokens/current")
+@blp.response(204)
+@error_responses(blp, 401, 503)
+def revoke_current_token():
+    """Revoke the token this request was made with."""
+    require_user()
+    if g.api_token is None:
+        raise Unauthorized("only a Bearer token can revoke itself", code="invalid_token")
+    auth.revoke_token(g.api_token)
+    db.session.commit()
+    g.api_token = None
+    return ""
+
+
+blp.after_request(record_token_use)

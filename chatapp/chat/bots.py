@@ -1,0 +1,149 @@
+"""Bot engines. One small interface: given the history as plain data, yield text chunks.
+
+Engines never see a session or an ORM object, so nothing they do can hold a connection.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Iterator, Protocol
+
+import requests
+
+
+class BotError(Exception):
+    """The engine could not produce a reply; the message is shown to the user."""
+
+
+class Bot(Protocol):
+    def stream(self, history: list[dict]) -> Iterator[str]:
+        """Yield the reply to ``history`` ([{"role", "content"}, ...]) as text chunks."""
+
+
+class EchoBot:
+    """Answers with the user's last message, word by word, spread evenly over ``delay`` seconds."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay = max(0.0, float(delay))
+
+    def stream(self, history: list[dict]) -> Iterator[str]:
+        last = next((m["content"] for m in reversed(history) if m["role"] == "user"), "")
+        # Words keep their following whitespace, so the chunks join back to the message.
+        words = re.findall(r"\S+\s*|\s+", last) or [""]
+        pause = self.delay / len(words)
+        for word in words:
+            if pause:
+                time.sleep(pause)
+            yield word
+
+
+class OpenAIBot:
+    """Any OpenAI-compatible ``/v1/chat/completions`` server, streamed (OpenAI, Ollama, vLLM, llama.cpp)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str = "",
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+        system_prompt: str = "",
+    ):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.api_key = api_key
+        self.timeout = (connect_timeout, read_timeout)
+        self.system_prompt = system_prompt
+
+    def _payload(self, history: list[dict]) -> dict:
+        messages = [{"role": m["role"], "content": m["content"]} for m in history]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return {"model": self.model, "messages": messages, "stream": True}
+
+    def stream(self, history: list[dict]) -> Iterator[str]:
+        headers = {"Accept": "text/event-stream"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        try:
+            with requests.post(
+                self.url, json=self._payload(history), headers=headers,
+                stream=True, timeout=self.timeout,
+            ) as response:
+                if response.status_code >= 400:
+                    raise BotError(
+                        f"the model server answered HTTP {response.status_code}: "
+                        f"{_error_detail(response)}"
+                    )
+                yield from _parse_event_stream(response)
+        except requests.exceptions.ConnectTimeout:
+            raise BotError(f"could not connect to the model server at {self.url} in time") from None
+        except requests.exceptions.ReadTimeout:
+            raise BotError(
+                f"the model server sent nothing for {self.timeout[1]:g} s; it may be overloaded"
+            ) from None
+        except requests.exceptions.ConnectionError as exc:
+            raise BotError(f"lost the connection to the model server: {_short(exc)}") from None
+        except requests.exceptions.RequestException as exc:
+            raise BotError(f"model server request failed: {_short(exc)}") from None
+
+
+def _short(exc: Exception) -> str:
+    return str(exc)[:300]
+
+
+def _error_detail(response: requests.Response) -> str:
+    try:
+        body = response.json()
+        detail = body.get("error", body)
+        if isinstance(detail, dict):
+            detail = detail.get("message", detail)
+        return str(detail)[:300]
+    except ValueError:
+        return response.text[:300] or response.reason
+
+
+def _parse_event_stream(response: requests.Response) -> Iterator[str]:
+    for raw in response.iter_lines(decode_unicode=False):
+        line = raw.decode("utf-8", errors="replace").strip()
+        if not line or line.startswith(":") or not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise BotError(f"the model server sent a malformed chunk: {data[:100]!r}") from None
+        if not isinstance(chunk, dict):
+            raise BotError(f"the model server sent a malformed chunk: {data[:100]!r}")
+        if "error" in chunk:
+            error = chunk["error"]
+            message = error.get("message") if isinstance(error, dict) else error
+            raise BotError(f"the model server reported an error: {str(message)[:300]}")
+        try:
+            delta = chunk["choices"][0].get("delta") or {}
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise BotError(f"the model server sent a malformed chunk: {data[:100]!r}") from None
+        text = delta.get("content") if isinstance(delta, dict) else None
+        if text:
+            yield str(text)
+    raise BotError("the model server closed the stream before it finished")
+
+
+def bot_from_config(config) -> Bot:
+    engine = config["BOT_ENGINE"]
+    if engine == "echo":
+        return EchoBot(delay=config["BOT_ECHO_DELAY"])
+    if engine == "openai":
+        return OpenAIBot(
+            base_url=config["OPENAI_BASE_URL"],
+            model=config["OPENAI_MODEL"],
+            api_key=config["OPENAI_API_KEY"],
+            connect_timeout=config["OPENAI_CONNECT_TIMEOUT"],
+            read_timeout=config["OPENAI_READ_TIMEOUT"],
+            system_prompt=config["OPENAI_SYSTEM_PROMPT"],
+        )
+    raise BotError(f"unknown BOT_ENGINE {engine!r}; use 'echo' or 'openai'")

@@ -1,0 +1,63 @@
+"""Fail replies orphaned by a crashed process, at start-up and then periodically."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from flask import Flask
+
+from chatapp.chat import services
+from chatapp.db import unit_of_work
+
+log = logging.getLogger(__name__)
+EXTENSION_KEY = "chatapp.reaper"
+
+
+def reap_once(app: Flask) -> int:
+    with unit_of_work(app):
+        count = services.reap_stale_replies(app.config["REPLY_STALE_AFTER"])
+    if count:
+        log.warning("marked %d interrupted repl%s as failed", count, "y" if count == 1 else "ies")
+    return count
+
+
+class Reaper:
+    """One daemon thread per process; started by the first request, so never in the factory."""
+
+    def __init__(self, app: Flask):
+        self.app = app
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def ensure_started(self) -> None:
+        interval = self.app.config["REPLY_REAP_INTERVAL"]
+        if not interval or self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            threading.Thread(
+                target=self._loop, args=(float(interval),), name="reply-reaper", daemon=True
+            ).start()
+
+    def _loop(self, interval: float) -> None:
+        while True:
+            try:
+                reap_once(self.app)
+            except Exception:  # a database outage must not end the loop
+                log.warning("reaper pass failed; retrying in %.0f s", interval, exc_info=True)
+            if self._stop.wait(interval):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def init_app(app: Flask) -> None:
+    reaper = Reaper(app)
+    app.extensions[EXTENSION_KEY] = reaper
+    app.before_request(reaper.ensure_started)

@@ -1,0 +1,76 @@
+"""Where replies run: an in-process thread pool by default, behind a small interface.
+
+A runner receives reply ids only. A job queue (RQ, Celery, Dramatiq) can replace the
+pool by implementing ``submit`` to enqueue the id and calling ``generate_reply`` in its
+worker, which pushes its own app context.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+from flask import Flask
+
+from chatapp.chat.pipeline import generate_reply
+
+log = logging.getLogger(__name__)
+EXTENSION_KEY = "chatapp.reply_runner"
+
+
+class ReplyRunner(Protocol):
+    def submit(self, reply_id: int) -> None: ...
+
+    def wait_idle(self, timeout: float | None = None) -> bool: ...
+
+
+class ThreadPoolReplyRunner:
+    """Runs replies on daemon threads of this process; created lazily, so it survives fork."""
+
+    def __init__(self, app: Flask, max_workers: int):
+        self.app = app
+        self.max_workers = max_workers
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._in_flight = 0
+        self._executor: ThreadPoolExecutor | None = None
+        self._pid: int | None = None
+
+    def _pool(self) -> ThreadPoolExecutor:
+        # A pool created before a fork (gunicorn --preload) has no threads in the child.
+        if self._executor is None or self._pid != os.getpid():
+            self._executor = ThreadPoolExecutor(self.max_workers, thread_name_prefix="reply")
+            self._pid = os.getpid()
+            self._in_flight = 0
+        return self._executor
+
+    def submit(self, reply_id: int) -> None:
+        with self._lock:
+            pool = self._pool()
+            self._in_flight += 1
+        pool.submit(self._run, int(reply_id))
+
+    def _run(self, reply_id: int) -> None:
+        try:
+            generate_reply(self.app, reply_id)
+        except Exception:  # the reaper fails the reply later; never kill the pool thread
+            log.exception("reply runner crashed on reply %s", reply_id)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        with self._lock:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+
+def init_app(app: Flask) -> None:
+    app.extensions[EXTENSION_KEY] = ThreadPoolReplyRunner(app, app.config["REPLY_WORKERS"])
+
+
+def get_runner(app: Flask) -> ReplyRunner:
+    return app.extensions[EXTENSION_KEY]
