@@ -24,6 +24,8 @@ def base_test_config(uri: str) -> dict:
         # Fast hashing keeps the suite quick; production uses scrypt.
         "PASSWORD_HASH_METHOD": "pbkdf2:sha256:1000",
         "WTF_CSRF_ENABLED": False,
+        # The periodic reaper is started by a test when it wants one.
+        "REPLY_REAP_INTERVAL": 0,
     }
 
 

@@ -1,16 +1,14 @@
 """Conversations: list, create, read, rename, delete."""
 
-from flask_smorest import Blueprint
 
-from chatapp.api.auth import current_api_user, record_token_use, require_user
+from chatapp.api.auth import current_api_user
+from chatapp.api.blueprint import api_blueprint
 from chatapp.api.docs import error_responses
 from chatapp.api.schemas import ConversationIn, ConversationOut, ConversationPage, ConversationPatch, PageQuery
 from chatapp.chat import services as chat
 from chatapp.db import db
 
-blp = Blueprint("conversations", __name__, description="Conversations")
-blp.before_request(require_user)
-blp.after_request(record_token_use)
+blp = api_blueprint("conversations", "Conversations", authenticated=True)
 
 
 @blp.get("/conversations")

@@ -1,9 +1,9 @@
 """Messages: list, post (starts a reply), regenerate a reply, stream a reply."""
 
 from flask import Response, current_app, request
-from flask_smorest import Blueprint
 
-from chatapp.api.auth import current_api_user, record_token_use, require_user
+from chatapp.api.auth import current_api_user
+from chatapp.api.blueprint import api_blueprint
 from chatapp.api.docs import error_responses
 from chatapp.api.schemas import MessageIn, MessageOut, MessagePage, PageQuery, PostedMessage
 from chatapp.chat import services as chat
@@ -11,9 +11,7 @@ from chatapp.chat.runner import get_runner
 from chatapp.chat.stream import parse_last_event_id, reply_events
 from chatapp.db import db
 
-blp = Blueprint("messages", __name__, description="Messages and bot replies")
-blp.before_request(require_user)
-blp.after_request(record_token_use)
+blp = api_blueprint("messages", "Messages and bot replies", authenticated=True)
 
 
 @blp.get("/conversations/<int:conversation_id>/messages")

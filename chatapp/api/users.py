@@ -1,16 +1,16 @@
 """Accounts and tokens: POST /users, POST /tokens, DELETE /tokens/current."""
 
 from flask import current_app, g
-from flask_smorest import Blueprint
 
 from chatapp.api.docs import error_responses
-from chatapp.api.auth import record_token_use, require_user
+from chatapp.api.auth import require_user
+from chatapp.api.blueprint import api_blueprint
 from chatapp.api.schemas import Credentials, TokenOut, TokenRequest, UserOut
 from chatapp.auth import services as auth
 from chatapp.db import db
 from chatapp.errors import Forbidden, Unauthorized
 
-blp = Blueprint("accounts", __name__, description="Accounts and API tokens")
+blp = api_blueprint("accounts", "Accounts and API tokens", authenticated=False)
 
 
 @blp.post("/users")
@@ -55,5 +55,3 @@ def revoke_current_token():
     g.api_token = None
     return ""
 
-
-blp.after_request(record_token_use)

@@ -1,0 +1,33 @@
+"""How every API blueprint starts: JSON bodies only, writers begin as writers, optional auth."""
+
+from __future__ import annotations
+
+from flask import request
+from flask_smorest import Blueprint
+
+from chatapp.api.auth import begin_write_for_unsafe_methods, record_token_use, require_user
+from chatapp.errors import AppError
+
+
+class UnsupportedMediaType(AppError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+def require_json_body() -> None:
+    """A body sent to the API must be JSON (webargs would otherwise read it as empty)."""
+    if request.method in ("POST", "PUT", "PATCH") and (
+        request.content_length or request.headers.get("Transfer-Encoding")
+    ):
+        if not request.is_json:
+            raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json")
+
+
+def api_blueprint(name: str, description: str, *, authenticated: bool) -> Blueprint:
+    blp = Blueprint(name, f"chatapp.api.{name}", description=description)
+    blp.before_request(require_json_body)
+    blp.before_request(begin_write_for_unsafe_methods)
+    if authenticated:
+        blp.before_request(require_user)
+    blp.after_request(record_token_use)
+    return blp
