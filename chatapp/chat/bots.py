@@ -11,6 +11,7 @@ import time
 from typing import Iterator, Protocol
 
 import requests
+import urllib3
 
 
 class BotError(Exception):
@@ -63,6 +64,9 @@ class OpenAIBot:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         return {"model": self.model, "messages": messages, "stream": True}
 
+    def _silence_message(self) -> str:
+        return f"the model server sent nothing for {self.timeout[1]:g} s; it may be overloaded"
+
     def stream(self, history: list[dict]) -> Iterator[str]:
         headers = {"Accept": "text/event-stream"}
         if self.api_key:
@@ -81,10 +85,11 @@ class OpenAIBot:
         except requests.exceptions.ConnectTimeout:
             raise BotError(f"could not connect to the model server at {self.url} in time") from None
         except requests.exceptions.ReadTimeout:
-            raise BotError(
-                f"the model server sent nothing for {self.timeout[1]:g} s; it may be overloaded"
-            ) from None
+            raise BotError(self._silence_message()) from None
         except requests.exceptions.ConnectionError as exc:
+            # A read timeout while iterating the body arrives wrapped in a ConnectionError.
+            if exc.args and isinstance(exc.args[0], urllib3.exceptions.ReadTimeoutError):
+                raise BotError(self._silence_message()) from None
             raise BotError(f"lost the connection to the model server: {_short(exc)}") from None
         except requests.exceptions.RequestException as exc:
             raise BotError(f"model server request failed: {_short(exc)}") from None

@@ -1,0 +1,170 @@
+"""The reply pipeline holds no connection while the bot thinks, and never leaves a reply stuck."""
+
+import threading
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from chatapp.chat import services
+from chatapp.chat.bots import BotError
+from chatapp.chat.models import Message, Status
+from chatapp.chat.reaper import reap_once
+from chatapp.chat.stream import reply_events
+from chatapp.db import unit_of_work, utcnow
+from tests.fake_openai import FakeOpenAIServer
+from tests.helpers import checked_out, live_sessions, wait_for_background_work
+
+
+@pytest.fixture
+def alice(auth):
+    return auth.headers("alice")
+
+
+@pytest.fixture
+def conversation_url(client, alice):
+    conversation = client.post("/api/v1/conversations", headers=alice, json={}).get_json()
+    return f"/api/v1/conversations/{conversation['id']}"
+
+
+def post(client, headers, url, content="hello"):
+    response = client.post(url + "/messages", headers=headers, json={"content": content})
+    assert response.status_code == 202, response.get_json()
+    return response.get_json()["reply"]["id"]
+
+
+def reply_row(app, reply_id):
+    with unit_of_work(app, write=False) as session:
+        reply = session.get(Message, reply_id)
+        return reply.status, reply.content, reply.error
+
+
+class GatedBot:
+    """Yields one chunk, then waits for the test before finishing."""
+
+    def __init__(self, fail_with: Exception | None = None):
+        self.thinking = threading.Event()
+        self.go_on = threading.Event()
+        self.fail_with = fail_with
+
+    def stream(self, history):
+        yield "partial "
+        self.thinking.set()
+        if not self.go_on.wait(10):
+            raise AssertionError("test never released the bot")
+        if self.fail_with:
+            raise self.fail_with
+        yield "answer"
+
+
+@pytest.fixture
+def gated_bot(monkeypatch, app):
+    app.config["REPLY_FLUSH_INTERVAL"] = 0  # store "partial " before the bot blocks
+    bot = GatedBot()
+    monkeypatch.setattr("chatapp.chat.pipeline.bot_from_config", lambda config: bot)
+    return bot
+
+
+def test_no_connection_is_held_while_the_bot_thinks(client, app, alice, conversation_url, gated_bot):
+    reply_id = post(client, alice, conversation_url)
+    assert gated_bot.thinking.wait(10)
+    # The runner thread is inside the bot call: it must hold no session and no connection.
+    assert checked_out(app) == 0
+    assert live_sessions() == 0
+    gated_bot.go_on.set()
+    wait_for_background_work(app)
+    assert reply_row(app, reply_id) == (Status.COMPLETE, "partial answer", None)
+
+
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (BotError("the model server sent nothing for 60 s"), "the model server sent nothing for 60 s"),
+        (RuntimeError("kaboom"), "internal error"),
+    ],
+)
+def test_a_failing_bot_ends_the_reply_failed_keeping_its_text(client, app, alice, conversation_url, gated_bot, error, expected):
+    gated_bot.fail_with = error
+    reply_id = post(client, alice, conversation_url)
+    gated_bot.go_on.set()
+    wait_for_background_work(app)
+    status, content, message = reply_row(app, reply_id)
+    assert status is Status.FAILED and expected in message
+    assert content == "partial "
+    assert "kaboom" not in message  # internal details stay in the log
+
+
+@pytest.fixture
+def extra_config(request):
+    return getattr(request, "param", {})
+
+
+@pytest.mark.parametrize("mode, error", [("ok", None), ("die", "closed the stream"), ("hang", "sent nothing for 0.5 s"),
+                                         ("http500", "HTTP 500")])
+def test_openai_engine_end_to_end(app, client, alice, conversation_url, mode, error):
+    with FakeOpenAIServer(mode) as server:
+        app.config.update(BOT_ENGINE="openai", OPENAI_BASE_URL=server.base_url, OPENAI_READ_TIMEOUT=0.5)
+        reply_id = post(client, alice, conversation_url, "hi model")
+        wait_for_background_work(app)
+    status, content, message = reply_row(app, reply_id)
+    if error is None:
+        assert (status, content, message) == (Status.COMPLETE, "Hello from the model.", None)
+        assert server.requests[0]["body"]["messages"] == [{"role": "user", "content": "hi model"}]
+    else:
+        assert status is Status.FAILED and error in message
+
+
+def test_reaper_fails_only_stale_replies(client, app, alice, conversation_url, gated_bot):
+    stale = post(client, alice, conversation_url)
+    assert gated_bot.thinking.wait(10)
+    with unit_of_work(app) as session:
+        session.execute(sa.update(Message).where(Message.id == stale).values(updated_at=utcnow() - timedelta(hours=1)))
+    app.config["REPLY_STALE_AFTER"] = 60
+    assert reap_once(app) == 1
+    assert reply_row(app, stale)[0] is Status.FAILED
+    assert reply_row(app, stale)[2] == services.INTERRUPTED_ERROR
+    # The orphan's thread, if it ever wakes up, cannot overwrite the reaped reply.
+    gated_bot.go_on.set()
+    wait_for_background_work(app)
+    assert reply_row(app, stale) == (Status.FAILED, "partial ", services.INTERRUPTED_ERROR)
+    assert reap_once(app) == 0
+
+
+def test_stream_holds_nothing_between_polls_and_on_close(client, app, alice, conversation_url, gated_bot):
+    reply_id = post(client, alice, conversation_url)
+    assert gated_bot.thinking.wait(10)
+    app.config["STREAM_POLL_INTERVAL"] = 0.01
+    events = reply_events(app, reply_id)
+    assert next(events).startswith("retry:")
+    assert "partial" in next(events)
+    # Suspended at a yield, as when a slow client stops reading.
+    assert checked_out(app) == 0 and live_sessions() == 0
+    events.close()  # the client went away
+    assert checked_out(app) == 0 and live_sessions() == 0
+    gated_bot.go_on.set()
+    wait_for_background_work(app)
+
+
+def test_stream_through_the_view_closed_mid_way_releases_everything(client, app, alice, conversation_url, gated_bot):
+    reply_id = post(client, alice, conversation_url)
+    assert gated_bot.thinking.wait(10)
+    response = client.get(f"{conversation_url}/messages/{reply_id}/stream", headers=alice, buffered=False)
+    chunks = iter(response.response)
+    next(chunks)
+    next(chunks)
+    response.close()
+    assert checked_out(app) == 0 and live_sessions() == 0
+    gated_bot.go_on.set()
+    wait_for_background_work(app)
+
+
+def test_stream_resumed_on_an_older_attempt_resets(client, app, alice, conversation_url):
+    reply_id = post(client, alice, conversation_url, "first answer")
+    wait_for_background_work(app)
+    assert client.post(f"{conversation_url}/messages/{reply_id}/regenerate", headers=alice).status_code == 202
+    wait_for_background_work(app)
+    # A client that had read all of attempt 0 reconnects after the reply was regenerated.
+    events = list(reply_events(app, reply_id, resume=(0, len("first answer"))))
+    assert events[1] == "event: reset\ndata: \n\n"
+    assert "data: first answer" in events[2] and events[2].startswith("id: 1:12")
+    assert events[-1].startswith("event: done")

@@ -1,0 +1,83 @@
+"""A real OpenAI-compatible streaming server on loopback, with scripted behaviours."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def _chunk(text: str) -> bytes:
+    body = {"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": text}}]}
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+class FakeOpenAIServer:
+    """Modes: "ok" streams reply_words then [DONE]; "die" stops mid-stream; "hang" sends one
+    chunk then nothing; "http500" answers an error; "garbage" sends a malformed chunk."""
+
+    def __init__(self, mode: str = "ok", reply_words: list[str] | None = None, delay: float = 0.0):
+        self.mode = mode
+        self.reply_words = reply_words or ["Hello", " from", " the", " model."]
+        self.delay = delay
+        self.requests: list[dict] = []
+        self.release = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                server.requests.append(
+                    {"path": self.path, "headers": dict(self.headers), "body": json.loads(self.rfile.read(length))}
+                )
+                if server.mode == "http500":
+                    payload = json.dumps({"error": {"message": "model is overloaded"}}).encode()
+                    self.send_response(500)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                words = server.reply_words
+                if server.mode == "garbage":
+                    self.wfile.write(_chunk(words[0]) + b"data: {not json\n\n")
+                    self.wfile.flush()
+                    return
+                for index, word in enumerate(words):
+                    if server.mode == "die" and index == 2:
+                        self.wfile.flush()
+                        self.connection.shutdown(2)  # cut the stream without [DONE]
+                        return
+                    if server.mode == "hang" and index == 1:
+                        self.wfile.flush()
+                        server.release.wait(30)
+                        return
+                    self.wfile.write(_chunk(word))
+                    self.wfile.flush()
+                    if server.delay:
+                        time.sleep(server.delay)
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self):
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
