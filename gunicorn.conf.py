@@ -1,22 +1,59 @@
-"""gunicorn settings for chatapp.
+"""gunicorn settings for chatapp (docs/deployment.md explains each choice).
 
 Precedence, as gunicorn documents it: this file, then GUNICORN_CMD_ARGS, then the
 command line. So ``GUNICORN_CMD_ARGS="--bind 0.0.0.0:9000 --workers 4"`` overrides
-anything below without editing the file.
+anything below without editing the file, and so do the CHATAPP_* variables read here.
 """
 
 import os
+import shutil
+import tempfile
+
+# prometheus_client picks single- or multi-process mode when it is first imported, so
+# this must happen before any worker loads the app: every worker then writes its metrics
+# to files here, and GET /metrics, answered by any one worker, reports all of them.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chatapp-metrics-")
+    os.environ["_CHATAPP_OWNS_METRICS_DIR"] = "1"
 
 bind = os.environ.get("CHATAPP_BIND", "127.0.0.1:8000")
 # Streamed replies keep a request open for as long as the bot talks. gthread gives
 # each worker a pool of threads, so a long stream ties up one thread, not a process.
-worker_class = "gthread"
+worker_class = os.environ.get("CHATAPP_WORKER_CLASS", "gthread")
 workers = int(os.environ.get("CHATAPP_WORKERS", "2"))
 threads = int(os.environ.get("CHATAPP_THREADS", "32"))
 # A stream sends data at least every few seconds; a worker silent this long is stuck.
 timeout = int(os.environ.get("CHATAPP_WORKER_TIMEOUT", "60"))
+# On HUP, max_requests or TERM, a worker stops accepting and gets this long to finish
+# the requests it has (streams included) before it is killed.
 graceful_timeout = int(os.environ.get("CHATAPP_GRACEFUL_TIMEOUT", "30"))
 keepalive = 5
+# gunicorn 25+ opens a control socket for gunicornc at one path per user, which two
+# instances on a host (or parallel test servers) would fight over. Signals (HUP, TERM,
+# TTIN/TTOU) do the same job; set CHATAPP_CONTROL_SOCKET=/path to have one anyway.
+control_socket = os.environ.get("CHATAPP_CONTROL_SOCKET", "")
+control_socket_disable = not control_socket
+# Recycle workers now and then (slow leaks in any library); the jitter keeps them from
+# all restarting at the same moment.
+max_requests = int(os.environ.get("CHATAPP_MAX_REQUESTS", "10000"))
+max_requests_jitter = int(os.environ.get("CHATAPP_MAX_REQUESTS_JITTER", "1000"))
+
+accesslog = os.environ.get("CHATAPP_ACCESS_LOG", "-")
+# Common log format plus the request id (X-Request-ID, set or echoed by the app) and
+# the time to the last byte sent, in milliseconds (a stream's whole life).
+access_log_format = (
+    '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" '
+    "request_id=%({x-request-id}o)s duration_ms=%(M)s"
+)
+
+
+def on_starting(server):
+    """Start from empty metric files: values left by a previous run would be added in."""
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            os.remove(os.path.join(directory, name))
 
 
 def post_fork(server, worker):
@@ -28,3 +65,15 @@ def post_fork(server, worker):
     from chatapp.db import dispose_engines_after_fork
 
     dispose_engines_after_fork()
+
+
+def child_exit(server, worker):
+    """A dead worker's live gauges (its pool) must stop being reported."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if os.environ.get("_CHATAPP_OWNS_METRICS_DIR") == "1":
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

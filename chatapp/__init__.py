@@ -22,11 +22,15 @@ def create_app(test_config: dict | None = None) -> Flask:
     check_secret_key(app.config)
     os.makedirs(app.instance_path, exist_ok=True)
 
-    from chatapp import api, cli, db, health, migrations
+    from chatapp import api, cli, db, health, limits, migrations, ops, security
     from chatapp.chat import reaper, runner
     from chatapp.extensions import csrf, login_manager
+    from chatapp.web import bp as web_bp
 
     db.init_app(app)
+    ops.init_app(app)
+    security.init_app(app)
+    limits.init_app(app)
     migrations.init_app(app)
     login_manager.init_app(app)
     csrf.init_app(app)
@@ -34,5 +38,6 @@ def create_app(test_config: dict | None = None) -> Flask:
     reaper.init_app(app)
     api.init_app(app)
     app.register_blueprint(health.bp)
+    app.register_blueprint(web_bp)
     cli.init_app(app)
     return app

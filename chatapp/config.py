@@ -16,6 +16,9 @@ class Defaults:
         # into a hang; a few seconds and a 503 lets clients retry elsewhere.
         "pool_timeout": 5,
     }
+    # PostgreSQL (psycopg): seconds to wait for a new connection, below pool_timeout, so
+    # an unreachable database answers 503 rather than hanging (libpq's minimum is 2).
+    DATABASE_CONNECT_TIMEOUT = 3
     # SQLite connection settings, applied to every new connection.
     SQLITE_JOURNAL_MODE = "WAL"
     SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -28,6 +31,14 @@ class Defaults:
     PASSWORD_HASH_METHOD = "scrypt"
     REGISTRATION_OPEN = True
 
+    # The browser's login cookie: never readable by scripts, not sent on cross-site
+    # POSTs; set SESSION_COOKIE_SECURE = True when the site is served over HTTPS.
+    SESSION_COOKIE_HTTPONLY = True
+    SESSION_COOKIE_SAMESITE = "Lax"
+    SESSION_COOKIE_SECURE = False
+    WEB_CONVERSATIONS_PER_PAGE = 30
+    WEB_MESSAGES_PER_PAGE = 100
+
     BOT_ENGINE = "echo"
     BOT_ECHO_DELAY = 0.0
     OPENAI_BASE_URL = "http://127.0.0.1:11434/v1"
@@ -37,12 +48,38 @@ class Defaults:
     OPENAI_READ_TIMEOUT = 60.0
     OPENAI_SYSTEM_PROMPT = ""
 
-    REPLY_WORKERS = 16
+    # Reply threads wait on the bot holding no connection, so they are cheap; the
+    # database pool, not this number, bounds database concurrency.
+    REPLY_WORKERS = 64
     REPLY_FLUSH_INTERVAL = 0.15
     REPLY_STALE_AFTER = 300.0
     REPLY_REAP_INTERVAL = 60.0
+    # A reply's writes retry through a database outage this long; after it the reply
+    # is left to the reaper, which fails it once REPLY_STALE_AFTER has passed.
+    REPLY_WRITE_RETRY_SECONDS = 60.0
     STREAM_POLL_INTERVAL = 0.2
     STREAM_MAX_SECONDS = 3600.0
+
+    # Operations (docs/deployment.md). /metrics is public unless METRICS_TOKEN is set,
+    # then it needs "Authorization: Bearer <METRICS_TOKEN>"; METRICS_ENABLED = False hides it.
+    METRICS_ENABLED = True
+    METRICS_TOKEN = ""
+    # A database connection held longer than this logs a warning naming the route or job.
+    HOLD_WARN_SECONDS = 1.0
+    # Flask-Limiter. Per client address; behind a proxy set PROXY_FIX_X_FOR so that
+    # the address is the client's, not the proxy's. Several hosts share limits through
+    # RATELIMIT_STORAGE_URI = "redis://host:6379".
+    RATELIMIT_ENABLED = True
+    RATELIMIT_STORAGE_URI = "memory://"
+    RATELIMIT_HEADERS_ENABLED = True
+    RATELIMIT_TOKENS = "10 per minute;100 per hour"
+    RATELIMIT_REGISTER = "5 per minute;50 per hour"
+    RATELIMIT_LOGIN = "10 per minute;100 per hour"
+    # Number of proxies in front of the app that set X-Forwarded-For/-Proto (1 behind nginx).
+    PROXY_FIX_X_FOR = 0
+    PROXY_FIX_X_PROTO = 0
+    # Strict-Transport-Security max-age; only set it when the site is served over HTTPS.
+    HSTS_SECONDS = 0
 
 
 class ConfigError(RuntimeError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
 from datetime import datetime, timezone
 from typing import Iterator
@@ -21,6 +22,8 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
+log = logging.getLogger(__name__)
+
 # Execution option read by the SQLite "begin" listener below.
 SQLITE_BEGIN_OPTION = "chatapp_sqlite_begin"
 
@@ -31,9 +34,17 @@ class Base(DeclarativeBase):
     metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
 
+class _SQLAlchemy(SQLAlchemy):
+    def _teardown_session(self, exc: BaseException | None) -> None:
+        # Flask-SQLAlchemy's own teardown is a bare session.remove(), which raises
+        # (a 500 after a finished view) and keeps the session in the registry when the
+        # connection died while the request held it.
+        remove_session()
+
+
 # expire_on_commit=False: a view that commits can still render what it just wrote
 # without reopening a transaction to reload it.
-db = SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
+db = _SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
 # Every engine this process created, so a forked worker can drop inherited pools.
 _ENGINES: "weakref.WeakSet[sa.Engine]" = weakref.WeakSet()
 
@@ -60,8 +71,11 @@ class UTCDateTime(sa.types.TypeDecorator):
 
 
 def init_app(app: Flask) -> None:
-    """Bind ``db`` to the app and give SQLite engines their per-connection settings."""
+    """Bind ``db`` to the app, give engines their per-connection settings, retry reads."""
+    from chatapp import read_retry
+
     _drop_queue_options_for_memory_sqlite(app.config)
+    _default_connect_timeout(app.config)
     db.init_app(app)
     with app.app_context():
         # Touches no database: engines connect lazily.
@@ -69,6 +83,35 @@ def init_app(app: Flask) -> None:
             _ENGINES.add(engine)
             if engine.dialect.name == "sqlite":
                 _configure_sqlite(engine, app.config)
+        read_retry.init_app(app, list(db.engines.values()))
+
+
+def is_transient(error: BaseException) -> bool:
+    """A database error worth retrying later: unreachable, disconnected, locked, pool exhausted."""
+    return isinstance(error, (sa.exc.OperationalError, sa.exc.TimeoutError)) or (
+        isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated
+    )
+
+
+def _default_connect_timeout(config) -> None:
+    # Without a connect timeout, a database host that drops packets (network partition,
+    # firewall) leaves every new connection waiting for the kernel's TCP timeout,
+    # minutes: requests would hang instead of answering 503 within pool_timeout.
+    url = sa.make_url(config["SQLALCHEMY_DATABASE_URI"])
+    timeout = config.get("DATABASE_CONNECT_TIMEOUT")
+    if (
+        not timeout
+        or url.get_backend_name() != "postgresql"
+        or url.get_driver_name() not in ("psycopg", "psycopg2")
+        or "connect_timeout" in url.query
+    ):
+        return
+    options = dict(config["SQLALCHEMY_ENGINE_OPTIONS"])
+    connect_args = dict(options.get("connect_args") or {})
+    # libpq's unit is whole seconds, and it treats anything below 2 as 2.
+    connect_args.setdefault("connect_timeout", max(2, round(float(timeout))))
+    options["connect_args"] = connect_args
+    config["SQLALCHEMY_ENGINE_OPTIONS"] = options
 
 
 def _drop_queue_options_for_memory_sqlite(config) -> None:
@@ -144,13 +187,31 @@ def unit_of_work(app: Flask | None = None, *, write: bool = True) -> Iterator[Se
             begin_write(session)
         yield session
         session.commit()
-    except BaseException:
-        session.rollback()
-        raise
     finally:
-        db.session.remove()
+        # Closing rolls back whatever was not committed (the block raised, or the
+        # commit failed), and survives a connection that died meanwhile.
+        remove_session()
         if ctx is not None:
             ctx.pop()
+
+
+def remove_session() -> None:
+    """End the current scope's session and give back its connection, even a dead one.
+
+    Closing a session rolls its transaction back. When the connection died while the
+    session held it (the server restarted, the backend was terminated, the network
+    dropped), that rollback raises, though the transaction died with the connection,
+    and ``scoped_session.remove()`` then leaves the session in the registry.
+    """
+    try:
+        db.session.remove()
+    except sa.exc.DBAPIError as exc:
+        # The connection is back in the pool either way: invalidated if this was a
+        # disconnect (the pool opens a new one next time), else reset or discarded
+        # by the pool's own rollback on return.
+        log.warning("ended a session whose database connection had failed: %s", exc.orig)
+    finally:
+        db.session.registry.clear()
 
 
 def dispose_engines_after_fork() -> None:

@@ -26,6 +26,8 @@ def base_test_config(uri: str) -> dict:
         "WTF_CSRF_ENABLED": False,
         # The periodic reaper is started by a test when it wants one.
         "REPLY_REAP_INTERVAL": 0,
+        # Rate limits are on only in the tests about them (tests/test_security.py).
+        "RATELIMIT_ENABLED": False,
     }
 
 

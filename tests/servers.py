@@ -43,6 +43,8 @@ class GunicornServer:
             "CHATAPP_SECRET_KEY": "gunicorn-test-secret",
             "CHATAPP_SQLALCHEMY_DATABASE_URI": database_uri,
             "CHATAPP_PASSWORD_HASH_METHOD": '"pbkdf2:sha256:1000"',
+            # As in the in-process tests: on only where a test asks (config={"RATELIMIT_ENABLED": "true"}).
+            "CHATAPP_RATELIMIT_ENABLED": "false",
             "PYTHONUNBUFFERED": "1",
         }
         for key, value in (config or {}).items():
@@ -50,7 +52,11 @@ class GunicornServer:
         self.args = [
             sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
             "--bind", f"127.0.0.1:{self.port}", "--workers", str(workers),
-            "--threads", str(threads), *(extra_args or []), "wsgi:app",
+            "--threads", str(threads),
+            # gunicorn 27's control socket has one default path per user: concurrent
+            # test servers would fight over it.
+            "--no-control-socket",
+            *(extra_args or []), "wsgi:app",
         ]
         self.process: subprocess.Popen | None = None
         self.log_path = Path(instance_path or "/tmp") / f"gunicorn-{self.port}.log"

@@ -74,6 +74,8 @@ def handle_http_exception(error: HTTPException):
         405: f"method {request.method} is not allowed here",
         413: "the request body is larger than 1 MB",
         415: "send the body as JSON with Content-Type: application/json",
+        # Flask-Limiter's description is the limit hit, e.g. "10 per 1 minute".
+        429: f"too many requests (limit: {error.description}); retry after Retry-After seconds",
     }.get(status, error.description or error.name)
     return error_response(status, _code_for(status, error.name), message, headers)
 
@@ -98,8 +100,17 @@ def handle_database_down(error: sa.exc.OperationalError):
     )
 
 
+def handle_lost_connection(error: sa.exc.DBAPIError):
+    # Drivers report a dropped connection under several classes (psycopg's
+    # InterfaceError, sqlite3's ProgrammingError); SQLAlchemy's verdict is what counts.
+    if not error.connection_invalidated:
+        raise error  # a bug or a constraint, not an outage: Flask's usual 500
+    return handle_database_down(error)
+
+
 def init_app(app: Flask) -> None:
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(AppError, handle_app_error)
     app.register_error_handler(sa.exc.TimeoutError, handle_pool_timeout)
     app.register_error_handler(sa.exc.OperationalError, handle_database_down)
+    app.register_error_handler(sa.exc.DBAPIError, handle_lost_connection)

@@ -2,6 +2,7 @@
 
 from flask import current_app, g
 
+from chatapp import limits
 from chatapp.api.docs import error_responses
 from chatapp.api.auth import require_user
 from chatapp.api.blueprint import api_blueprint
@@ -14,9 +15,10 @@ blp = api_blueprint("accounts", "Accounts and API tokens", authenticated=False)
 
 
 @blp.post("/users")
+@limits.registration
 @blp.arguments(Credentials)
 @blp.response(201, UserOut)
-@error_responses(blp, 400, 403, 409, 413, 415, 422, 503, authenticated=False)
+@error_responses(blp, 400, 403, 409, 413, 415, 422, 429, 503, authenticated=False)
 def register(body):
     """Create an account."""
     if not current_app.config["REGISTRATION_OPEN"]:
@@ -28,9 +30,10 @@ def register(body):
 
 
 @blp.post("/tokens")
+@limits.tokens
 @blp.arguments(TokenRequest)
 @blp.response(201, TokenOut)
-@error_responses(blp, 400, 401, 413, 415, 422, 503, authenticated=False)
+@error_responses(blp, 400, 401, 413, 415, 422, 429, 503, authenticated=False)
 def create_token(body):
     """Exchange a username and password for an API token (shown once)."""
     user = auth.check_credentials(body["username"], body["password"])

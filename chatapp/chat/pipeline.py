@@ -1,4 +1,8 @@
-"""Generate one reply: short transactions around a bot call that holds no connection."""
+"""Generate one reply: short transactions around a bot call that holds no connection.
+
+The reads and writes (chatapp.chat.reply_store) retry through a database outage, so a
+reply ends complete or failed once the database is back, rather than stuck streaming.
+"""
 
 from __future__ import annotations
 
@@ -7,47 +11,54 @@ import time
 
 from flask import Flask
 
-from chatapp.chat import services
 from chatapp.chat.bots import BotError, bot_from_config
-from chatapp.db import unit_of_work
+from chatapp.chat.reply_store import DatabaseUnavailable, ReplyWriter, read_history
+from chatapp.ops import metrics
 
 log = logging.getLogger(__name__)
 
 
+@metrics.reply_job  # labels its connections "job:reply", counts final statuses
 def generate_reply(app: Flask, reply_id: int) -> str:
     """Run the bot for a pending reply and store its text; returns the final status."""
-    with unit_of_work(app, write=False):
-        claimed = services.reply_history(reply_id)
-    if claimed is None:
-        return "skipped"
-    attempt, history = claimed
-    # From here until the next unit_of_work, no session and no connection is held.
+    try:
+        claimed = read_history(app, reply_id)
+        if claimed is None:
+            return "skipped"
+        attempt, history = claimed
+        return _run_bot(app, ReplyWriter(app, reply_id, attempt), history)
+    except DatabaseUnavailable:
+        # Its last progress is stored; the reaper fails it after REPLY_STALE_AFTER.
+        log.error("reply %s: the database stayed unavailable; leaving it to the reaper",
+                  reply_id, exc_info=True)
+        return "lost"
+
+
+def _run_bot(app: Flask, writer: ReplyWriter, history: list[dict]) -> str:
+    # From here on no session and no connection is held, except inside the writer's
+    # short units of work.
     interval = app.config["REPLY_FLUSH_INTERVAL"]
     buffer: list[str] = []
     last_flush = time.monotonic()
     try:
         bot = bot_from_config(app.config)
-        for chunk in bot.stream(history):
+        for chunk in metrics.timed_bot_stream(bot.stream(history)):
             buffer.append(chunk)
             if time.monotonic() - last_flush >= interval:
-                if not _write(app, services.append_to_reply, reply_id, attempt, "".join(buffer)):
+                if not writer.append("".join(buffer)):
                     return "abandoned"
                 buffer.clear()
                 last_flush = time.monotonic()
-        _write(app, services.finish_reply, reply_id, attempt, "".join(buffer))
+        writer.finish("".join(buffer))
         return "complete"
+    except DatabaseUnavailable:
+        raise
     except BotError as exc:
-        _write(app, services.finish_reply, reply_id, attempt, "".join(buffer), str(exc))
+        writer.finish("".join(buffer), str(exc))
         return "failed"
     except Exception:
-        log.exception("reply %s failed", reply_id)
-        _write(
-            app, services.finish_reply, reply_id, attempt, "".join(buffer),
-            "the reply failed because of an internal error; regenerate to retry",
+        log.exception("reply %s failed", writer.reply_id)
+        writer.finish(
+            "".join(buffer), "the reply failed because of an internal error; regenerate to retry"
         )
         return "failed"
-
-
-def _write(app: Flask, operation, *args) -> bool:
-    with unit_of_work(app):
-        return operation(*args)

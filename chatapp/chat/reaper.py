@@ -9,12 +9,14 @@ import threading
 from flask import Flask
 
 from chatapp.chat import services
-from chatapp.db import unit_of_work
+from chatapp.db import is_transient, unit_of_work
+from chatapp.ops.metrics import job
 
 log = logging.getLogger(__name__)
 EXTENSION_KEY = "chatapp.reaper"
 
 
+@job("reaper")
 def reap_once(app: Flask) -> int:
     with unit_of_work(app):
         count = services.reap_stale_replies(app.config["REPLY_STALE_AFTER"])
@@ -48,8 +50,11 @@ class Reaper:
         while True:
             try:
                 reap_once(self.app)
-            except Exception:  # a database outage must not end the loop
-                log.warning("reaper pass failed; retrying in %.0f s", interval, exc_info=True)
+            except Exception as exc:  # a database outage must not end the loop
+                # An outage is expected and says enough in one line; anything else is a bug.
+                log.warning("reaper pass failed (%s); retrying in %g s",
+                            getattr(exc, "orig", None) or exc, interval,
+                            exc_info=not is_transient(exc))
             if self._stop.wait(interval):
                 return
 

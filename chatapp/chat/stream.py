@@ -15,6 +15,7 @@ from flask import Flask
 
 from chatapp.chat import services
 from chatapp.db import unit_of_work
+from chatapp.ops.metrics import job
 
 KEEPALIVE_SECONDS = 15.0
 
@@ -47,7 +48,7 @@ def reply_events(app: Flask, reply_id: int, resume: tuple[int, int] | None = Non
     last_sent = time.monotonic()
     yield "retry: 1000\n\n"
     while True:
-        with unit_of_work(app, write=False):
+        with job("stream"), unit_of_work(app, write=False):
             progress = services.read_reply_progress(reply_id, offset)
         # No session or connection is held past this point until the next poll.
         if progress is None:

@@ -1,0 +1,242 @@
+"""Diagnostic: CPU milliseconds per operation, in process, without gunicorn or a network.
+
+The throughput benchmarks run on a machine shared with other work, so their absolute
+figures move with the load average. CPU time per operation (time.process_time, one
+thread, the Flask test client) hardly does, and it explains them: how much each app
+spends on one messages-list request, and what one chatapp reply costs in total (the
+POST, the stream request, one stream poll every STREAM_POLL_INTERVAL, one write every
+REPLY_FLUSH_INTERVAL), hence how many replies/s two cores can carry at most.
+
+    python bench/request_cost.py [--backend sqlite postgresql] [--profile]
+
+--profile adds, for the messages-list request, where chatapp's and the textbook app's
+CPU goes, by package (cProfile; its overhead inflates every figure about 2x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import cProfile
+import importlib
+import os
+import pstats
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common  # noqa: E402
+from bench.common import Database, fmt, seed, table  # noqa: E402
+
+CONTENT = "the quick brown fox jumps over the lazy dog"
+WORDS = len(CONTENT.split())
+
+
+def cpu_ms(fn, n: int, rounds: int = 5) -> float:
+    """Median over rounds of the CPU milliseconds per call."""
+    for _ in range(max(5, n // 10)):
+        fn()
+    samples = []
+    for _ in range(rounds):
+        started = time.process_time()
+        for _ in range(n):
+            fn()
+        samples.append((time.process_time() - started) / n * 1000)
+    return sorted(samples)[len(samples) // 2]
+
+
+class _NoRunner:
+    """Stands in for the reply runner so that a POST's cost excludes the reply's."""
+
+    def submit(self, reply_id):
+        pass
+
+    def wait_idle(self, timeout=None):
+        return True
+
+
+def measure(backend: str, wd: Path, n: int, profile: bool) -> tuple[dict, dict]:
+    from chatapp import create_app
+    from chatapp.chat import services
+    from chatapp.chat.models import Message, Role, Status
+    from chatapp.chat.pipeline import generate_reply
+    from chatapp.chat.reply_store import ReplyWriter
+    from chatapp.chat.runner import EXTENSION_KEY
+    from chatapp.db import db, unit_of_work, utcnow
+
+    costs: dict[str, float] = {}
+    profiles: dict[str, collections.Counter] = {}
+    with Database(backend, wd) as database:
+        seeded = seed(database.uri, conversations=4, messages=50)
+        os.environ["CHATAPP_SQLALCHEMY_DATABASE_URI"] = database.uri
+        headers = {"Authorization": f"Bearer {seeded.token}"}
+        listing = f"/api/v1/conversations/{seeded.conversation_ids[0]}/messages?limit=20"
+        app = create_app({"SECRET_KEY": "bench", "SQLALCHEMY_DATABASE_URI": database.uri,
+                          "REPLY_REAP_INTERVAL": 0, "BOT_ECHO_DELAY": 0})
+        app.extensions[EXTENSION_KEY] = _NoRunner()
+        # Both read the database URL when imported: import afresh for every backend.
+        textbook = _fresh_import("bench.textbook_app")
+        textbook.bot.delay = 0.0
+        ceiling = _fresh_import("bench.ceiling_app").app
+        clients = {"chatapp": app.test_client(), "textbook": textbook.app.test_client(),
+                   "ceiling": ceiling.test_client()}
+
+        for name, client in clients.items():
+            def get(client=client):
+                response = client.get(listing, headers=headers)
+                assert response.status_code == 200, response.data
+            costs[f"GET messages (20 of 50): {name}"] = cpu_ms(get, n)
+            if profile and name != "ceiling":
+                profiles[name] = _profile(get, n)
+
+        # chatapp's reply, piece by piece, on conversations of their own.
+        post_conv, stream_conv, textbook_conv = seeded.conversation_ids[1:4]
+        client = clients["chatapp"]
+
+        def post():
+            response = client.post(f"/api/v1/conversations/{post_conv}/messages", json={"content": CONTENT},
+                                   headers=headers)
+            assert response.status_code == 202, response.data
+            # Let the next POST through (one reply in progress per conversation).
+            with unit_of_work(app) as session:
+                session.get(Message, response.json["reply"]["id"]).status = Status.COMPLETE
+        costs["chatapp POST message (202, reply not run)"] = cpu_ms(post, max(20, n // 4))
+
+        with unit_of_work(app) as session:
+            now = utcnow()
+            done = Message(conversation_id=stream_conv, role=Role.ASSISTANT, content=CONTENT,
+                           status=Status.COMPLETE, created_at=now, updated_at=now)
+            session.add(done)
+            session.flush()
+            done_id = done.id
+
+        def stream():
+            response = client.get(f"/api/v1/conversations/{stream_conv}/messages/{done_id}/stream",
+                                  headers=headers)
+            body = response.get_data()
+            assert b"event: done" in body, body
+        costs["chatapp stream request (reply already complete: 1 poll)"] = cpu_ms(stream, max(20, n // 4))
+
+        def poll():
+            with unit_of_work(app, write=False):
+                services.read_reply_progress(done_id, 0)
+        costs["chatapp one stream poll (unit of work + read)"] = cpu_ms(poll, n)
+
+        with unit_of_work(app) as session:
+            now = utcnow()
+            pending = Message(conversation_id=stream_conv, role=Role.ASSISTANT, content="",
+                              status=Status.STREAMING, created_at=now, updated_at=now)
+            session.add(pending)
+            session.flush()
+            pending_id = pending.id
+        writer = ReplyWriter(app, pending_id, 0)
+        costs["chatapp one reply write (append)"] = cpu_ms(lambda: writer.append("word "), max(20, n // 4))
+
+        # generate_reply alone: pending replies made beforehand, one conversation each,
+        # so that every reply reads the same short history.
+        calls = max(20, n // 4)
+        with unit_of_work(app) as session:
+            now = utcnow()
+            pending_ids = []
+            for _ in range(calls * 6 + max(5, calls // 10)):
+                conversation = services.create_conversation(seeded.user_id, "pipeline")
+                _message, reply = services.post_message(conversation, CONTENT)
+                pending_ids.append(reply.id)
+        queue = iter(pending_ids)
+        costs["chatapp reply pipeline, 0 s bot (history + finish)"] = cpu_ms(
+            lambda: generate_reply(app, next(queue)), calls)
+
+        tclient = clients["textbook"]
+
+        def textbook_post():
+            response = tclient.post(f"/api/v1/conversations/{textbook_conv}/messages",
+                                    json={"content": CONTENT}, headers=headers)
+            assert response.status_code == 201, response.data
+        costs["textbook POST message incl. reply (0 s bot)"] = cpu_ms(textbook_post, max(20, n // 4))
+
+        with app.app_context():
+            for engine in db.engines.values():
+                engine.dispose()
+        with textbook.app.app_context():
+            textbook.db.engine.dispose()
+    return costs, profiles
+
+
+def _fresh_import(name: str):
+    module = sys.modules.get(name)
+    return importlib.reload(module) if module else importlib.import_module(name)
+
+
+def _profile(fn, n: int) -> collections.Counter:
+    profiler = cProfile.Profile(time.process_time)
+    profiler.enable()
+    for _ in range(n):
+        fn()
+    profiler.disable()
+    totals: collections.Counter = collections.Counter()
+    for (filename, _line, name), (_cc, _nc, tottime, _ct, _callers) in pstats.Stats(profiler).stats.items():
+        if "site-packages/" in filename:
+            key = filename.split("site-packages/")[1].split("/")[0]
+        elif str(common.ROOT) in filename:
+            key = "/".join(Path(filename).relative_to(common.ROOT).parts[:2])
+        elif filename.startswith("~"):
+            key = "C builtins"
+        else:
+            key = "stdlib " + Path(filename).name
+        totals[key] += tottime * 1000 / n
+    return totals
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"])
+    parser.add_argument("-n", type=int, default=200, help="calls per round (5 rounds)")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args(argv)
+    print(common.machine_report())
+    from chatapp.config import Defaults
+
+    all_costs, rows = {}, []
+    with common.workdir() as wd:
+        for backend in common.backends(args.backend):
+            costs, profiles = measure(backend, wd, args.n, args.profile)
+            all_costs[backend] = costs
+            for name, totals in profiles.items():
+                print(f"\n# {backend}: where {name}'s messages-list CPU goes (cProfile, ms/request, inflated)")
+                print(table(["package", "ms"], [[k, f"{v:.3f}"] for k, v in totals.most_common(14)]
+                            + [["total", f"{sum(totals.values()):.3f}"]]))
+    names = list(next(iter(all_costs.values())))
+    print()
+    print(table(["operation (CPU ms, median of 5 rounds)", *all_costs],
+                [[name, *(fmt(all_costs[b][name], 2) for b in all_costs)] for name in names]))
+
+    # What a whole reply costs chatapp, and what two cores could carry.
+    poll, flush = Defaults.STREAM_POLL_INTERVAL, Defaults.REPLY_FLUSH_INTERVAL
+    budget_rows = []
+    for backend, c in all_costs.items():
+        for delay in (0.5, 1.0, 3.0):
+            # EchoBot yields WORDS chunks evenly over the delay; a write happens at the
+            # first chunk after each flush interval, so at most one per chunk.
+            writes = min(WORDS - 1, delay / flush)
+            total = (c["chatapp POST message (202, reply not run)"]
+                     + c["chatapp stream request (reply already complete: 1 poll)"]
+                     + (delay / poll) * c["chatapp one stream poll (unit of work + read)"]
+                     + writes * c["chatapp one reply write (append)"]
+                     + c["chatapp reply pipeline, 0 s bot (history + finish)"])
+            textbook = c["textbook POST message incl. reply (0 s bot)"]
+            budget_rows.append([backend, fmt(delay, 1), fmt(total, 1), fmt(2000 / total, 0),
+                                fmt(textbook, 1), fmt(2000 / textbook, 0)])
+    print()
+    print(f"Per reply of {WORDS} words (STREAM_POLL_INTERVAL={poll:g} s, REPLY_FLUSH_INTERVAL={flush:g} s): "
+          "POST + stream request + delay/poll polls + min(words-1, delay/flush) writes + pipeline; "
+          "'2-core max' = 2000 ms / CPU ms, if nothing else ran:")
+    print(table(["db", "bot s", "chatapp CPU ms/reply", "chatapp 2-core max replies/s",
+                 "textbook CPU ms/reply", "textbook 2-core max replies/s"], budget_rows))
+    print(f"load average at end: {common.loadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

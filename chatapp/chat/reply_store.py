@@ -1,0 +1,117 @@
+"""The reply pipeline's database work: short units of work that ride out an outage.
+
+A reply is generated away from any request, so nobody is there to retry it: if its
+writes gave up at the first failed connection, a database restart mid-reply would
+leave it "streaming" until the reaper noticed. Each read or write here is retried
+with backoff for REPLY_WRITE_RETRY_SECONDS, sleeping with no session and no
+connection held. Retrying a write is only safe if it cannot apply twice: a commit
+that failed in flight may or may not have landed, so before writing again the
+writer checks whether the text it was storing is already there.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, TypeVar
+
+from flask import Flask
+
+from chatapp.chat import services
+from chatapp.db import is_transient, unit_of_work
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+FIRST_DELAY = 0.1
+# Short enough that a reply resumes within about a second of the database returning.
+MAX_DELAY = 1.0
+
+
+class DatabaseUnavailable(Exception):
+    """The database stayed unreachable for longer than REPLY_WRITE_RETRY_SECONDS."""
+
+
+def retry_transient(app: Flask, work: Callable[[], T], what: str) -> T:
+    """``work()``, run again after a transient database error until the time budget is spent."""
+    deadline = time.monotonic() + float(app.config["REPLY_WRITE_RETRY_SECONDS"])
+    delay = FIRST_DELAY
+    while True:
+        try:
+            return work()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise DatabaseUnavailable(f"{what}: {exc}") from exc
+            log.warning("%s: database unavailable (%s); retrying in %.1f s",
+                        what, type(exc).__name__, delay)
+        # The failed unit of work has ended: nothing is held while we wait.
+        time.sleep(delay)
+        delay = min(delay * 2, MAX_DELAY)
+
+
+def read_history(app: Flask, reply_id: int) -> tuple[int, list[dict]] | None:
+    """The reply's attempt and the messages before it, or None if it is not pending."""
+
+    def read():
+        with unit_of_work(app, write=False):
+            return services.reply_history(reply_id)
+
+    return retry_transient(app, read, f"reply {reply_id}")
+
+
+class ReplyWriter:
+    """Appends one attempt's text and finishes it, each write applied exactly once."""
+
+    def __init__(self, app: Flask, reply_id: int, attempt: int):
+        self.app = app
+        self.reply_id = reply_id
+        self.attempt = attempt
+        # Characters of this attempt that this writer has committed so far.
+        self.stored = 0
+
+    def append(self, text: str) -> bool:
+        """Store more text; False if the reply was restarted, reaped or deleted meanwhile."""
+        return self._write(text, final=False, error=None)
+
+    def finish(self, text: str, error: str | None = None) -> bool:
+        """Store the last text and end the reply complete, or failed with ``error``."""
+        return self._write(text, final=True, error=error)
+
+    def _write(self, text: str, *, final: bool, error: str | None) -> bool:
+        uncertain = False  # a commit failed in flight: it may have landed
+
+        def write_once() -> bool:
+            nonlocal uncertain
+            committing = False
+            try:
+                with unit_of_work(self.app):
+                    landed = self._landed(text, final, error) if uncertain else None
+                    if landed is not None:
+                        return landed
+                    if final:
+                        done = services.finish_reply(self.reply_id, self.attempt, text, error)
+                    else:
+                        done = services.append_to_reply(self.reply_id, self.attempt, text)
+                    committing = True  # the block ends here: unit_of_work commits
+                return done
+            except Exception:
+                uncertain = uncertain or committing
+                raise
+
+        done = retry_transient(self.app, write_once, f"reply {self.reply_id}")
+        if done:
+            self.stored += len(text)
+        return done
+
+    def _landed(self, text: str, final: bool, error: str | None) -> bool | None:
+        """After an uncertain commit: True if it landed, False if the reply moved on, None to write."""
+        progress = services.read_reply_progress(self.reply_id, self.stored)
+        if progress is None or progress["attempt"] != self.attempt:
+            return False  # deleted or regenerated: nothing more to write either way
+        if progress["delta"] != text:
+            return None  # only this writer appends to this attempt: the commit did not land
+        if not final:
+            return True
+        wanted = "failed" if error else "complete"
+        return True if progress["status"] == wanted and progress["error"] == error else None

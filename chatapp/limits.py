@@ -1,0 +1,33 @@
+"""Rate limits on the doors that guess passwords or create rows: tokens, registration, login.
+
+Flask-Limiter counts per client address in RATELIMIT_STORAGE_URI (memory by default,
+Redis to share counts between hosts). The limit strings are read from the app's config
+on each request, so an operator changes them without touching code, and tests turn
+them on only where they test them. A request over its limit raises Flask-Limiter's
+RateLimitExceeded (a 429), which chatapp.api.errors renders as JSON under /api.
+"""
+
+from __future__ import annotations
+
+from flask import Flask, current_app
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+
+# The client address, as ProxyFix (chatapp.security) sets it behind a trusted proxy.
+limiter = Limiter(key_func=get_remote_address)
+
+
+def configured(key: str):
+    """A limit read from config key ``key`` (e.g. "10 per minute;100 per hour") at request time."""
+    return limiter.limit(lambda: current_app.config[key], methods=["POST"])
+
+
+tokens = configured("RATELIMIT_TOKENS")
+registration = configured("RATELIMIT_REGISTER")
+login = configured("RATELIMIT_LOGIN")
+
+
+def init_app(app: Flask) -> None:
+    # Flask-Limiter keeps one storage per extension object: every app this process
+    # creates (one in production, one per test) starts it afresh from its own config.
+    limiter.init_app(app)

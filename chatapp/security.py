@@ -1,0 +1,59 @@
+"""Security headers on every response, bounded ids in URLs, and the client address behind a proxy."""
+
+from __future__ import annotations
+
+from flask import Flask, Response
+from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.routing import IntegerConverter
+
+# Pages load scripts, styles and images from this site only; nothing may frame them.
+CONTENT_SECURITY_POLICY = "; ".join(
+    [
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data:",
+        "object-src 'none'",
+        "base-uri 'self'",
+        "frame-ancestors 'none'",
+        "form-action 'self'",
+    ]
+)
+HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "X-Frame-Options": "DENY",
+}
+
+
+class IdConverter(IntegerConverter):
+    """``<int:...>`` in every route: an id the id columns can hold (PostgreSQL integer).
+
+    A larger number is no route at all (404), rather than a query the driver refuses
+    with an overflow error (a 500). The OpenAPI document shows the bound as maximum.
+    """
+
+    def __init__(self, map, fixed_digits=0, min=None, max=2**31 - 1, signed=False):
+        super().__init__(map, fixed_digits=fixed_digits, min=min, max=max, signed=signed)
+
+
+def init_app(app: Flask) -> None:
+    """Call before any blueprint is registered: their rules use the id converter."""
+    app.url_map.converters["int"] = IdConverter
+    x_for, x_proto = int(app.config["PROXY_FIX_X_FOR"]), int(app.config["PROXY_FIX_X_PROTO"])
+    if x_for or x_proto:
+        # Trust exactly as many X-Forwarded-* hops as there are proxies; trusting more
+        # would let any client choose its own address and dodge the rate limits.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=x_for, x_proto=x_proto)
+    headers = dict(HEADERS)
+    if int(app.config["HSTS_SECONDS"]) > 0:
+        # Only behind TLS: a browser that saw it refuses plain HTTP for max-age seconds.
+        headers["Strict-Transport-Security"] = f"max-age={int(app.config['HSTS_SECONDS'])}; includeSubDomains"
+
+    @app.after_request
+    def add_security_headers(response: Response) -> Response:
+        """Every response, errors included, carries the same headers."""
+        for name, value in headers.items():
+            response.headers.setdefault(name, value)
+        return response

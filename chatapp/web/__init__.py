@@ -1,0 +1,52 @@
+"""The browser UI: server-rendered pages on the request's session, plus a little JavaScript.
+
+The page's scripts talk to the JSON API with the login cookie and a CSRF header; the
+views here render pages and handle the forms (which also work without JavaScript).
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, request
+from flask_wtf.csrf import CSRFError
+
+from chatapp.api.errors import error_response
+from chatapp.db import begin_write
+from chatapp.web.forms import sentence
+
+bp = Blueprint("web", __name__)
+
+# POSTs that write nothing: they need not wait for SQLite's write lock.
+_READ_ONLY_POSTS = frozenset({"web.login", "web.logout"})
+
+
+@bp.record_once
+def _configure_login(state) -> None:
+    login_manager = state.app.login_manager
+    login_manager.login_view = "web.login"
+    login_manager.login_message = "Log in to continue."
+    login_manager.login_message_category = "info"
+
+
+@bp.before_request
+def begin_write_for_forms() -> None:
+    """A form that changes data takes the SQLite write lock before its first read."""
+    if request.method == "POST" and request.endpoint not in _READ_ONLY_POSTS:
+        begin_write()
+
+
+@bp.app_template_filter("sentence")
+def sentence_filter(message: str) -> str:
+    """API-style messages ("no such resource; check the URL") as sentences on pages."""
+    return sentence(message)
+
+
+@bp.errorhandler(CSRFError)
+def csrf_failed(error: CSRFError):
+    """A form without a valid CSRF token: say what to do instead of Flask-WTF's terse reason."""
+    return error_response(
+        400, "csrf_failed",
+        "This form has expired or did not come from this site. Reload the page and try again.",
+    )
+
+
+from chatapp.web import accounts, chats, settings  # noqa: E402,F401  (views register on bp)

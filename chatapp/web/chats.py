@@ -1,0 +1,141 @@
+"""Conversations: the list, a conversation's page, new, rename, delete, and the no-script message forms."""
+
+from __future__ import annotations
+
+from flask import current_app, flash, redirect, render_template, request, url_for
+from flask_login import current_user, login_required
+
+from chatapp.chat import services as chat
+from chatapp.chat.runner import get_runner
+from chatapp.db import db
+from chatapp.errors import AppError
+from chatapp.web import bp, pages
+from chatapp.web.forms import MessageForm, RenameForm, add_error
+
+
+def _sidebar(active_id: int | None = None) -> pages.Sidebar:
+    per_page = current_app.config["WEB_CONVERSATIONS_PER_PAGE"]
+    return pages.sidebar(current_user.id, per_page, request.args.get("older"), active_id)
+
+
+def _render_conversation(conversation_id: int, *, message_form=None, rename_form=None, status=200):
+    conversation = chat.get_conversation(current_user.id, conversation_id)
+    per_page = current_app.config["WEB_MESSAGES_PER_PAGE"]
+    return render_template(
+        "chat/conversation.html",
+        conversation=pages.conversation_item(conversation),
+        history=pages.history(conversation.id, per_page, request.args.get("before", type=int)),
+        sidebar=_sidebar(conversation.id),
+        message_form=message_form or MessageForm(formdata=None),
+        rename_form=rename_form or RenameForm(formdata=None, title=conversation.title),
+    ), status
+
+
+@bp.get("/")
+@login_required
+def index():
+    """Your conversations, newest first (or what to do when there are none)."""
+    return render_template("chat/index.html", sidebar=_sidebar())
+
+
+@bp.post("/c")
+@login_required
+def new_conversation():
+    """Start a conversation and open it."""
+    conversation = chat.create_conversation(current_user.id)
+    db.session.commit()
+    return redirect(url_for("web.conversation", conversation_id=conversation.id))
+
+
+@bp.get("/c/<int:conversation_id>")
+@login_required
+def conversation(conversation_id: int):
+    """A conversation: its history and the message box."""
+    return _render_conversation(conversation_id)
+
+
+@bp.post("/c/<int:conversation_id>/rename")
+@login_required
+def rename(conversation_id: int):
+    """Give a conversation a new title."""
+    conversation = chat.get_conversation(current_user.id, conversation_id)
+    form = RenameForm()
+    status = 422
+    if form.validate_on_submit():
+        try:
+            chat.rename_conversation(conversation, form.title.data)
+        except AppError as error:
+            add_error(form, error, "title")
+            status = error.status
+        else:
+            db.session.commit()
+            return redirect(url_for("web.conversation", conversation_id=conversation.id))
+    return _render_conversation(conversation.id, rename_form=form, status=status)
+
+
+@bp.get("/c/<int:conversation_id>/delete")
+@login_required
+def confirm_delete(conversation_id: int):
+    """Ask before deleting a conversation."""
+    conversation = chat.get_conversation(current_user.id, conversation_id)
+    return render_template(
+        "chat/delete.html",
+        conversation=pages.conversation_item(conversation),
+        sidebar=_sidebar(conversation.id),
+    )
+
+
+@bp.post("/c/<int:conversation_id>/delete")
+@login_required
+def delete(conversation_id: int):
+    """Delete a conversation and its messages."""
+    conversation = chat.get_conversation(current_user.id, conversation_id)
+    title = conversation.title
+    chat.delete_conversation(conversation)
+    db.session.commit()
+    flash(f"Deleted “{title}”.", "success")
+    return redirect(url_for("web.index"))
+
+
+@bp.post("/c/<int:conversation_id>/messages")
+@login_required
+def send_message(conversation_id: int):
+    """Send a message without JavaScript; the page then shows the reply as it was when loaded."""
+    conversation = chat.get_conversation(current_user.id, conversation_id)
+    form = MessageForm()
+    status = 422
+    if form.validate_on_submit():
+        try:
+            _message, reply = chat.post_message(conversation, form.content.data)
+        except AppError as error:
+            add_error(form, error, "content")
+            status = error.status
+        else:
+            db.session.commit()
+            # Only the id crosses into the runner's thread, after the commit made it visible.
+            get_runner(current_app).submit(reply.id)
+            return redirect(url_for("web.conversation", conversation_id=conversation.id))
+    return _render_conversation(conversation.id, message_form=form, status=status)
+
+
+@bp.post("/c/<int:conversation_id>/messages/<int:reply_id>/regenerate")
+@login_required
+def regenerate(conversation_id: int, reply_id: int):
+    """Generate a finished or failed reply again, without JavaScript."""
+    conversation = chat.get_conversation(current_user.id, conversation_id)
+    reply = chat.restart_reply(conversation, chat.get_reply(conversation, reply_id))
+    db.session.commit()
+    get_runner(current_app).submit(reply.id)
+    return redirect(url_for("web.conversation", conversation_id=conversation.id))
+
+
+@bp.get("/c/<int:conversation_id>/messages/<int:reply_id>")
+@login_required
+def reply_fragment(conversation_id: int, reply_id: int):
+    """One reply as HTML (sanitized Markdown), which the page swaps in when a stream ends."""
+    conversation = chat.get_conversation(current_user.id, conversation_id)
+    return render_template(
+        "chat/_message.html",
+        message=pages.reply_item(conversation, reply_id),
+        conversation=pages.conversation_item(conversation),
+    )

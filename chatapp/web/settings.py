@@ -1,0 +1,58 @@
+"""The settings page: API tokens, created (shown once) and revoked."""
+
+from __future__ import annotations
+
+from flask import current_app, flash, redirect, render_template, request, url_for
+from flask_login import current_user, login_required
+
+from chatapp.auth import services as auth
+from chatapp.db import db
+from chatapp.errors import NotFound
+from chatapp.web import bp, pages
+from chatapp.web.forms import TokenForm
+
+
+def _render_settings(form: TokenForm, new_token: str | None = None, status: int = 200):
+    return render_template(
+        "settings.html",
+        form=form,
+        new_token=new_token,
+        tokens=pages.tokens(current_user.id),
+        sidebar=pages.sidebar(
+            current_user.id, current_app.config["WEB_CONVERSATIONS_PER_PAGE"], request.args.get("older")
+        ),
+    ), status
+
+
+@bp.get("/settings")
+@login_required
+def settings():
+    """Your API tokens."""
+    return _render_settings(TokenForm(formdata=None))
+
+
+@bp.post("/settings/tokens")
+@login_required
+def create_token():
+    """Create an API token and show it, once."""
+    form = TokenForm()
+    if not form.validate_on_submit():
+        return _render_settings(form, status=422)
+    _row, token = auth.create_token(current_user, name=form.name.data.strip() or "web")
+    db.session.commit()
+    # Rendered, not flashed: the session cookie is signed but readable, no place for a secret.
+    body, status = _render_settings(TokenForm(formdata=None), new_token=token, status=201)
+    return body, status, {"Cache-Control": "no-store"}
+
+
+@bp.post("/settings/tokens/<int:token_id>/revoke")
+@login_required
+def revoke_token(token_id: int):
+    """Revoke one of your API tokens."""
+    row = auth.find_user_token(current_user.id, token_id)
+    if row is None:
+        raise NotFound("token not found", code="token_not_found")
+    auth.revoke_token(row)
+    db.session.commit()
+    flash(f"Token {row.prefix}… revoked.", "success")
+    return redirect(url_for("web.settings"))

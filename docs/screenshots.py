@@ -1,0 +1,152 @@
+"""Take the README's screenshots of the browser UI from a real server in headless Chromium.
+
+    python docs/screenshots.py            # writes docs/screenshots/*.png
+
+Seeds a throwaway SQLite database through the services (one short unit of work), serves
+it with gunicorn, and drives Debian's Chromium with Playwright: light, dark, phone width.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from playwright.sync_api import expect, sync_playwright  # noqa: E402
+
+from chatapp import create_app  # noqa: E402
+from chatapp.auth import services as auth  # noqa: E402
+from chatapp.chat import services as chat  # noqa: E402
+from chatapp.db import db, unit_of_work  # noqa: E402
+from tests.servers import GunicornServer, migrate  # noqa: E402
+from tests.web.browser import launch  # noqa: E402
+
+OUT = ROOT / "docs" / "screenshots"
+USERNAME, PASSWORD = "ada", "correct horse battery"
+
+MARKDOWN_REPLY = """Here is a small plan for **Lisbon**:
+
+## Day one
+1. Walk up to the *Castelo de São Jorge* in the morning.
+2. Tram 28 through Alfama.
+3. Sunset at the Miradouro da Senhora do Monte.
+
+## Packing list
+- comfortable shoes
+- a light jacket for the evening wind
+
+Opening hours are easy to check in code, too:
+
+```python
+def is_open(hour: int) -> bool:
+    return 9 <= hour < 21
+```
+
+More ideas on [visitlisboa.com](https://www.visitlisboa.com)."""
+
+HISTORY = [
+    ("Weekend in Lisbon", "Plan a relaxed weekend in Lisbon for me.", MARKDOWN_REPLY),
+    ("Sourdough starter", "How often should I feed a sourdough starter?",
+     "Once a day at room temperature, or once a week if it lives in the fridge."),
+    ("SQL window functions", "Explain ROW_NUMBER() in one sentence.",
+     "`ROW_NUMBER()` numbers the rows of each partition in the order you give it, starting at 1."),
+    ("Birthday gift ideas", "Gift ideas for a friend who likes hiking?",
+     "- a good headlamp\n- merino socks\n- a trail guide for your region"),
+]
+STREAMED = (
+    "Streaming replies arrive word by word, the way you already know from other chat apps, "
+    "and the database session is released between every poll while the bot keeps writing."
+)
+
+
+def seed(database_uri: str) -> int:
+    """The user and a few finished conversations; returns the id of the one to show."""
+    app = create_app({"SQLALCHEMY_DATABASE_URI": database_uri, "SECRET_KEY": "screenshots",
+                      "PASSWORD_HASH_METHOD": "pbkdf2:sha256:1000"})
+    with unit_of_work(app):
+        user = auth.create_user(USERNAME, PASSWORD)
+        shown = None
+        for title, question, answer in reversed(HISTORY):
+            conversation = chat.create_conversation(user.id, title)
+            _message, reply = chat.post_message(conversation, question)
+            chat.finish_reply(reply.id, reply.attempt, answer)
+            shown = conversation.id
+        streaming = chat.create_conversation(user.id, "How do replies stream?")
+        _message, reply = chat.post_message(streaming, "Tell me about streaming.")
+        chat.finish_reply(reply.id, reply.attempt, "Ask me anything and watch the reply arrive.")
+    with app.app_context():
+        db.engine.dispose()
+    return shown
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/screens.sqlite"
+        migrate(uri)
+        lisbon = seed(uri)
+        with GunicornServer(uri, workers=1, threads=8, config={"BOT_ECHO_DELAY": 8}) as server, \
+                sync_playwright() as playwright:
+            browser = launch(playwright)
+            try:
+                shoot(browser, server.url, lisbon)
+            finally:
+                browser.close()
+    print(f"screenshots written to {OUT.relative_to(ROOT)}/")
+
+
+def log_in(page, url: str) -> None:
+    page.goto(url + "/login")
+    page.get_by_label("Username").fill(USERNAME)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url(url + "/")
+
+
+def shoot(browser, url: str, lisbon: int) -> None:
+    light = browser.new_context(viewport={"width": 1280, "height": 800}, color_scheme="light")
+    page = light.new_page()
+    page.goto(url + "/login")
+    page.screenshot(path=OUT / "login.png")
+    log_in(page, url)
+    page.screenshot(path=OUT / "home.png")
+    page.goto(f"{url}/c/{lisbon}")
+    page.screenshot(path=OUT / "conversation.png")
+
+    # Mid-stream: the newest conversation, a new message, caught while the reply is written.
+    page.get_by_role("link", name="How do replies stream?").click()
+    page.get_by_label("Message", exact=True).fill(STREAMED)
+    page.get_by_label("Message", exact=True).press("Enter")
+    reply = page.locator("li.message.assistant").last
+    expect(reply.locator(".thinking")).to_be_visible()
+    expect(reply).to_have_attribute("data-status", "streaming", timeout=15_000)
+    page.wait_for_function(
+        "() => document.querySelector('li.message.assistant:last-child .text').textContent.length > 60"
+    )
+    page.screenshot(path=OUT / "streaming.png")
+    expect(reply).to_have_attribute("data-status", "complete", timeout=30_000)
+    light.close()
+
+    dark = browser.new_context(viewport={"width": 1280, "height": 800}, color_scheme="dark")
+    page = dark.new_page()
+    log_in(page, url)
+    page.goto(f"{url}/c/{lisbon}")
+    page.screenshot(path=OUT / "dark.png")
+    dark.close()
+
+    phone = browser.new_context(
+        viewport={"width": 375, "height": 740}, device_scale_factor=2, is_mobile=True, has_touch=True
+    )
+    page = phone.new_page()
+    log_in(page, url)
+    page.screenshot(path=OUT / "phone-list.png")
+    page.goto(f"{url}/c/{lisbon}")
+    page.screenshot(path=OUT / "phone-chat.png")
+    phone.close()
+
+
+if __name__ == "__main__":
+    main()

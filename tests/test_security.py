@@ -1,0 +1,357 @@
+"""Security headers, rate limits (in memory, behind a proxy, shared through Redis), and a walk
+over the URL map proving that no route taking an id lets one user reach another's data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import secrets
+
+import pytest
+import requests
+import sqlalchemy as sa
+from flask import Blueprint
+
+from chatapp.auth.models import ApiToken, User
+from chatapp.chat.models import Conversation, Message
+from chatapp.db import unit_of_work
+from chatapp.security import CONTENT_SECURITY_POLICY
+from tests.servers import GunicornServer
+
+PASSWORD = "correct horse"
+
+
+def count(app, model) -> int:
+    with unit_of_work(app, write=False) as session:
+        return session.scalar(sa.select(sa.func.count()).select_from(model))
+
+
+# --- headers ---------------------------------------------------------------------------------
+
+EXPECTED_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "object-src 'none'; base-uri 'self'; frame-ancestors 'none'; form-action 'self'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+}
+
+crash = Blueprint("crash", __name__)
+
+
+@crash.get("/probe/crash")
+def crash_view():
+    """An unexpected error: the 500 page must carry the headers too."""
+    raise RuntimeError("boom")
+
+
+def test_every_response_carries_the_security_headers(app, client, auth):
+    app.register_blueprint(crash)
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    headers = auth.headers("hdr-user")
+    assert CONTENT_SECURITY_POLICY == EXPECTED_HEADERS["Content-Security-Policy"]
+    responses = {
+        "json 200": client.get("/api/v1/conversations", headers=headers),
+        "json 201": client.post("/api/v1/conversations", json={}, headers=headers),
+        "json 401": client.get("/api/v1/conversations"),
+        "json 404": client.get("/api/v1/conversations/999", headers=headers),
+        "json 415": client.post("/api/v1/conversations", data="x", headers=headers),
+        "json 422": client.post("/api/v1/conversations", json={"title": ""}, headers=headers),
+        "html 404": client.get("/no/such/page"),
+        "405": client.delete("/healthz"),
+        "500": client.get("/probe/crash"),
+        "health": client.get("/healthz"),
+        "metrics": client.get("/metrics"),
+        "openapi": client.get("/api/v1/openapi.json"),
+        "login page": client.get("/login"),
+    }
+    assert responses["500"].status_code == 500
+    for what, response in responses.items():
+        for name, value in EXPECTED_HEADERS.items():
+            assert response.headers.get(name) == value, (what, name, response.headers)
+        # No TLS configured, so no HSTS: a browser would refuse plain HTTP for a year.
+        assert "Strict-Transport-Security" not in response.headers, what
+
+
+@pytest.mark.parametrize("extra_config", [{"HSTS_SECONDS": 31536000}])
+def test_hsts_only_when_configured(client):
+    response = client.get("/healthz")
+    assert response.headers["Strict-Transport-Security"] == "max-age=31536000; includeSubDomains"
+
+
+# --- rate limits -------------------------------------------------------------------------------
+
+LIMITS = {
+    "RATELIMIT_ENABLED": True,
+    "RATELIMIT_TOKENS": "3 per minute",
+    "RATELIMIT_REGISTER": "2 per minute",
+    "RATELIMIT_LOGIN": "3 per minute",
+}
+
+
+def assert_429(response):
+    assert response.status_code == 429, response.get_data(as_text=True)
+    assert int(response.headers["Retry-After"]) >= 1
+    return response
+
+
+@pytest.mark.parametrize("extra_config", [LIMITS])
+def test_token_requests_are_limited_per_address(app, client, auth):
+    auth.register("limited")
+    good = {"username": "limited", "password": PASSWORD}
+    assert client.post("/api/v1/tokens", json={**good, "password": "wrong-one"}).status_code == 401
+    assert client.post("/api/v1/tokens", json=good).status_code == 201
+    assert client.post("/api/v1/tokens", json=good).status_code == 201
+    refused = assert_429(client.post("/api/v1/tokens", json=good))
+    assert refused.get_json() == {
+        "error": {
+            "code": "too_many_requests",
+            "message": "too many requests (limit: 3 per 1 minute); retry after Retry-After seconds",
+        }
+    }
+    assert count(app, ApiToken) == 2  # the refused request wrote nothing
+    # Another address has its own allowance; other routes are not limited.
+    other = app.test_client()
+    other.environ_base["REMOTE_ADDR"] = "10.9.8.7"
+    assert other.post("/api/v1/tokens", json=good).status_code == 201
+    token = other.post("/api/v1/tokens", json=good).get_json()["token"]
+    for _ in range(5):
+        assert client.get("/api/v1/conversations", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+
+
+@pytest.mark.parametrize("extra_config", [LIMITS])
+def test_registration_is_limited(app, client):
+    for name in ("reg-one", "reg-two"):
+        assert client.post("/api/v1/users", json={"username": name, "password": PASSWORD}).status_code == 201
+    refused = assert_429(client.post("/api/v1/users", json={"username": "reg-three", "password": PASSWORD}))
+    assert refused.get_json()["error"]["code"] == "too_many_requests"
+    assert count(app, User) == 2
+    # The browser's registration form has its own count of the same limit.
+    form = {"username": "web-one", "password": PASSWORD, "confirm": PASSWORD}
+    assert client.post("/register", data=form).status_code == 302
+    client.post("/logout")
+    assert client.post("/register", data={**form, "username": "web-two"}).status_code == 302
+    client.post("/logout")
+    page = assert_429(client.post("/register", data={**form, "username": "web-three"}))
+    assert page.mimetype == "text/html" and "too many requests" in page.get_data(as_text=True).lower()
+    assert count(app, User) == 4
+
+
+@pytest.mark.parametrize("extra_config", [LIMITS])
+def test_browser_login_is_limited_with_a_page_not_json(app, client, auth):
+    auth.register("browser")
+    for _ in range(3):
+        assert client.post("/login", data={"username": "browser", "password": "wrong-pass"}).status_code == 401
+    page = assert_429(client.post("/login", data={"username": "browser", "password": PASSWORD}))
+    assert page.mimetype == "text/html"
+    body = page.get_data(as_text=True).lower()
+    assert "too many requests" in body and "traceback" not in body
+    # Showing the form is not limited, and the refused login did not log in.
+    assert client.get("/login").status_code == 200
+    assert client.get("/").status_code == 302
+
+
+def test_limits_are_off_when_disabled(client, auth):
+    """The base test config turns them off (conftest); nothing is counted then."""
+    auth.register("unlimited")
+    for _ in range(15):
+        assert client.post("/api/v1/tokens", json={"username": "unlimited", "password": PASSWORD}).status_code == 201
+
+
+@pytest.mark.parametrize(
+    "extra_config, shared",
+    [({**LIMITS, "PROXY_FIX_X_FOR": 1}, False), (LIMITS, True)],
+    ids=["behind-proxy", "direct"],
+)
+def test_forwarded_for_counts_only_behind_a_trusted_proxy(client, auth, shared):
+    auth.register("proxied")
+    good = {"username": "proxied", "password": PASSWORD}
+    statuses = [
+        client.post("/api/v1/tokens", json=good, headers={"X-Forwarded-For": f"203.0.113.{n}"}).status_code
+        for n in range(5)
+    ]
+    # Directly exposed, a client cannot dodge the limit by inventing X-Forwarded-For;
+    # behind the one proxy that sets it, each real client has its own count.
+    assert statuses == ([201, 201, 201, 429, 429] if shared else [201] * 5)
+
+
+def _redis_or_skip(url: str):
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"Redis at {url} is unreachable: {exc}")
+    return client
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", ["redis", "memory"])
+def test_two_hosts_share_limits_through_redis(database_uri, tmp_path, storage):
+    """Two servers (two hosts) on one database: Redis makes them one door, memory does not."""
+    redis_url = "redis://127.0.0.1:6379"
+    prefix = f"chatapp-test-{secrets.token_hex(4)}"
+    config = {
+        "RATELIMIT_ENABLED": "true",
+        "RATELIMIT_TOKENS": "3 per minute",
+        "RATELIMIT_KEY_PREFIX": prefix,
+        "RATELIMIT_STORAGE_URI": redis_url if storage == "redis" else "memory://",
+    }
+    redis_client = _redis_or_skip(redis_url) if storage == "redis" else None
+    try:
+        with GunicornServer(database_uri, workers=1, threads=2, config=config, instance_path=str(tmp_path)) as one, \
+                GunicornServer(database_uri, workers=1, threads=2, config=config, instance_path=str(tmp_path)) as two:
+            credentials = {"username": "two-hosts", "password": PASSWORD}
+            assert requests.post(one.url + "/api/v1/users", json=credentials, timeout=30).status_code == 201
+            statuses = [
+                requests.post(server.url + "/api/v1/tokens", json=credentials, timeout=30).status_code
+                for server in (one, one, two, two, one, one)
+            ]
+    finally:
+        if redis_client is not None:
+            keys = list(redis_client.scan_iter(match=f"*{prefix}*"))
+            if keys:
+                redis_client.delete(*keys)
+            redis_client.close()
+    if storage == "redis":
+        assert statuses == [201, 201, 201, 429, 429, 429]
+    else:  # each host counts alone: the fourth request on host one is its first refusal
+        assert statuses == [201, 201, 201, 201, 201, 429]
+
+
+# --- the URL-map walk: no id reaches another user's data -----------------------------------------------
+
+ARGUMENT = re.compile(r"<(?:(?P<converter>\w+)(?:\([^)]*\))?:)?(?P<name>\w+)>")
+# Some answer other than 404 is right only where listed here, with the reason.
+EXPECTED_OTHERWISE: dict[tuple[str, str], int] = {}
+
+
+def id_rules(app):
+    """Every rule with an <int:...> argument, and the names of those arguments."""
+    for rule in app.url_map.iter_rules():
+        ids = [m["name"] for m in ARGUMENT.finditer(rule.rule) if m["converter"] == "int"]
+        if ids:
+            yield rule, ids
+
+
+def fill(rule: str, values: dict) -> str:
+    return ARGUMENT.sub(lambda m: str(values[m["name"]]), rule)
+
+
+def openapi_path(rule: str) -> str:
+    return ARGUMENT.sub(lambda m: "{" + m["name"] + "}", rule)
+
+
+def sample_body(spec: dict, rule: str, method: str) -> dict | None:
+    """A valid JSON body for an API operation, made from its OpenAPI request schema."""
+    operation = spec["paths"].get(openapi_path(rule), {}).get(method.lower(), {})
+    content = operation.get("requestBody", {}).get("content", {}).get("application/json")
+    if content is None:
+        return None
+    schema = content["schema"]
+    if "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    samples = {"string": "probe text", "integer": 1, "boolean": True}
+    return {
+        name: samples[prop.get("type", "string")]
+        for name, prop in schema.get("properties", {}).items()
+        if not prop.get("readOnly")
+    }
+
+
+class Owner:
+    """A user with a conversation, a message, a finished reply and a token, seen through the API."""
+
+    def __init__(self, app, client, username: str):
+        self.marker = f"SECRET-{username}-{secrets.token_hex(6)}"
+        client.post("/api/v1/users", json={"username": username, "password": PASSWORD})
+        token = client.post("/api/v1/tokens", json={"username": username, "password": PASSWORD}).get_json()
+        self.headers = {"Authorization": f"Bearer {token['token']}"}
+        self.token_prefix = token["prefix"]
+        conversation = client.post(
+            "/api/v1/conversations", json={"title": f"title {self.marker}"}, headers=self.headers
+        ).get_json()
+        posted = client.post(
+            f"/api/v1/conversations/{conversation['id']}/messages",
+            json={"content": f"message {self.marker}"}, headers=self.headers,
+        ).get_json()
+        assert app.extensions["chatapp.reply_runner"].wait_idle(30)
+        self.ids = {
+            "conversation_id": conversation["id"],
+            "message_id": posted["message"]["id"],
+            "reply_id": posted["reply"]["id"],
+            "token_id": token["id"],
+        }
+        self.username = username
+
+    def snapshot(self, app) -> list:
+        """Everything this user has, straight from the database."""
+        with unit_of_work(app, write=False) as session:
+            user_id = session.scalar(sa.select(User.id).where(User.username == self.username))
+            rows = session.execute(
+                sa.select(Conversation.id, Conversation.title, Message.id, Message.content, Message.status, Message.attempt)
+                .join(Message, Message.conversation_id == Conversation.id)
+                .where(Conversation.owner_id == user_id).order_by(Message.id)
+            ).all()
+            tokens = session.execute(
+                sa.select(ApiToken.id, ApiToken.revoked_at).where(ApiToken.user_id == user_id).order_by(ApiToken.id)
+            ).all()
+        return [tuple(r) for r in rows] + [tuple(t) for t in tokens]
+
+
+def log_in(app, username: str):
+    """A browser logged in through the login form, and the CSRF token its pages carry."""
+    browser = app.test_client()
+    response = browser.post("/login", data={"username": username, "password": PASSWORD})
+    assert response.status_code == 302, response.get_data(as_text=True)
+    page = browser.get("/").get_data(as_text=True)
+    csrf_token = re.search(r'<meta name="csrf-token" content="([^"]+)"', page).group(1)
+    return browser, {"X-CSRFToken": csrf_token}
+
+
+def test_no_route_with_an_id_reaches_another_users_data(app, client):
+    owner = Owner(app, client, "owner-a")
+    intruder = Owner(app, client, "intruder-b")
+    before = owner.snapshot(app)
+    browser, csrf = log_in(app, intruder.username) if "web.login" in app.view_functions else (None, {})
+    spec = client.get("/api/v1/openapi.json").get_json()
+
+    rules = list(id_rules(app))
+    assert any(rule.rule.startswith("/api/") for rule, _ids in rules)
+    walked = []
+    for rule, ids in rules:
+        unknown = [name for name in ids if name not in owner.ids]
+        assert not unknown, f"{rule.rule}: teach this test which of the owner's ids to use for {unknown}"
+        # Every mix of the owner's ids and the intruder's own, with at least one of the owner's.
+        for mine in itertools.product((False, True), repeat=len(ids)):
+            if all(mine):
+                continue
+            values = {name: (intruder if own else owner).ids[name] for name, own in zip(ids, mine)}
+            url = fill(rule.rule, values)
+            for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+                if rule.rule.startswith("/api/"):
+                    body = sample_body(spec, rule.rule, method)
+                    callers = [("token", client, intruder.headers)]
+                    if browser is not None:  # the API also takes the login cookie
+                        callers.append(("cookie", browser, csrf))
+                    requests_ = [(how, c, dict(json=body, headers=h)) for how, c, h in callers]
+                else:
+                    if browser is None:
+                        pytest.fail(f"{rule.rule} is a browser route but there is no web login to use")
+                    form = {"title": "probe text", "content": "probe text", "name": "probe text"}
+                    requests_ = [("cookie", browser, dict(data=form))]
+                for how, caller, kwargs in requests_:
+                    response = caller.open(url, method=method, **kwargs)
+                    text = response.get_data(as_text=True)
+                    expected = EXPECTED_OTHERWISE.get((rule.endpoint, method), 404)
+                    assert response.status_code == expected, (method, url, how, response.status_code, text[:300])
+                    assert owner.marker not in text and owner.token_prefix not in text, (method, url, how)
+                    walked.append((method, rule.rule, how))
+    # Nothing the intruder tried changed anything of the owner's.
+    assert owner.snapshot(app) == before
+    assert client.get("/api/v1/conversations", headers=owner.headers).status_code == 200
+    print(f"\nURL-map walk: {len(walked)} calls over {len(rules)} rules, all 404")

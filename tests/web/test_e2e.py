@@ -1,0 +1,294 @@
+"""End to end in Debian's Chromium (Playwright) against gunicorn: register, chat with live replies, reload mid-reply, XSS, rename, delete.
+
+No timed assertions: the page itself records every state the reply goes through (a
+MutationObserver), and the test checks the sequence after the reply has finished.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from chatapp import create_app
+from chatapp.auth import services as auth_services
+from chatapp.chat import services as chat_services
+from chatapp.db import db, unit_of_work
+from tests.conftest import base_test_config
+from tests.servers import GunicornServer
+from tests.web.browser import chromium_missing_reason, launch
+
+pytestmark = pytest.mark.e2e
+
+USERNAME, PASSWORD = "ada", "correct horse"
+TIMEOUT_MS = 30_000  # an upper bound for a 2 s reply on a loaded machine, not a speed target
+
+# Runs in every page before its own scripts: records each new state of the newest reply
+# as the DOM changes, from the first parsed byte on.
+RECORDER = """
+window.__states = [];
+new MutationObserver(() => {
+  const replies = document.querySelectorAll("#message-list li.message.assistant");
+  const reply = replies[replies.length - 1];
+  const box = document.getElementById("content");
+  if (!reply || !box) return;
+  const thinking = reply.querySelector(".thinking");
+  const state = {
+    status: reply.dataset.status,
+    thinking: !!thinking && getComputedStyle(thinking).display !== "none",
+    text: reply.querySelector(".text").textContent,
+    boxDisabled: box.disabled,
+    // While streaming, the reply must be text nodes only: never parsed markup.
+    markup: reply.querySelector(".text.streaming *") !== null,
+  };
+  const last = window.__states[window.__states.length - 1];
+  if (!last || JSON.stringify(last) !== JSON.stringify(state)) window.__states.push(state);
+}).observe(document, {subtree: true, childList: true, characterData: true, attributes: true});
+"""
+
+NEWEST_REPLY_STREAMING_WITH_TEXT = """() => {
+  const replies = document.querySelectorAll("li.message.assistant");
+  const reply = replies[replies.length - 1];
+  return reply && reply.dataset.status === "streaming" && reply.querySelector(".text").textContent.length > 0;
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    reason = chromium_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def seeder(database_uri):
+    """An app in the test process, to write fixtures straight through the services."""
+    app = create_app(base_test_config(database_uri))
+    yield app
+    with app.app_context():
+        db.engine.dispose()
+
+
+def seed_conversation(app, title: str, exchanges: list[tuple[str, str, str | None]]) -> int:
+    with unit_of_work(app):
+        user = auth_services.find_user(USERNAME)
+        conversation = chat_services.create_conversation(user.id, title)
+        for question, answer, error in exchanges:
+            _message, reply = chat_services.post_message(conversation, question)
+            chat_services.finish_reply(reply.id, reply.attempt, answer, error)
+        return conversation.id
+
+
+def watch_for_problems(page) -> list[str]:
+    """Dialogs (an alert() from injected markup), script errors, console errors (CSP violations)."""
+    problems: list[str] = []
+
+    def on_dialog(dialog):
+        problems.append(f"dialog: {dialog.message}")
+        dialog.dismiss()
+
+    page.on("dialog", on_dialog)
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    page.on("console", lambda message: message.type == "error" and problems.append(f"console: {message.text}"))
+    return problems
+
+
+def send(page, text: str) -> None:
+    box = page.get_by_label("Message", exact=True)
+    box.fill(text)
+    box.press("Enter")
+
+
+def newest_reply(page):
+    return page.locator("li.message.assistant").last
+
+
+def expect_finished(page, expect, text: str) -> None:
+    reply = newest_reply(page)
+    expect(reply).to_have_attribute("data-status", "complete", timeout=TIMEOUT_MS)
+    expect(reply.locator(".text")).to_have_text(text)
+
+
+def thinking_then_words(states: list[dict], final: str) -> list[str]:
+    """The reply showed "thinking" (no text, box disabled), then only growing prefixes of ``final``."""
+    start = next((i for i, s in enumerate(states)
+                  if s == {"status": "pending", "thinking": True, "text": "", "boxDisabled": True,
+                           "markup": False}), None)
+    assert start is not None, states
+    after = states[start:]
+    assert all(s["boxDisabled"] for s in after if s["status"] in ("pending", "streaming")), after
+    assert all(not s["thinking"] for s in after if s["text"]), after
+    assert not any(s["markup"] for s in after), after
+    partial = [s["text"] for s in after if s["status"] == "streaming"]
+    assert all(final.startswith(text) for text in partial), partial
+    return partial
+
+
+def test_chat_in_a_real_browser(browser, database_uri, seeder, tmp_path):
+    from playwright.sync_api import expect
+
+    config = {"BOT_ECHO_DELAY": 2}
+    with GunicornServer(database_uri, workers=2, threads=8, config=config,
+                        instance_path=str(tmp_path)) as server:
+        context = browser.new_context(viewport={"width": 1280, "height": 800})
+        context.set_default_timeout(TIMEOUT_MS)
+        context.add_init_script(RECORDER)
+        page = context.new_page()
+        problems = watch_for_problems(page)
+        streams: list[str] = []
+        page.on("request", lambda request: request.url.endswith("/stream") and streams.append(request.url))
+
+        # Register: the pages run under the server's strict Content-Security-Policy.
+        response = page.goto(server.url + "/register")
+        policy = response.headers.get("content-security-policy", "")
+        assert "script-src 'self'" in policy and "unsafe-inline" not in policy, policy
+        page.get_by_label("Username").fill(USERNAME)
+        page.get_by_label("Password", exact=True).fill(PASSWORD)
+        page.get_by_label("Repeat password").fill(PASSWORD)
+        page.get_by_role("button", name="Create account").click()
+        expect(page.get_by_role("heading", name="Start your first conversation")).to_be_visible()
+
+        # A new conversation, and a message sent with Enter.
+        page.get_by_role("button", name="New chat").first.click()
+        expect(page).to_have_url(re.compile(r"/c/\d+$"))
+        expect(page.get_by_text("No messages yet.")).to_be_visible()
+        message = "one two three four five six seven eight"
+        send(page, message)
+        expect_finished(page, expect, message)
+        partial = thinking_then_words(page.evaluate("window.__states"), message)
+        assert len(set(partial)) >= 2, partial  # more than one step
+        box = page.get_by_label("Message", exact=True)
+        expect(box).to_be_enabled()
+        expect(box).to_be_focused()
+        expect(page.locator("#chat-status")).to_have_text("The reply is complete.")  # for screen readers
+        expect(page.locator("li.message.user .text").last).to_have_text(message)
+
+        # Shift+Enter is a new line; markup in messages is shown as text and runs nothing.
+        # (The last line has no spaces, so the echo bot streams it as one chunk.)
+        lines = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", '<b>b</b><img/src="x"/onerror="alert(2)">']
+        xss = "\n".join(lines)
+        for number, line in enumerate(lines):
+            if number:
+                box.press("Shift+Enter")
+            box.press_sequentially(line)
+        assert box.input_value() == xss
+        assert page.locator("li.message").count() == 2  # nothing sent yet
+        page.evaluate("window.__states = []")
+        box.press("Enter")
+        expect(newest_reply(page)).to_have_attribute("data-status", "complete", timeout=TIMEOUT_MS)
+        expect(page.locator("li.message.user .text").last).to_have_text(xss)
+        for line in lines:
+            expect(newest_reply(page).locator(".text")).to_contain_text(line)
+        assert page.locator("#message-list img, #message-list script, #message-list b").count() == 0
+        thinking_then_words(page.evaluate("window.__states"), xss)
+        page.reload()  # and once more as the server renders it
+        expect(page.locator("li.message.user .text").last).to_have_text(xss)
+        assert page.locator("#message-list img, #message-list script").count() == 0
+
+        # Reload while the reply is being written: the page picks the stream up again.
+        long_message = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
+        send(page, long_message)
+        page.wait_for_function(NEWEST_REPLY_STREAMING_WITH_TEXT)
+        reloaded = page.reload()
+        assert re.search(r'data-status="(pending|streaming)"', reloaded.text()), "the reply ended before the reload"
+        expect(newest_reply(page)).to_have_attribute("aria-busy", "true")
+        expect_finished(page, expect, long_message)
+        # Resumed, not repeated: the reloaded page only ever shows a prefix of the reply.
+        resumed = [s["text"] for s in page.evaluate("window.__states") if s["status"] == "streaming"]
+        assert resumed and all(long_message.startswith(text) for text in resumed), resumed
+        expect(page.get_by_label("Message", exact=True)).to_be_enabled()
+
+        # A failed reply shows its error and a Regenerate button that streams a new attempt.
+        failed = seed_conversation(seeder, "Flaky model", [("try again", "half", "the model server is down")])
+        page.goto(f"{server.url}/c/{failed}")
+        expect(page.get_by_text("The reply failed: the model server is down")).to_be_visible()
+        page.evaluate("window.__states = []")
+        page.get_by_role("button", name="Regenerate").click()
+        expect_finished(page, expect, "try again")
+        thinking_then_words(page.evaluate("window.__states"), "try again")
+        expect(page.get_by_text("The reply failed")).to_have_count(0)
+
+        # A long history opens at the newest message.
+        long_history = seed_conversation(
+            seeder, "Long history", [(f"question {n}", f"answer {n}", None) for n in range(1, 31)]
+        )
+        page.goto(f"{server.url}/c/{long_history}")
+        expect(page.locator("li.message").last).to_be_in_viewport()
+        expect(page.locator("li.message").first).not_to_be_in_viewport()
+
+        # Rename and delete the first conversation.
+        page.get_by_role("link", name="New chat").click()
+        page.get_by_text("Rename", exact=True).click()
+        page.get_by_label("Title").fill("Counting words")
+        page.get_by_role("button", name="Save").click()
+        expect(page.get_by_role("heading", name="Counting words")).to_be_visible()
+        expect(page.get_by_role("link", name="Counting words")).to_have_attribute("aria-current", "page")
+        page.get_by_role("link", name="Delete").click()
+        expect(page.get_by_role("heading", name="Delete “Counting words”?")).to_be_visible()
+        page.get_by_role("button", name="Delete conversation").click()
+        expect(page).to_have_url(server.url + "/")
+        expect(page.get_by_text("Deleted “Counting words”.")).to_be_visible()
+        expect(page.get_by_role("link", name="Counting words")).to_have_count(0)
+
+        # Keyboard: the first Tab lands on the skip link, with a visible focus ring.
+        page.keyboard.press("Tab")
+        focused = page.evaluate(
+            "() => [document.activeElement.textContent, getComputedStyle(document.activeElement).outlineStyle]"
+        )
+        assert focused == ["Skip to content", "solid"], focused
+
+        assert problems == []
+        # One stream per reply, two for the reloaded one: each EventSource was closed at
+        # "done" (an open one reconnects every second, long before the test gets here).
+        assert len(streams) == 5, streams
+        # The policy is really enforced: an injected inline script does not run.
+        page.evaluate("""() => { const s = document.createElement("script");
+                                 s.textContent = "window.__inline = 1"; document.head.append(s); }""")
+        assert page.evaluate("window.__inline") is None
+        assert any("Content Security Policy" in problem for problem in problems), problems
+        context.close()
+
+
+# Layout only: one database is enough.
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_phone_width_and_dark_mode(browser, database_uri, seeder, tmp_path):
+    from playwright.sync_api import expect
+
+    with GunicornServer(database_uri, workers=1, threads=4,
+                        instance_path=str(tmp_path)) as server:
+        with unit_of_work(seeder):
+            auth_services.create_user(USERNAME, PASSWORD)
+        conversation = seed_conversation(
+            seeder, "A rather long conversation title that will not fit on a phone",
+            [("```\n" + "x" * 200 + "\n```", "```\n" + "y" * 200 + "\n```", None)],
+        )
+        context = browser.new_context(viewport={"width": 375, "height": 700}, is_mobile=True,
+                                      has_touch=True, color_scheme="dark")
+        page = context.new_page()
+        problems = watch_for_problems(page)
+        page.goto(server.url + "/login")
+        page.get_by_label("Username").fill(USERNAME)
+        page.get_by_label("Password").fill(PASSWORD)
+        page.get_by_role("button", name="Log in").click()
+        # On a phone the home page is the list itself.
+        expect(page.get_by_role("link", name=re.compile("A rather long"))).to_be_visible()
+        page.get_by_role("link", name=re.compile("A rather long")).click()
+        expect(page.get_by_label("Message", exact=True)).to_be_visible()
+        expect(page.get_by_role("button", name="Send")).to_be_visible()
+        expect(page.get_by_role("link", name="Chats")).to_be_visible()  # the way back to the list
+        expect(page.locator(".sidebar")).to_be_hidden()
+        # Nothing wider than the screen: long titles and code scroll inside their own boxes.
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        # Dark mode follows the system setting.
+        dark = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        page.emulate_media(color_scheme="light")
+        light = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert (dark, light) == ("rgb(21, 23, 27)", "rgb(255, 255, 255)")
+        assert problems == []
+        context.close()
