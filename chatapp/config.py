@@ -33,6 +33,9 @@ class Defaults:
 
     # The browser's login cookie: never readable by scripts, not sent on cross-site
     # POSTs; set SESSION_COOKIE_SECURE = True when the site is served over HTTPS.
+    # CSRF tokens live as long as the login session: a chat tab left open for hours
+    # must still be able to send (Flask-WTF's default expires them after an hour).
+    WTF_CSRF_TIME_LIMIT = None
     SESSION_COOKIE_HTTPONLY = True
     SESSION_COOKIE_SAMESITE = "Lax"
     SESSION_COOKIE_SECURE = False

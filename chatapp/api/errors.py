@@ -6,7 +6,7 @@ import logging
 
 import sqlalchemy as sa
 from flask import Flask, jsonify, render_template, request
-from jinja2 import TemplateNotFound
+from markupsafe import escape
 from werkzeug.exceptions import HTTPException
 
 from chatapp.errors import AppError
@@ -31,8 +31,11 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
     else:
         try:
             body = render_template("error.html", status=status, code=code, message=message)
-        except TemplateNotFound:
-            body = f"{status}: {message}"
+        except Exception:  # noqa: BLE001
+            # The page itself can fail, e.g. Flask-Login reloading the user while the
+            # database is down: answer the original error in plain HTML instead.
+            log.warning("could not render the error page for %s", status, exc_info=True)
+            body = f"<!doctype html><title>{status}</title><h1>{status}</h1><p>{escape(message)}</p>"
         response = Flask.response_class(body, mimetype="text/html")
     response.status_code = status
     for key, value in (headers or {}).items():
