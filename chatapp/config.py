@@ -33,12 +33,12 @@ class Defaults:
 
     # The browser's login cookie: never readable by scripts, not sent on cross-site
     # POSTs; set SESSION_COOKIE_SECURE = True when the site is served over HTTPS.
-    # CSRF tokens live as long as the login session: a chat tab left open for hours
-    # must still be able to send (Flask-WTF's default expires them after an hour).
-    WTF_CSRF_TIME_LIMIT = None
     SESSION_COOKIE_HTTPONLY = True
     SESSION_COOKIE_SAMESITE = "Lax"
     SESSION_COOKIE_SECURE = False
+    # CSRF tokens live as long as the login session: a chat tab left open for hours
+    # must still be able to send (Flask-WTF's default expires them after an hour).
+    WTF_CSRF_TIME_LIMIT = None
     WEB_CONVERSATIONS_PER_PAGE = 30
     WEB_MESSAGES_PER_PAGE = 100
 
@@ -75,6 +75,8 @@ class Defaults:
     RATELIMIT_ENABLED = True
     RATELIMIT_STORAGE_URI = "memory://"
     RATELIMIT_HEADERS_ENABLED = True
+    # If Redis is unreachable, count in this process's memory meanwhile rather than fail requests.
+    RATELIMIT_IN_MEMORY_FALLBACK_ENABLED = True
     RATELIMIT_TOKENS = "10 per minute;100 per hour"
     RATELIMIT_REGISTER = "5 per minute;50 per hour"
     RATELIMIT_LOGIN = "10 per minute;100 per hour"

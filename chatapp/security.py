@@ -1,10 +1,13 @@
-"""Security headers on every response, bounded ids in URLs, and the client address behind a proxy."""
+"""Security headers on every response, input the database cannot store refused at the door,
+bounded ids in URLs, and the client address behind a proxy."""
 
 from __future__ import annotations
 
-from flask import Flask, Response
+from flask import Flask, Response, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import IntegerConverter
+
+from chatapp.errors import InvalidInput
 
 # Pages load scripts, styles and images from this site only; nothing may frame them.
 CONTENT_SECURITY_POLICY = "; ".join(
@@ -38,9 +41,21 @@ class IdConverter(IntegerConverter):
         super().__init__(map, fixed_digits=fixed_digits, min=min, max=max, signed=signed)
 
 
+def refuse_nul_characters() -> None:
+    """PostgreSQL text cannot hold NUL (storing one is a 500): refuse it in query strings and forms.
+
+    JSON bodies are checked field by field by the API's schemas, which name the field.
+    """
+    for values in (request.args, request.form):
+        for key, value in values.items(multi=True):
+            if "\x00" in key or "\x00" in value:
+                raise InvalidInput("text must not contain NUL characters")
+
+
 def init_app(app: Flask) -> None:
     """Call before any blueprint is registered: their rules use the id converter."""
     app.url_map.converters["int"] = IdConverter
+    app.before_request(refuse_nul_characters)
     x_for, x_proto = int(app.config["PROXY_FIX_X_FOR"]), int(app.config["PROXY_FIX_X_PROTO"])
     if x_for or x_proto:
         # Trust exactly as many X-Forwarded-* hops as there are proxies; trusting more

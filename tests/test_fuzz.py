@@ -1,7 +1,7 @@
 """Schemathesis against /api/v1/openapi.json: no 5xx, no response outside the schema, bad input refused.
 
 Each operation gets CHATAPP_FUZZ_EXAMPLES examples of valid data and as many of invalid
-data (default 15, derandomized so that CI runs are repeatable). For a long hunt:
+data (default 20, derandomized so that CI runs are repeatable). For a long hunt:
 
     CHATAPP_FUZZ_EXAMPLES=500 python -m pytest tests/test_fuzz.py
 """
@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 from schemathesis.core.parameters import ParameterLocation
 
-EXAMPLES = int(os.environ.get("CHATAPP_FUZZ_EXAMPLES", "15"))
+EXAMPLES = int(os.environ.get("CHATAPP_FUZZ_EXAMPLES", "20"))
 MODES = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
 
 

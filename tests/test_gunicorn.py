@@ -5,7 +5,6 @@ load, and a pool that is truly exhausted answering 503 instead of hanging.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import sqlite3
@@ -127,7 +126,7 @@ def test_hup_reload_under_load_fails_no_request(database_uri, tmp_path):
             server.process.send_signal(signal.SIGHUP)
             # New workers replace every old one while the requests keep coming...
             wait_for(lambda: len(server.worker_pids()) == 2 and not old & set(server.worker_pids()),
-                     "the old workers to be replaced")
+                     "the old workers to be replaced", timeout=120)
             # ...and the new ones serve them.
             after_reload = load.served()
             wait_for(lambda: load.served() >= after_reload + 20, "requests served by the new workers")
@@ -194,6 +193,7 @@ def test_exhausted_pool_answers_503_with_retry_after_and_recovers(database_uri, 
             {"pool_size": 1, "max_overflow": 0, "pool_timeout": 1, "pool_pre_ping": True}
         ),
         "SQLITE_BUSY_TIMEOUT_MS": 60_000,
+        "REPLY_REAP_INTERVAL": 0,  # no background pass competing for the one connection
     }
     with GunicornServer(database_uri, workers=1, threads=8, config=config, instance_path=str(tmp_path)) as server:
         headers = make_user(server)

@@ -17,7 +17,7 @@ from chatapp.auth.models import ApiToken, User
 from chatapp.chat.models import Conversation, Message
 from chatapp.db import unit_of_work
 from chatapp.security import CONTENT_SECURITY_POLICY
-from tests.servers import GunicornServer
+from tests.servers import GunicornServer, free_port
 
 PASSWORD = "correct horse"
 
@@ -80,6 +80,47 @@ def test_every_response_carries_the_security_headers(app, client, auth):
 def test_hsts_only_when_configured(client):
     response = client.get("/healthz")
     assert response.headers["Strict-Transport-Security"] == "max-age=31536000; includeSubDomains"
+
+
+# --- input the database cannot take -------------------------------------------------------------
+
+
+def test_input_the_database_cannot_store_is_a_clear_4xx(app, client, auth):
+    """NUL characters (PostgreSQL text refuses them) and ids beyond the id columns: 4xx, not 500."""
+    headers = auth.headers("nul-user")
+    conversation = client.post("/api/v1/conversations", json={"title": "kept"}, headers=headers).get_json()
+    url = f"/api/v1/conversations/{conversation['id']}"
+    api_cases = [
+        ("PATCH", url, {"title": "a\x00b"}, "title"),
+        ("PATCH", url, {"title": " \n "}, "title"),
+        ("POST", url + "/messages", {"content": "hi\x00"}, "content"),
+        ("POST", "/api/v1/tokens", {"username": "nul\x00user", "password": "whatever"}, "username"),
+        ("POST", "/api/v1/tokens", {"username": "nul-user", "password": PASSWORD, "name": "\x00"}, "name"),
+    ]
+    for method, target, body, field in api_cases:
+        response = client.open(target, method=method, json=body, headers=headers)
+        assert response.status_code == 422, (target, body, response.get_data(as_text=True))
+        assert field in response.get_json()["error"]["message"]
+    refused = client.get("/api/v1/conversations?cursor=%00", headers=headers)
+    assert refused.status_code == 422 and refused.get_json()["error"]["code"] == "invalid"
+
+    browser, _csrf = log_in(app, "nul-user")
+    for target, form in [
+        (f"/c/{conversation['id']}/rename", {"title": "a\x00b"}),
+        (f"/c/{conversation['id']}/messages", {"content": "\x00"}),
+        ("/settings/tokens", {"name": "\x00"}),
+    ]:
+        page = browser.post(target, data=form)
+        assert page.status_code == 422 and page.mimetype == "text/html", (target, page.status_code)
+    assert app.test_client().post("/login", data={"username": "x\x00", "password": "y"}).status_code == 422
+
+    for too_big in ("2147483648", "99999999999999999999999"):
+        assert client.get(f"/api/v1/conversations/{too_big}", headers=headers).status_code == 404
+        assert browser.get(f"/c/{too_big}").status_code == 404
+    # None of it wrote anything.
+    assert client.get(url, headers=headers).get_json()["title"] == "kept"
+    assert client.get(url + "/messages", headers=headers).get_json()["items"] == []
+    assert count(app, ApiToken) == 1
 
 
 # --- rate limits -------------------------------------------------------------------------------
@@ -176,6 +217,17 @@ def test_forwarded_for_counts_only_behind_a_trusted_proxy(client, auth, shared):
     # Directly exposed, a client cannot dodge the limit by inventing X-Forwarded-For;
     # behind the one proxy that sets it, each real client has its own count.
     assert statuses == ([201, 201, 201, 429, 429] if shared else [201] * 5)
+
+
+@pytest.mark.parametrize(
+    "extra_config", [{**LIMITS, "RATELIMIT_STORAGE_URI": f"redis://127.0.0.1:{free_port()}"}]
+)
+def test_limits_hold_in_memory_while_redis_is_down(client, auth):
+    """Nothing listens at the Redis address: requests are neither failed nor let through unlimited."""
+    auth.register("no-redis")
+    good = {"username": "no-redis", "password": PASSWORD}
+    statuses = [client.post("/api/v1/tokens", json=good).status_code for _ in range(4)]
+    assert statuses == [201, 201, 201, 429]
 
 
 def _redis_or_skip(url: str):

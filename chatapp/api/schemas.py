@@ -6,6 +6,13 @@ from chatapp.auth.services import USERNAME_PATTERN, USERNAME_RULE
 from chatapp.chat.services import CONTENT_MAX, TITLE_MAX
 from chatapp.config import Defaults
 
+# Text the database can store: PostgreSQL refuses NUL characters. Titles and messages also
+# need a visible character, as the services check (they strip, then refuse empty text).
+NO_NUL = validate.Regexp(r"^[^\u0000]*$", error="must not contain NUL characters")
+VISIBLE_TEXT = validate.Regexp(
+    r"^[^\u0000]*[^\s\u0000][^\u0000]*$", error="must contain a visible character and no NUL characters"
+)
+
 
 class Credentials(Schema):
     username = fields.String(
@@ -21,9 +28,9 @@ class Credentials(Schema):
 
 
 class TokenRequest(Schema):
-    username = fields.String(required=True, validate=validate.Length(1, 200))
+    username = fields.String(required=True, validate=[validate.Length(1, 200), NO_NUL])
     password = fields.String(required=True, load_only=True, validate=validate.Length(1, 1000))
-    name = fields.String(load_default="api", validate=validate.Length(0, 100))
+    name = fields.String(load_default="api", validate=[validate.Length(0, 100), NO_NUL])
 
 
 class UserOut(Schema):
@@ -46,11 +53,11 @@ class PageQuery(Schema):
 
 
 class ConversationIn(Schema):
-    title = fields.String(validate=validate.Length(1, TITLE_MAX))
+    title = fields.String(validate=[validate.Length(1, TITLE_MAX), VISIBLE_TEXT])
 
 
 class ConversationPatch(Schema):
-    title = fields.String(required=True, validate=validate.Length(1, TITLE_MAX))
+    title = fields.String(required=True, validate=[validate.Length(1, TITLE_MAX), VISIBLE_TEXT])
 
 
 class ConversationOut(Schema):
@@ -66,7 +73,7 @@ class ConversationPage(Schema):
 
 
 class MessageIn(Schema):
-    content = fields.String(required=True, validate=validate.Length(1, CONTENT_MAX))
+    content = fields.String(required=True, validate=[validate.Length(1, CONTENT_MAX), VISIBLE_TEXT])
 
 
 class MessageOut(Schema):
