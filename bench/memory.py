@@ -140,7 +140,8 @@ def run_backend(backend: str, args, wd: Path) -> dict:
         shared = seeded.conversation_ids[:20]
         server = Server("wsgi:app", database.uri, wd, name=f"memory-{backend}",
                         workers=args.workers, threads=args.threads,
-                        env={"CHATAPP_MAX_REQUESTS": 0, "CHATAPP_BOT_ECHO_DELAY": 0}).start()
+                        env={"CHATAPP_MAX_REQUESTS": 0, "CHATAPP_BOT_ECHO_DELAY": 0,
+                             **dict(f"CHATAPP_{item}".split("=", 1) for item in args.env)}).start()
         try:
             pids_before = server.worker_pids()
             counter = Counter(args.requests, server)
@@ -184,11 +185,14 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra chatapp setting, CHATAPP_KEY=VALUE (repeatable)")
     parser.add_argument("--json", help="also write the raw figures to this file")
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args(argv)
     print(common.machine_report())
-    print(f"# memory: {args.requests} mixed requests from {args.clients} client threads", flush=True)
+    print(f"# memory: {args.requests} mixed requests from {args.clients} client threads; settings {args.env}",
+          flush=True)
     results, rows, verdicts = [], [], []
     with common.workdir(args.keep_logs) as wd:
         for backend in common.backends(args.backend):
