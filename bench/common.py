@@ -771,3 +771,31 @@ def connections_by_worker(server: Server) -> dict[int, int]:
     for pid in re.findall(r"pid=(\d+)", out):
         counts[int(pid)] = counts.get(int(pid), 0) + 1
     return {pid: n for pid, n in counts.items() if pid in server.worker_pids()}
+
+
+def rss_by_mapping(pid: int, top: int = 6) -> list[tuple[str, int]]:
+    """Resident kB of a process by mapping (file path, [heap], or anonymous), largest first."""
+    totals: dict[str, int] = {}
+    name = "?"
+    try:
+        with open(f"/proc/{pid}/smaps") as smaps:
+            for line in smaps:
+                first = line.split(None, 1)[0]
+                if "-" in first and not first.endswith(":"):
+                    parts = line.split()
+                    name = parts[5] if len(parts) > 5 else "[anon]"
+                elif first == "Rss:":
+                    totals[name] = totals.get(name, 0) + int(line.split()[1])
+    except OSError:
+        return []
+    return sorted(totals.items(), key=lambda item: -item[1])[:top]
+
+
+def process_threads(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0

@@ -38,6 +38,7 @@ class Counter:
         self.server = server
         self.sample_every = sample_every
         self.rss: list[tuple[int, dict[int, int]]] = []
+        self.threads: list[tuple[int, int]] = []  # (request number, threads in all workers)
         self.statuses: dict[str, int] = {}
         self.unexpected: list[str] = []
 
@@ -50,6 +51,7 @@ class Counter:
             number = self.count
         if number % self.sample_every == 0 or number == 1000:
             self.rss.append((number, self.server.rss_kb()))
+            self.threads.append((number, sum(common.process_threads(pid) for pid in self.server.worker_pids())))
         return number
 
     def record(self, label: str, response: requests.Response, expected: tuple[int, ...]) -> None:
@@ -158,6 +160,8 @@ def run_backend(backend: str, args, wd: Path) -> dict:
                 thread.join(600)
             seconds = time.monotonic() - started
             final_rss = server.rss_kb()
+            mappings = {pid: common.rss_by_mapping(pid) for pid in server.worker_pids()}
+            files = sorted((path.name, path.stat().st_size) for path in wd.glob("bench-*.sqlite*"))
             counter.rss.append((counter.count, final_rss))
             time.sleep(1.5)  # replies finishing, streams closing
             samples = common.fetch_metrics(server.url)
@@ -175,6 +179,7 @@ def run_backend(backend: str, args, wd: Path) -> dict:
         "statuses": counter.statuses, "unexpected": counter.unexpected,
         "checked_out": checked_out, "pg": pg, "recycled": pids_before != pids_after,
         "tracebacks": tracebacks, "loadavg": common.loadavg(),
+        "mappings": mappings, "sqlite_files": files, "threads": counter.threads,
     }
 
 
@@ -218,6 +223,12 @@ def main(argv=None) -> int:
             curve = "  ".join(f"{n}:{sum(rss.values()) / 1024:.1f}" for n, rss in r["rss"])
             print(f"# {backend} RSS (MiB, all workers) by request number: {curve}", flush=True)
             print(f"# {backend} answers: {dict(sorted(r['statuses'].items()))}", flush=True)
+            print(f"# {backend} threads (all workers) by request number: "
+                  + "  ".join(f"{n}:{t}" for n, t in r["threads"]), flush=True)
+            for pid, mapping in r["mappings"].items():
+                print(f"# {backend} worker {pid} resident kB by mapping at the end: {mapping}", flush=True)
+            if r["sqlite_files"]:
+                print(f"# {backend} database files at the end (bytes): {r['sqlite_files']}", flush=True)
     print()
     print(table(["db", "requests", "req/s", "RSS MiB @1,000", "RSS MiB @end", "growth", "per worker MiB",
                  "unexpected", "checked out at end", "PostgreSQL backends at end", "recycled", "tracebacks"],

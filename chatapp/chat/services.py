@@ -229,15 +229,18 @@ def reply_history(reply_id: int) -> tuple[int, list[dict]] | None:
     return reply.attempt, [{"role": role.value, "content": content} for role, content in rows]
 
 
+def _update_active_attempt(reply_id: int, attempt: int) -> sa.Update:
+    # Matches no row once the reply was restarted (attempt), reaped or finished (status)
+    # or deleted, so a writer that lost its reply cannot touch it.
+    return sa.update(Message).where(
+        Message.id == reply_id, Message.attempt == attempt, Message.status.in_(ACTIVE_STATUSES)
+    )
+
+
 def append_to_reply(reply_id: int, attempt: int, text: str) -> bool:
     """Append generated text; False if the reply was restarted, reaped or deleted meanwhile."""
     result = db.session.execute(
-        sa.update(Message)
-        .where(
-            Message.id == reply_id,
-            Message.attempt == attempt,
-            Message.status.in_(ACTIVE_STATUSES),
-        )
+        _update_active_attempt(reply_id, attempt)
         .values(content=Message.content + text, status=Status.STREAMING, updated_at=utcnow())
         .execution_options(synchronize_session=False)
     )
@@ -247,12 +250,7 @@ def append_to_reply(reply_id: int, attempt: int, text: str) -> bool:
 def finish_reply(reply_id: int, attempt: int, text: str, error: str | None = None) -> bool:
     """Append the last text and end the reply as complete, or failed with an error."""
     result = db.session.execute(
-        sa.update(Message)
-        .where(
-            Message.id == reply_id,
-            Message.attempt == attempt,
-            Message.status.in_(ACTIVE_STATUSES),
-        )
+        _update_active_attempt(reply_id, attempt)
         .values(
             content=Message.content + text,
             status=Status.FAILED if error else Status.COMPLETE,
