@@ -161,7 +161,11 @@ def run_backend(backend: str, args, wd: Path) -> dict:
             seconds = time.monotonic() - started
             final_rss = server.rss_kb()
             mappings = {pid: common.rss_by_mapping(pid) for pid in server.worker_pids()}
-            files = sorted((path.name, path.stat().st_size) for path in wd.glob("bench-*.sqlite*"))
+            files = []
+            if backend == "sqlite":
+                base = Path(database.uri.split(":///", 1)[1])
+                files = [(path.name, path.stat().st_size) for path in
+                         (base, Path(f"{base}-wal"), Path(f"{base}-shm")) if path.exists()]
             counter.rss.append((counter.count, final_rss))
             time.sleep(1.5)  # replies finishing, streams closing
             samples = common.fetch_metrics(server.url)

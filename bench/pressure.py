@@ -74,6 +74,9 @@ def run_config(name: str, backend: str, args, wd: Path) -> dict:
         "pg_idle_tx_max": sum(v for k, v in pg.max_by_state.items() if k.startswith("idle in transaction")),
         "pg_idle_tx_after": idle_tx, "pg_max_total": pg.max_total,
         "tracebacks": log.count("Traceback"), "loadavg": common.loadavg(),
+        # Streams that held a worker thread for over half the bot time (gunicorn's access
+        # log: duration_ms is from the thread taking the request to the last byte).
+        "long_streams": sum(int(ms) > 500 * args.delay for ms in re.findall(r"/stream HTTP[^\n]*duration_ms=(\d+)", log)),
     }
 
 
@@ -83,6 +86,7 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--chats", type=int, default=40)
     parser.add_argument("--delay", type=float, default=3.0)
+    parser.add_argument("--repeat", type=int, default=1, help="run each configuration this many times")
     parser.add_argument("--json", help="also write the raw figures to this file")
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args(argv)
@@ -92,16 +96,18 @@ def main(argv=None) -> int:
     with common.workdir(args.keep_logs) as wd:
         for backend in common.backends(args.backend):
             for name in args.configs:
-                r = run_config(name, backend, args, wd)
-                results.append(r)
-                print(f"# {backend} {name}: {r['complete']}/{r['chats']} in {r['wall']:.2f} s, GET p95 "
-                      f"{r['get_p95']:.0f} ms, errors {len(r['errors'])}, load {r['loadavg']}", flush=True)
+                for _ in range(args.repeat):
+                    r = run_config(name, backend, args, wd)
+                    results.append(r)
+                    print(f"# {backend} {name}: {r['complete']}/{r['chats']} in {r['wall']:.2f} s, GET p95 "
+                          f"{r['get_p95']:.0f} ms, long streams {r['long_streams']}, errors {len(r['errors'])}, "
+                          f"load {r['loadavg']}", flush=True)
     for r in results:
         max_out = max(r["max_checked_out"].values(), default=None)
         rows.append([
             r["backend"], r["config"], f"{r['workers']}x{r['threads']}", len(r["errors"]),
             f"{r['complete']}/{r['chats']}", fmt(r["wall"], 2), fmt(r["reply_median"], 2),
-            fmt(r["get_p50"], 0), fmt(r["get_p95"], 0), r["get_count"],
+            fmt(r["get_p50"], 0), fmt(r["get_p95"], 0), r["get_count"], r["long_streams"],
             f"{fmt(max_out, 0) if max_out is not None else '-'} ({r['metrics_samples']} samples)",
             r["busy_503"], r["pool_timeouts_logged"],
             fmt(sum(r["checked_out_after"].values()), 0) if r["checked_out_after"] else "-",
@@ -120,7 +126,7 @@ def main(argv=None) -> int:
                         "MISSED: " + ", ".join(missed)) + (f"; errors: {r['errors'][:3]}" if r["errors"] else ""))
     print()
     print(table(["db", "config", "workers x threads", "errors", "replies", "all replies s", "reply median s",
-                 "GET p50 ms", "GET p95 ms", "GETs", "max checked out/worker", "503 busy",
+                 "GET p50 ms", "GET p95 ms", "GETs", "long streams", "max checked out/worker", "503 busy",
                  "pool timeouts (log)", "checked out after", "PG idle-in-tx/total (max)"], rows))
     print()
     for line in verdicts:
