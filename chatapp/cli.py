@@ -68,9 +68,9 @@ def create_user_command(username: str, password_stdin: bool) -> None:
     _require_schema()
     password = _read_password(password_stdin)
     try:
+        user = auth.new_user(username, password)  # hash before the unit of work begins
         with unit_of_work(current_app._get_current_object()):
-            user = auth.create_user(username, password)
-            user_id = user.id
+            user_id = auth.add_user(user).id
     except AppError as exc:
         raise click.ClickException(exc.message) from None
     click.echo(f"Created user {username!r} (id {user_id}).")
@@ -87,5 +87,5 @@ def create_token_command(username: str, name: str) -> None:
         user = auth.find_user(username)
         if user is None:
             raise click.ClickException(f"no user named {username!r}; create it with create-user")
-        _row, token = auth.create_token(user, name=name)
+        _row, token = auth.create_token(user.id, name=name)
     click.echo(token)

@@ -23,10 +23,12 @@ def require_json_body() -> None:
             raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json")
 
 
-def api_blueprint(name: str, description: str, *, authenticated: bool) -> Blueprint:
+def api_blueprint(name: str, description: str, *, authenticated: bool, write_first: bool = True) -> Blueprint:
+    """A blueprint whose writers begin as writers (unless its views do it themselves)."""
     blp = Blueprint(name, f"chatapp.api.{name}", description=description)
     blp.before_request(require_json_body)
-    blp.before_request(begin_write_for_unsafe_methods)
+    if write_first:
+        blp.before_request(begin_write_for_unsafe_methods)
     if authenticated:
         blp.before_request(require_user)
     blp.after_request(record_token_use)

@@ -48,13 +48,21 @@ def find_user(username: str) -> User | None:
     return db.session.scalar(sa.select(User).where(User.username == username))
 
 
-def create_user(username: object, password: object) -> User:
-    """Add a new user after checking the rules; raises Conflict if the name is taken."""
+def new_user(username: object, password: object) -> User:
+    """A valid, not yet added user with its password hashed.
+
+    Touches no database: hashing is deliberately slow (scrypt), so do it before the
+    unit of work that adds the user, never while holding a connection.
+    """
     username = validate_username(username)
     password = validate_password(password)
-    if find_user(username) is not None:
-        raise Conflict(f"username {username!r} is taken; choose another", code="username_taken")
-    user = User(username=username, password_hash=hash_password(password))
+    return User(username=username, password_hash=hash_password(password))
+
+
+def add_user(user: User) -> User:
+    """Add a user from new_user(); raises Conflict if the name is taken."""
+    if find_user(user.username) is not None:
+        raise Conflict(f"username {user.username!r} is taken; choose another", code="username_taken")
     db.session.add(user)
     try:
         # A concurrent registration of the same name loses here, not at commit.
@@ -62,34 +70,46 @@ def create_user(username: object, password: object) -> User:
             db.session.flush()
     except sa.exc.IntegrityError:
         raise Conflict(
-            f"username {username!r} is taken; choose another", code="username_taken"
+            f"username {user.username!r} is taken; choose another", code="username_taken"
         ) from None
     return user
 
 
-def check_credentials(username: object, password: object) -> User | None:
-    """The user whose password matches, or None (same work whether or not the user exists)."""
-    user = find_user(username) if isinstance(username, str) else None
+def create_user(username: object, password: object) -> User:
+    """new_user() then add_user(): for scripts and tests that hold no other connection."""
+    return add_user(new_user(username, password))
+
+
+def find_login(username: object) -> User | None:
+    """The user a login names, read so that the caller can end its transaction before
+    checking the password (see password_matches)."""
+    return find_user(username) if isinstance(username, str) else None
+
+
+def password_matches(user: User | None, password: object) -> bool:
+    """Check a password against find_login()'s user; touches no database, takes ~100 ms.
+
+    When there is no such user a dummy hash is checked, so that a wrong username takes
+    as long as a wrong password and names cannot be probed by timing.
+    """
     if user is None:
         method = current_app.config["PASSWORD_HASH_METHOD"]
         if method not in _DUMMY_HASH:
             _DUMMY_HASH[method] = generate_password_hash(secrets.token_hex(8), method=method)
         check_password_hash(_DUMMY_HASH[method], str(password))
-        return None
-    if not isinstance(password, str) or not check_password_hash(user.password_hash, password):
-        return None
-    return user
+        return False
+    return isinstance(password, str) and check_password_hash(user.password_hash, password)
 
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_token(user: User, name: str = "") -> tuple[ApiToken, str]:
+def create_token(user_id: int, name: str = "") -> tuple[ApiToken, str]:
     """Add a new token for the user; returns the row and the token, which is never stored."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     row = ApiToken(
-        user_id=user.id, token_hash=hash_token(token), prefix=token[:12], name=name[:100]
+        user_id=user_id, token_hash=hash_token(token), prefix=token[:12], name=name[:100]
     )
     db.session.add(row)
     db.session.flush()

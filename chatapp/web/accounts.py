@@ -9,7 +9,7 @@ from flask_login import current_user, login_required, login_user, logout_user
 
 from chatapp import limits
 from chatapp.auth import services as auth
-from chatapp.db import db
+from chatapp.db import begin_write, db
 from chatapp.errors import AppError
 from chatapp.web import bp
 from chatapp.web.forms import LoginForm, RegisterForm, add_error
@@ -36,7 +36,9 @@ def register():
     status = 422
     if form.validate_on_submit():
         try:
-            user = auth.create_user(form.username.data, form.password.data)
+            user = auth.new_user(form.username.data, form.password.data)  # no connection held
+            begin_write()
+            auth.add_user(user)
         except AppError as error:
             add_error(form, error, "username")
             status = error.status
@@ -57,8 +59,9 @@ def login():
     form = LoginForm()
     status = 422 if form.is_submitted() else 200
     if form.validate_on_submit():
-        user = auth.check_credentials(form.username.data, form.password.data)
-        if user is not None:
+        user = auth.find_login(form.username.data)
+        db.session.commit()  # end the read: no connection is held while the password is checked
+        if auth.password_matches(user, form.password.data):
             login_user(user)
             return redirect(_next_url())
         form.form_errors.append("Wrong username or password.")

@@ -38,7 +38,7 @@ def create_token():
     form = TokenForm()
     if not form.validate_on_submit():
         return _render_settings(form, status=422)
-    _row, token = auth.create_token(current_user, name=form.name.data.strip() or "web")
+    _row, token = auth.create_token(current_user.id, name=form.name.data.strip() or "web")
     db.session.commit()
     # Rendered, not flashed: the session cookie is signed but readable, no place for a secret.
     body, status = _render_settings(TokenForm(formdata=None), new_token=token, status=201)

@@ -147,3 +147,38 @@ def test_token_use_is_recorded_without_failing_reads(client, app, auth):
     assert client.get("/api/v1/conversations", headers=headers).status_code == 200
     with unit_of_work(app, write=False) as session:
         assert session.scalar(sa.select(ApiToken.last_used_at)) == first
+
+
+@pytest.fixture
+def hashing_watch(app, monkeypatch):
+    """Record how many connections are checked out whenever a password is hashed or checked."""
+    from chatapp.auth import services
+    from tests.helpers import checked_out
+
+    seen = []
+
+    def watch(function):
+        def wrapper(*args, **kwargs):
+            seen.append(checked_out(app))
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(services, "generate_password_hash", watch(services.generate_password_hash))
+    monkeypatch.setattr(services, "check_password_hash", watch(services.check_password_hash))
+    return seen
+
+
+def test_passwords_are_hashed_and_checked_holding_no_connection(client, app, hashing_watch):
+    """Hashing is deliberately slow: it must never hold a connection (or SQLite's write lock)."""
+    body = {"username": "alice", "password": "correct horse"}
+    assert client.post("/api/v1/users", json=body).status_code == 201
+    assert client.post("/api/v1/tokens", json=body).status_code == 201
+    assert client.post("/api/v1/tokens", json={**body, "password": "wrong password"}).status_code == 401
+    assert client.post("/api/v1/tokens", json={**body, "username": "nobody"}).status_code == 401
+    form = {"username": "bob", "password": "correct horse", "confirm": "correct horse"}
+    assert client.post("/register", data=form).status_code == 302
+    client.post("/logout")
+    assert client.post("/login", data={"username": "bob", "password": "correct horse"}).status_code == 302
+    assert len(hashing_watch) >= 6
+    assert set(hashing_watch) == {0}
