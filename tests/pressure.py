@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import threading
 import time
@@ -40,19 +41,24 @@ def read_stream(session: requests.Session, url: str, stop_after_first: bool = Fa
     with session.get(url, stream=True, timeout=(5, 60)) as response:
         if response.status_code != 200:
             return "", f"http {response.status_code}"
-        event = None
+        event, data = None, []
         for raw in response.iter_lines(decode_unicode=True):
             if raw.startswith("event: "):
                 event = raw[7:]
             elif raw.startswith("data: "):
+                data.append(raw[6:])
+            elif raw == "" and data:
+                # An event ends at a blank line; its data lines join with newlines.
                 if event == "done":
-                    import json
-
-                    status = json.loads(raw[6:])["status"]
+                    status = json.loads("\n".join(data))["status"]
                     break
-                text.append(raw[6:])
-                if stop_after_first:
-                    return "".join(text), "abandoned"
+                if event == "reset":  # the reply was regenerated: start over
+                    text.clear()
+                elif event is None:
+                    text.append("\n".join(data))
+                    if stop_after_first:
+                        return "".join(text), "abandoned"
+                event, data = None, []
             elif raw == "":
                 event = None
     return "".join(text), status
