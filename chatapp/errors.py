@@ -40,8 +40,3 @@ class Unauthorized(AppError):
 class Forbidden(AppError):
     status = 403
     code = "forbidden"
-
-
-class Unavailable(AppError):
-    status = 503
-    code = "unavailable"

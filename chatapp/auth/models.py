@@ -56,9 +56,5 @@ class ApiToken(db.Model):
 
     user: Mapped[User] = relationship(back_populates="tokens")
 
-    @property
-    def is_revoked(self) -> bool:
-        return self.revoked_at is not None
-
     def __repr__(self) -> str:
         return f"<ApiToken {self.id} {self.prefix}… user={self.user_id}>"
