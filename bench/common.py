@@ -201,7 +201,7 @@ def seed(database_uri: str, *, conversations: int, messages: int = 0, username: 
     try:
         with unit_of_work(app):
             user = auth.create_user(username, PASSWORD)
-            _row, token = auth.create_token(user, name="bench")
+            _row, token = auth.create_token(user.id, name="bench")
             ids = [chat.create_conversation(user.id, f"bench {i}").id for i in range(conversations)]
             user_id = user.id
         if messages and ids:

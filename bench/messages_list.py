@@ -1,13 +1,14 @@
 """Benchmark 1: GET /api/v1/conversations/<id>/messages requests/s, side by side.
 
-Three apps on the same database, each under the same gunicorn (gunicorn.conf.py, the
+Four apps on the same database, each under the same gunicorn (gunicorn.conf.py, the
 shipped workers and threads unless --workers/--threads), loaded by the same wrk:
 
   ceiling   bench/ceiling_app.py: bare Flask, the same statements through the raw driver
+  core_floor bench/core_floor_app.py: bare Flask, the same statements through SQLAlchemy Core
   textbook  bench/textbook_app.py: a textbook Flask-SQLAlchemy app
   chatapp   wsgi:app with its shipped configuration
 
-Rounds are interleaved (ceiling, textbook, chatapp, then rotated), because the machine is
+Rounds are interleaved (ceiling, core_floor, textbook, chatapp, then rotated), because the machine is
 shared and its background load drifts; the table gives the median of the rounds.
 
     python bench/messages_list.py [--backend sqlite postgresql] [--seconds 8] [--rounds 3]
@@ -27,6 +28,7 @@ from bench.common import Database, Server, fmt, load, median, requests, seed, ta
 
 APPS = [
     ("ceiling", "bench.ceiling_app:app"),
+    ("core_floor", "bench.core_floor_app:app"),
     ("textbook", "bench.textbook_app:app"),
     ("chatapp", "wsgi:app"),
 ]
@@ -46,7 +48,7 @@ def run_backend(backend: str, args, wd: Path) -> dict:
             for name, module in APPS:
                 servers[name] = Server(module, database.uri, wd, name=f"{name}-{backend}",
                                        workers=args.workers, threads=args.threads, env=env).start()
-            # Same answer from all three: same ids, same content.
+            # Same answer from every app: same ids, same content.
             answers = {}
             for name, server in servers.items():
                 response = requests.get(server.url + path, headers=headers, timeout=10)

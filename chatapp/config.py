@@ -10,7 +10,8 @@ class Defaults:
     # A relative SQLite path is placed in the instance folder by Flask-SQLAlchemy.
     SQLALCHEMY_DATABASE_URI = "sqlite:///chatapp.sqlite"
     SQLALCHEMY_ENGINE_OPTIONS = {
-        # Pre-ping replaces pooled connections that died while idle (database restart).
+        # Pre-ping replaces pooled PostgreSQL connections that died while idle (database
+        # restart); SQLite engines skip it (a file connection cannot drop while idle).
         "pool_pre_ping": True,
         # Waiting 30 s (SQLAlchemy's default) for a connection turns an overload
         # into a hang; a few seconds and a 503 lets clients retry elsewhere.
@@ -21,6 +22,7 @@ class Defaults:
     DATABASE_CONNECT_TIMEOUT = 3
     # SQLite connection settings, applied to every new connection.
     SQLITE_JOURNAL_MODE = "WAL"
+    # How long a writer waits for this process's write gate, and then for SQLite's write lock.
     SQLITE_BUSY_TIMEOUT_MS = 10_000
     SQLITE_FOREIGN_KEYS = True
     SQLITE_SYNCHRONOUS = "NORMAL"
@@ -54,7 +56,8 @@ class Defaults:
     # Reply threads wait on the bot holding no connection, so they are cheap; the
     # database pool, not this number, bounds database concurrency.
     REPLY_WORKERS = 64
-    REPLY_FLUSH_INTERVAL = 0.15
+    # Each write costs a short transaction; streams see new text this often.
+    REPLY_FLUSH_INTERVAL = 0.25
     REPLY_STALE_AFTER = 300.0
     REPLY_REAP_INTERVAL = 60.0
     # A reply's writes retry through a database outage this long; after it the reply

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sqlite3
+import threading
 import weakref
 from datetime import datetime, timezone
 from typing import Iterator
@@ -26,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # Execution option read by the SQLite "begin" listener below.
 SQLITE_BEGIN_OPTION = "chatapp_sqlite_begin"
+# session.info key: the write-gate lock this session holds until its transaction ends.
+_WRITE_GATE_KEY = "chatapp_sqlite_write_gate"
 
 
 class Base(DeclarativeBase):
@@ -40,6 +45,14 @@ class _SQLAlchemy(SQLAlchemy):
         # (a 500 after a finished view) and keeps the session in the registry when the
         # connection died while the request held it.
         remove_session()
+
+    def _apply_driver_defaults(self, options: dict, app: Flask) -> None:
+        super()._apply_driver_defaults(options, app)
+        # A SQLite connection is a file handle inside this process: it cannot die while
+        # idle in the pool, so pre-ping would only add a "SELECT 1" to every checkout.
+        # Dropped per engine, not from app.config: PostgreSQL binds keep it.
+        if sa.make_url(options["url"]).get_backend_name() == "sqlite":
+            options.pop("pool_pre_ping", None)
 
 
 # expire_on_commit=False: a view that commits can still render what it just wrote
@@ -152,19 +165,93 @@ def _configure_sqlite(engine: sa.Engine, config) -> None:
         mode = connection.get_execution_options().get(SQLITE_BEGIN_OPTION, "DEFERRED")
         connection.exec_driver_sql(f"BEGIN {mode}")
 
+    _WRITE_GATES[engine] = _WriteGate(int(config["SQLITE_BUSY_TIMEOUT_MS"]) / 1000)
+
+
+class _WriteGate:
+    """Where this process's SQLite writers queue for the database's one write lock.
+
+    SQLite's busy handler polls with sleeps of up to 100 ms, and a writer waits in it
+    holding a pooled connection. Writers of one process queue here instead, before they
+    check out a connection: a Python lock wakes the next one as soon as it is released,
+    and only one writer per process ever waits inside SQLite (on other processes).
+    """
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout  # the busy timeout: a writer waits no longer here than there
+        self.lock = threading.Lock()
+
+
+# One gate per SQLite engine of this process.
+_WRITE_GATES: "weakref.WeakKeyDictionary[sa.Engine, _WriteGate]" = weakref.WeakKeyDictionary()
+
+
+def _reset_write_gates_in_child() -> None:
+    # A child (gunicorn worker) may inherit a gate locked by a parent thread that does
+    # not exist here; it starts with fresh ones. Only one thread runs at this point.
+    for gate in list(_WRITE_GATES.values()):
+        gate.lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_write_gates_in_child)
+
+
+def _enter_write_gate(session: Session) -> None:
+    gate = _WRITE_GATES.get(session.get_bind())
+    if gate is None:  # not SQLite
+        return
+    # A plain Lock, not per-thread re-entrant: a thread that holds the gate in one
+    # session and begins a write in another would wait here until the timeout. No code
+    # path does that (the request, unit_of_work in a request and record_token_use all
+    # share the request's session), and it would deadlock on SQLite's own lock anyway.
+    lock = gate.lock
+    if not lock.acquire(timeout=gate.timeout):
+        # The same error SQLite gives after its busy timeout: retried by reply writers
+        # (is_transient), a 503 for requests.
+        raise sa.exc.OperationalError(
+            "BEGIN IMMEDIATE", {}, sqlite3.OperationalError("database is locked (write gate busy)")
+        )
+    session.info[_WRITE_GATE_KEY] = lock
+
+
+def _leave_write_gate(session: Session) -> None:
+    # pop: whichever path comes first releases, and only once.
+    lock = session.info.pop(_WRITE_GATE_KEY, None)
+    if lock is not None:
+        lock.release()
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _leave_write_gate_when_transaction_ends(session: Session, transaction) -> None:
+    # Commit, rollback and close all end here (after the connection went back to the
+    # pool); flushes and savepoints end inner transactions, which do not count.
+    if transaction.parent is None:
+        _leave_write_gate(session)
+
 
 def begin_write(session: Session | None = None) -> None:
     """Start the session's transaction as a writer.
 
     On SQLite this is ``BEGIN IMMEDIATE``: the write lock is taken (waiting up to the
     busy timeout) before anything is read, so a transaction never has to upgrade a stale
-    read snapshot, which SQLite refuses at once with "database is locked". Elsewhere it
-    just begins. Call it before the first query of a unit of work that writes.
+    read snapshot, which SQLite refuses at once with "database is locked". Before that,
+    the writer queues on this process's write gate (``_WriteGate``), holding no
+    connection, until the writer ahead of it ends its transaction. Elsewhere it just
+    begins. Call it before the first query of a unit of work that writes.
     """
     session = session if session is not None else db.session()
     if session.in_transaction():
         return
-    session.connection(execution_options={SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+    # On SQLite, queue on this process's write gate first, holding no connection; the
+    # gate is left when the transaction ends (see _leave_write_gate_when_transaction_ends).
+    _enter_write_gate(session)
+    try:
+        session.connection(execution_options={SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+    except BaseException:
+        # No connection (pool timeout, connect error) or no BEGIN: the session's
+        # transaction may stay open without either, so leave the gate now.
+        _leave_write_gate(session)
+        raise
 
 
 @contextlib.contextmanager
@@ -203,6 +290,7 @@ def remove_session() -> None:
     dropped), that rollback raises, though the transaction died with the connection,
     and ``scoped_session.remove()`` then leaves the session in the registry.
     """
+    session = db.session.registry() if db.session.registry.has() else None
     try:
         db.session.remove()
     except sa.exc.DBAPIError as exc:
@@ -212,6 +300,9 @@ def remove_session() -> None:
         log.warning("ended a session whose database connection had failed: %s", exc.orig)
     finally:
         db.session.registry.clear()
+        if session is not None:
+            # A close that raised skipped after_transaction_end: never keep the gate.
+            _leave_write_gate(session)
 
 
 def dispose_engines_after_fork() -> None:

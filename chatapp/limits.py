@@ -31,3 +31,27 @@ def init_app(app: Flask) -> None:
     # Flask-Limiter keeps one storage per extension object: every app this process
     # creates (one in production, one per test) starts it afresh from its own config.
     limiter.init_app(app)
+    if limiter.enabled and not _limits_beyond_decorators():
+        # Flask-Limiter's before_request hook works out, on every request, which
+        # application, default, meta, blueprint or fallback limits apply; the limits
+        # above are decorators, which check themselves when their view is called. With
+        # none of the others configured the hook finds nothing, at a cost higher than
+        # any other hook's, so it goes. Its after_request (X-RateLimit-* headers) and
+        # teardown stay.
+        app.before_request_funcs[None].remove(limiter._check_request_limit)
+
+
+def _limits_beyond_decorators() -> bool:
+    """Whether any limit needs Flask-Limiter's before_request hook (e.g. RATELIMIT_DEFAULT).
+
+    Reads some of Flask-Limiter's private attributes: if a new version renames them,
+    this fails at app creation rather than silently dropping a limit.
+    """
+    manager = limiter.limit_manager
+    return bool(
+        manager.application_limits
+        or manager.default_limits
+        or manager._blueprint_limits
+        or limiter._meta_limits
+        or limiter._in_memory_fallback
+    )

@@ -66,9 +66,15 @@ def init_app(app: Flask) -> None:
         # Only behind TLS: a browser that saw it refuses plain HTTP for max-age seconds.
         headers["Strict-Transport-Security"] = f"max-age={int(app.config['HSTS_SECONDS'])}; includeSubDomains"
 
+    # Lower-cased once: headers.setdefault() would scan the response's headers twice
+    # per name, four or five times per response.
+    security_headers = [(name.lower(), name, value) for name, value in headers.items()]
+
     @app.after_request
     def add_security_headers(response: Response) -> Response:
-        """Every response, errors included, carries the same headers."""
-        for name, value in headers.items():
-            response.headers.setdefault(name, value)
+        """Every response, errors included, carries the same headers (a view's own win)."""
+        sent = {name.lower() for name, _value in response.headers.items()}
+        for lower, name, value in security_headers:
+            if lower not in sent:
+                response.headers.add(name, value)
         return response

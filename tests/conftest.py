@@ -6,6 +6,8 @@ empty and no pooled connection checked out, so any test that leaks a session fai
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from chatapp import create_app
@@ -28,6 +30,8 @@ def base_test_config(uri: str) -> dict:
         "REPLY_REAP_INTERVAL": 0,
         # Rate limits are on only in the tests about them (tests/test_security.py).
         "RATELIMIT_ENABLED": False,
+        # A reply a bug leaves unfinished ends its stream (and the test) in seconds, not an hour.
+        "STREAM_MAX_SECONDS": 30,
     }
 
 
@@ -82,9 +86,9 @@ def database_uri(request, backend, tmp_path):
 
 
 @pytest.fixture
-def extra_config() -> dict:
-    """Override in a test module (or parametrize indirectly) to add config."""
-    return {}
+def extra_config(request) -> dict:
+    """Config added to the app: parametrize it indirectly, or override it in a module."""
+    return getattr(request, "param", {})
 
 
 @pytest.fixture
@@ -100,12 +104,21 @@ def app(database_uri, extra_config, tmp_path):
 
 @pytest.fixture(autouse=True)
 def leak_guard(request):
-    """Fail any test that leaves a session in the registry or a connection checked out."""
+    """Fail any test that leaves a session in the registry, a connection checked out, or a reaper running."""
     app = request.getfixturevalue("app") if "app" in request.fixturenames else None
+    reapers_before = _reaper_threads()
     yield
     if app is not None:
         wait_for_background_work(app)
         assert_no_leaks(app)
+    # The periodic reaper never stops in a process; one started by a test's app would keep
+    # connecting to that test's database for the rest of the run.
+    started = _reaper_threads() - reapers_before
+    assert not started, "this test started a periodic reaper; set REPLY_REAP_INTERVAL=0"
+
+
+def _reaper_threads() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate() if thread.name == "reply-reaper"}
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pytest
 import sqlalchemy as sa
 
 from chatapp import create_app
-from chatapp.config import ConfigError
+from chatapp.config import ConfigError, Defaults
 from chatapp.db import db
 
 
@@ -45,7 +45,7 @@ def test_config_order_defaults_instance_env_test_config(clean_env, tmp_path, mon
     app = create_app()
     assert app.config["SECRET_KEY"] == "from-instance"
     assert app.config["BOT_ECHO_DELAY"] == 1.5
-    assert app.config["REPLY_FLUSH_INTERVAL"] == 0.15  # a built-in default
+    assert app.config["REPLY_FLUSH_INTERVAL"] == Defaults.REPLY_FLUSH_INTERVAL  # a built-in default
 
     clean_env.setenv("CHATAPP_BOT_ENGINE", "from-env")
     clean_env.setenv("CHATAPP_SQLALCHEMY_ENGINE_OPTIONS__pool_size", "3")

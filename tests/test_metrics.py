@@ -21,6 +21,7 @@ from sqlalchemy import event
 
 from chatapp import create_app
 from chatapp.chat.reaper import reap_once
+from chatapp.chat.stream import reply_events
 from chatapp.db import db
 from chatapp.ops.metrics import REGISTRY
 from tests.conftest import base_test_config
@@ -219,6 +220,9 @@ def test_hold_time_is_labelled_by_route_and_by_job(app, client, user, runner):
         f"/api/v1/conversations/{conversation['id']}/messages/{posted['reply']['id']}/stream", headers=user
     )
     assert "hello there" in stream.get_data(as_text=True)
+    # The view read the finished reply itself; a generator not given that first read
+    # reads in a job of its own.
+    assert "hello there" in "".join(reply_events(app, posted["reply"]["id"]))
     reap_once(app)
     result = runner.invoke(args=["create-user", "carol", "--password-stdin"], input="correct horse\n")
     assert result.exit_code == 0, result.output

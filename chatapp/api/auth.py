@@ -8,13 +8,13 @@ from flask import Response, g, request
 from flask_login import current_user
 
 from chatapp.auth import services as auth
-from chatapp.auth.models import User
 from chatapp.db import begin_write, db
 from chatapp.errors import Unauthorized
 from chatapp.extensions import csrf
 
 log = logging.getLogger(__name__)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+INVALID_TOKEN = "the token is invalid or revoked; create a new one with POST /api/v1/tokens"
 
 
 def begin_write_for_unsafe_methods() -> None:
@@ -24,7 +24,11 @@ def begin_write_for_unsafe_methods() -> None:
 
 
 def require_user() -> None:
-    """Set g.user from the Bearer token or the login cookie, or answer 401."""
+    """Set g.user_id from the Bearer token or the login cookie, or answer 401.
+
+    A Bearer request reads only plain columns (no ORM object): g.api_token is that row
+    (id, user_id, last_used_at); views need only the id.
+    """
     header = request.headers.get("Authorization")
     g.api_token = None
     if header is not None:
@@ -35,18 +39,15 @@ def require_user() -> None:
             )
         row = auth.find_active_token(token.strip())
         if row is None:
-            raise Unauthorized(
-                "the token is invalid or revoked; create a new one with POST /api/v1/tokens",
-                code="invalid_token",
-            )
-        g.user = row.user
+            raise Unauthorized(INVALID_TOKEN, code="invalid_token")
+        g.user_id = row.user_id
         g.api_token = row
         return
     if current_user.is_authenticated:
         if request.method not in SAFE_METHODS:
             # Cookies ride along on cross-site requests; the CSRF token does not.
             csrf.protect()
-        g.user = current_user._get_current_object()
+        g.user_id = current_user.id
         return
     raise Unauthorized(
         "authentication required: send 'Authorization: Bearer <token>' "
@@ -55,8 +56,9 @@ def require_user() -> None:
     )
 
 
-def current_api_user() -> User:
-    return g.user
+def current_user_id() -> int:
+    """The caller's id, known without a query: what most views need."""
+    return g.user_id
 
 
 def record_token_use(response: Response) -> Response:

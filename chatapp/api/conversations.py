@@ -1,23 +1,35 @@
 """Conversations: list, create, read, rename, delete."""
 
-
-from chatapp.api.auth import current_api_user
+from chatapp.api.auth import current_user_id
 from chatapp.api.blueprint import api_blueprint
 from chatapp.api.docs import error_responses
-from chatapp.api.schemas import ConversationIn, ConversationOut, ConversationPage, ConversationPatch, PageQuery
+from chatapp.api.schemas import (
+    ConversationIn,
+    ConversationOut,
+    ConversationPage,
+    ConversationPatch,
+    PageQuery,
+    conversation_json,
+    json_response,
+)
 from chatapp.chat import services as chat
 from chatapp.db import db
 
 blp = api_blueprint("conversations", "Conversations", authenticated=True)
 
 
+# A schema instance, not the class: given a class, webargs builds an instance per request.
 @blp.get("/conversations")
-@blp.arguments(PageQuery, location="query")
+@blp.arguments(PageQuery(), location="query")
 @blp.response(200, ConversationPage)
 @error_responses(blp, 401, 422, 503)
 def list_conversations(query):
     """List your conversations, most recently updated first."""
-    return chat.list_conversations(current_api_user().id, query["limit"], query["cursor"])
+    # Rows, not objects, dumped by hand (see chatapp.api.schemas).
+    page = chat.list_conversations(current_user_id(), query["limit"], query["cursor"])
+    return json_response(
+        {"items": [conversation_json(row) for row in page.items], "next_cursor": page.next_cursor}
+    )
 
 
 @blp.post("/conversations")
@@ -26,7 +38,7 @@ def list_conversations(query):
 @error_responses(blp, 400, 401, 413, 415, 422, 503)
 def create_conversation(body):
     """Start a conversation."""
-    conversation = chat.create_conversation(current_api_user().id, body.get("title"))
+    conversation = chat.create_conversation(current_user_id(), body.get("title"))
     db.session.commit()
     return conversation
 
@@ -36,7 +48,7 @@ def create_conversation(body):
 @error_responses(blp, 401, 404, 503)
 def get_conversation(conversation_id):
     """Read one of your conversations."""
-    return chat.get_conversation(current_api_user().id, conversation_id)
+    return chat.get_conversation(current_user_id(), conversation_id)
 
 
 @blp.patch("/conversations/<int:conversation_id>")
@@ -45,7 +57,7 @@ def get_conversation(conversation_id):
 @error_responses(blp, 400, 401, 404, 413, 415, 422, 503)
 def rename_conversation(body, conversation_id):
     """Rename one of your conversations."""
-    conversation = chat.get_conversation(current_api_user().id, conversation_id)
+    conversation = chat.get_conversation(current_user_id(), conversation_id)
     chat.rename_conversation(conversation, body["title"])
     db.session.commit()
     return conversation
@@ -56,6 +68,6 @@ def rename_conversation(body, conversation_id):
 @error_responses(blp, 401, 404, 503)
 def delete_conversation(conversation_id):
     """Delete one of your conversations and all its messages."""
-    chat.delete_conversation(chat.get_conversation(current_api_user().id, conversation_id))
+    chat.delete_conversation(chat.get_conversation(current_user_id(), conversation_id))
     db.session.commit()
     return ""

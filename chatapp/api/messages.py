@@ -2,10 +2,18 @@
 
 from flask import Response, current_app, request
 
-from chatapp.api.auth import current_api_user
+from chatapp.api.auth import current_user_id
 from chatapp.api.blueprint import api_blueprint
 from chatapp.api.docs import error_responses
-from chatapp.api.schemas import MessageIn, MessageOut, MessagePage, PageQuery, PostedMessage
+from chatapp.api.schemas import (
+    MessageIn,
+    MessageOut,
+    MessagePage,
+    PageQuery,
+    PostedMessage,
+    json_response,
+    message_json,
+)
 from chatapp.chat import services as chat
 from chatapp.chat.runner import get_runner
 from chatapp.chat.stream import parse_last_event_id, reply_events
@@ -14,28 +22,33 @@ from chatapp.db import db
 blp = api_blueprint("messages", "Messages and bot replies", authenticated=True)
 
 
+# Schema instances, not classes: given a class, webargs builds an instance per request.
 @blp.get("/conversations/<int:conversation_id>/messages")
-@blp.arguments(PageQuery, location="query")
+@blp.arguments(PageQuery(), location="query")
 @blp.response(200, MessagePage)
 @error_responses(blp, 401, 404, 422, 503)
 def list_messages(query, conversation_id):
     """List a conversation's messages, oldest first."""
-    conversation = chat.get_conversation(current_api_user().id, conversation_id)
-    return chat.list_messages(conversation.id, query["limit"], query["cursor"])
+    # The hottest read: an id-only ownership check, rows not objects, dumped by hand.
+    chat.check_conversation(current_user_id(), conversation_id)
+    page = chat.list_messages(conversation_id, query["limit"], query["cursor"])
+    return json_response(
+        {"items": [message_json(row) for row in page.items], "next_cursor": page.next_cursor}
+    )
 
 
 @blp.post("/conversations/<int:conversation_id>/messages")
-@blp.arguments(MessageIn)
+@blp.arguments(MessageIn())
 @blp.response(202, PostedMessage)
 @error_responses(blp, 400, 401, 404, 409, 413, 415, 422, 503)
 def post_message(body, conversation_id):
     """Send a message; the bot's reply starts as "pending" and can be streamed."""
-    conversation = chat.get_conversation(current_api_user().id, conversation_id)
-    message, reply = chat.post_message(conversation, body["content"])
+    chat.check_conversation(current_user_id(), conversation_id)
+    message, reply = chat.post_message_to(conversation_id, body["content"])
     db.session.commit()
     # Only the id crosses into the runner's thread, after the commit made it visible.
     get_runner(current_app).submit(reply.id)
-    return {"message": message, "reply": reply}
+    return json_response({"message": message_json(message), "reply": message_json(reply)}, 202)
 
 
 @blp.post("/conversations/<int:conversation_id>/messages/<int:reply_id>/regenerate")
@@ -43,7 +56,7 @@ def post_message(body, conversation_id):
 @error_responses(blp, 401, 404, 409, 503)
 def regenerate_reply(conversation_id, reply_id):
     """Restart a complete or failed reply from scratch."""
-    conversation = chat.get_conversation(current_api_user().id, conversation_id)
+    conversation = chat.get_conversation(current_user_id(), conversation_id)
     reply = chat.restart_reply(conversation, chat.get_reply(conversation, reply_id))
     db.session.commit()
     get_runner(current_app).submit(reply.id)
@@ -63,14 +76,15 @@ def regenerate_reply(conversation_id, reply_id):
 @error_responses(blp, 401, 404, 503)
 def stream_reply(conversation_id, reply_id):
     """Stream a reply's text as it is generated (stored text first)."""
-    conversation = chat.get_conversation(current_api_user().id, conversation_id)
-    reply_id = chat.get_reply(conversation, reply_id).id
+    chat.check_conversation(current_user_id(), conversation_id)
     resume = parse_last_event_id(request.headers.get("Last-Event-ID"))
-    # The request's session ends when this view returns; the generator opens one
-    # short unit of work per poll and holds nothing while it waits.
+    # Read here, in the request's session, so the stream starts without a read of its own.
+    first = chat.get_reply_progress(conversation_id, reply_id, resume[1] if resume else 0)
+    # The request's session ends when this view returns; the generator holds nothing
+    # while it waits and reads in short units of work of its own.
     db.session.commit()
     return Response(
-        reply_events(current_app._get_current_object(), reply_id, resume),
+        reply_events(current_app._get_current_object(), reply_id, resume, first),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -1,5 +1,6 @@
 """Request and response schemas: they validate requests and generate the OpenAPI document."""
 
+from flask import Response, current_app
 from marshmallow import Schema, fields, validate
 
 from chatapp.auth.services import USERNAME_PATTERN, USERNAME_RULE
@@ -112,3 +113,41 @@ class ErrorOut(Schema):
 
 class Status(Schema):
     status = fields.String(required=True)
+
+
+# --- hot responses, serialized without marshmallow ---------------------------------------
+# Marshmallow's per-field machinery was a fifth of a messages-list request. These plain
+# functions give exactly what ConversationOut and MessageOut dump (tests/api/test_fast_paths.py
+# holds them equal on every backend); the views keep @blp.response(..., <Schema>) so the
+# OpenAPI document is unchanged, and return a Response, which flask-smorest passes through.
+
+
+def conversation_json(conversation) -> dict:
+    """ConversationOut().dump(conversation), for a Conversation or a row with its columns."""
+    return {
+        "id": conversation.id,
+        "title": conversation.title,
+        "created_at": conversation.created_at.isoformat(),
+        "updated_at": conversation.updated_at.isoformat(),
+    }
+
+
+def message_json(message) -> dict:
+    """MessageOut().dump(message), for a Message or a row with its columns."""
+    return {
+        "id": message.id,
+        "conversation_id": message.conversation_id,
+        "role": message.role.value,
+        "content": message.content,
+        "status": message.status.value,
+        "error": message.error,
+        "created_at": message.created_at.isoformat(),
+        "updated_at": message.updated_at.isoformat(),
+    }
+
+
+def json_response(payload, status: int = 200) -> Response:
+    """The response flask-smorest builds from a dumped payload: same JSON provider, same bytes."""
+    response = current_app.json.response(payload)
+    response.status_code = status
+    return response

@@ -12,6 +12,7 @@ import time
 from flask import Flask
 
 from chatapp.chat.bots import BotError, bot_from_config
+from chatapp.chat.live_replies import LiveReply
 from chatapp.chat.reply_store import DatabaseUnavailable, ReplyWriter, read_history
 from chatapp.ops import metrics
 
@@ -19,14 +20,20 @@ log = logging.getLogger(__name__)
 
 
 @metrics.reply_job  # labels its connections "job:reply", counts final statuses
-def generate_reply(app: Flask, reply_id: int) -> str:
-    """Run the bot for a pending reply and store its text; returns the final status."""
+def generate_reply(app: Flask, reply_id: int, live: LiveReply | None = None) -> str:
+    """Run the bot for a pending reply and store its text; returns the final status.
+
+    ``live``, when the reply runs in the process that serves its streams, is told what
+    each write stored (chatapp.chat.live_replies); a job queue's worker passes nothing.
+    """
     try:
         claimed = read_history(app, reply_id)
         if claimed is None:
             return "skipped"
         attempt, history = claimed
-        return _run_bot(app, ReplyWriter(app, reply_id, attempt), history)
+        if live is not None:
+            live.claimed(attempt)
+        return _run_bot(app, ReplyWriter(app, reply_id, attempt, live), history)
     except DatabaseUnavailable:
         # Its last progress is stored; the reaper fails it after REPLY_STALE_AFTER.
         log.error("reply %s: the database stayed unavailable; leaving it to the reaper",

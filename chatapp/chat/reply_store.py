@@ -18,6 +18,7 @@ from typing import Callable, TypeVar
 from flask import Flask
 
 from chatapp.chat import services
+from chatapp.chat.live_replies import LiveReply
 from chatapp.db import is_transient, unit_of_work
 
 log = logging.getLogger(__name__)
@@ -63,10 +64,11 @@ def read_history(app: Flask, reply_id: int) -> tuple[int, list[dict]] | None:
 class ReplyWriter:
     """Appends one attempt's text and finishes it, each write applied exactly once."""
 
-    def __init__(self, app: Flask, reply_id: int, attempt: int):
+    def __init__(self, app: Flask, reply_id: int, attempt: int, live: LiveReply | None = None):
         self.app = app
         self.reply_id = reply_id
         self.attempt = attempt
+        self.live = live
         # Characters of this attempt that this writer has committed so far.
         self.stored = 0
 
@@ -102,6 +104,9 @@ class ReplyWriter:
         done = retry_transient(self.app, write_once, f"reply {self.reply_id}")
         if done:
             self.stored += len(text)
+            if self.live is not None:
+                # Only after the commit landed: streams never show text the database lacks.
+                self.live.stored(self.attempt, text, final=final, error=error)
         return done
 
     def _landed(self, text: str, final: bool, error: str | None) -> bool | None:

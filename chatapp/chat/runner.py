@@ -15,6 +15,8 @@ from typing import Protocol
 
 from flask import Flask
 
+from chatapp.chat import live_replies
+from chatapp.chat.live_replies import LiveReply
 from chatapp.chat.pipeline import generate_reply
 
 log = logging.getLogger(__name__)
@@ -48,20 +50,36 @@ class ThreadPoolReplyRunner:
         return self._executor
 
     def submit(self, reply_id: int) -> None:
+        reply_id = int(reply_id)
         with self._lock:
             pool = self._pool()
             self._in_flight += 1
-        pool.submit(self._run, int(reply_id))
-
-    def _run(self, reply_id: int) -> None:
+        # Registered before the job starts, so a stream opened right after the 202
+        # already waits on this process's notifications instead of polling.
+        live = self.live.start(reply_id)
         try:
-            generate_reply(self.app, reply_id)
+            pool.submit(self._run, reply_id, live)
+        except BaseException:  # shutting down: the reaper fails the reply later
+            self._done(reply_id, live)
+            raise
+
+    @property
+    def live(self) -> live_replies.LiveReplies:
+        return live_replies.get_live_replies(self.app)
+
+    def _run(self, reply_id: int, live: LiveReply) -> None:
+        try:
+            generate_reply(self.app, reply_id, live)
         except Exception:  # the reaper fails the reply later; never kill the pool thread
             log.exception("reply runner crashed on reply %s", reply_id)
         finally:
-            with self._lock:
-                self._in_flight -= 1
-                self._idle.notify_all()
+            self._done(reply_id, live)
+
+    def _done(self, reply_id: int, live: LiveReply) -> None:
+        self.live.finish(reply_id, live)
+        with self._lock:
+            self._in_flight -= 1
+            self._idle.notify_all()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         with self._lock:
@@ -69,6 +87,7 @@ class ThreadPoolReplyRunner:
 
 
 def init_app(app: Flask) -> None:
+    live_replies.init_app(app)
     app.extensions[EXTENSION_KEY] = ThreadPoolReplyRunner(app, app.config["REPLY_WORKERS"])
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
+from sqlalchemy.orm.attributes import set_committed_value
 
 from chatapp.chat.models import ACTIVE_STATUSES, Conversation, Message, Role, Status
 from chatapp.db import db, utcnow
@@ -62,16 +63,40 @@ def create_conversation(owner_id: int, title: object = None) -> Conversation:
     return conversation
 
 
+# Statements on hot paths are built once, with bind parameters: building a select costs
+# more CPU than running a cached one. Those that need no ORM object select the tables'
+# plain columns, so no object is built for their rows.
+_conversations, _messages = Conversation.__table__, Message.__table__
+_OWNED_CONVERSATION_OBJECT = sa.select(Conversation).where(
+    Conversation.id == sa.bindparam("conversation_id"),
+    Conversation.owner_id == sa.bindparam("owner_id"),
+)
+# The same check reading the id alone.
+_OWNED_CONVERSATION = _OWNED_CONVERSATION_OBJECT.with_only_columns(_conversations.c.id)
+
+
 def get_conversation(owner_id: int, conversation_id: int) -> Conversation:
     """The owner's conversation; someone else's is NotFound, so existence is never revealed."""
     conversation = db.session.scalar(
-        sa.select(Conversation).where(
-            Conversation.id == conversation_id, Conversation.owner_id == owner_id
-        )
+        _OWNED_CONVERSATION_OBJECT, {"conversation_id": conversation_id, "owner_id": owner_id}
     )
     if conversation is None:
-        raise NotFound("conversation not found", code="conversation_not_found")
+        raise _conversation_not_found()
     return conversation
+
+
+def _conversation_not_found() -> NotFound:
+    return NotFound("conversation not found", code="conversation_not_found")
+
+
+def check_conversation(owner_id: int, conversation_id: int) -> int:
+    """get_conversation() for views that need only the id: reads the id alone, no object."""
+    found = db.session.execute(
+        _OWNED_CONVERSATION, {"conversation_id": conversation_id, "owner_id": owner_id}
+    ).scalar()
+    if found is None:
+        raise _conversation_not_found()
+    return found
 
 
 def rename_conversation(conversation: Conversation, title: object) -> Conversation:
@@ -87,23 +112,40 @@ def delete_conversation(conversation: Conversation) -> None:
     db.session.flush()
 
 
+# Rows with exactly the attributes ConversationOut and the web sidebar read.
+_CONVERSATION_PAGE = (
+    sa.select(
+        _conversations.c.id, _conversations.c.title,
+        _conversations.c.created_at, _conversations.c.updated_at,
+    )
+    .where(_conversations.c.owner_id == sa.bindparam("owner_id"))
+    .order_by(_conversations.c.updated_at.desc(), _conversations.c.id.desc())
+    .limit(sa.bindparam("limit", type_=sa.Integer))
+)
+_CONVERSATION_PAGE_AFTER = _CONVERSATION_PAGE.where(
+    sa.tuple_(_conversations.c.updated_at, _conversations.c.id)
+    < sa.tuple_(
+        # A plain DateTime, as the cursor's datetime would bind by itself; not the column's
+        # UTCDateTime, which refuses the naive stamp a cursor may hold.
+        sa.bindparam("after_updated_at", type_=sa.DateTime()),
+        sa.bindparam("after_id", type_=sa.Integer),
+    )
+)
+
+
 def list_conversations(owner_id: int, limit: int, cursor: str | None = None) -> Page:
-    """A user's conversations, most recently updated first."""
-    query = sa.select(Conversation).where(Conversation.owner_id == owner_id)
+    """A user's conversations, most recently updated first, as plain rows
+    (id, title, created_at, updated_at)."""
+    params = {"owner_id": owner_id, "limit": limit + 1}
+    query = _CONVERSATION_PAGE
     if cursor:
         stamp, last_id = _decode_cursor(cursor, 2)
         try:
-            after = (datetime.fromisoformat(stamp), int(last_id))
+            params["after_updated_at"], params["after_id"] = datetime.fromisoformat(stamp), int(last_id)
         except ValueError:
             raise InvalidInput("cursor is not valid; use next_cursor from a previous page", field="cursor") from None
-        query = query.where(
-            sa.tuple_(Conversation.updated_at, Conversation.id) < sa.tuple_(*after)
-        )
-    rows = list(
-        db.session.scalars(
-            query.order_by(Conversation.updated_at.desc(), Conversation.id.desc()).limit(limit + 1)
-        )
-    )
+        query = _CONVERSATION_PAGE_AFTER
+    rows = db.session.execute(query, params).all()
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
@@ -121,15 +163,30 @@ def validate_content(content: object) -> str:
     return content
 
 
+# Rows with exactly the attributes MessageOut reads.
+_MESSAGE_PAGE = (
+    sa.select(
+        _messages.c.id, _messages.c.conversation_id, _messages.c.role, _messages.c.content,
+        _messages.c.status, _messages.c.error, _messages.c.created_at, _messages.c.updated_at,
+    )
+    .where(_messages.c.conversation_id == sa.bindparam("conversation_id"))
+    .order_by(_messages.c.id)
+    .limit(sa.bindparam("limit", type_=sa.Integer))
+)
+_MESSAGE_PAGE_AFTER = _MESSAGE_PAGE.where(_messages.c.id > sa.bindparam("after_id", type_=sa.Integer))
+
+
 def list_messages(conversation_id: int, limit: int, cursor: str | None = None) -> Page:
-    """A conversation's messages, oldest first."""
-    query = sa.select(Message).where(Message.conversation_id == conversation_id)
+    """A conversation's messages, oldest first, as plain rows with MessageOut's attributes."""
+    params = {"conversation_id": conversation_id, "limit": limit + 1}
+    query = _MESSAGE_PAGE
     if cursor:
         (last_id,) = _decode_cursor(cursor, 1)
         if not last_id.isdigit():
             raise InvalidInput("cursor is not valid; use next_cursor from a previous page", field="cursor")
-        query = query.where(Message.id > int(last_id))
-    rows = list(db.session.scalars(query.order_by(Message.id).limit(limit + 1)))
+        params["after_id"] = int(last_id)
+        query = _MESSAGE_PAGE_AFTER
+    rows = db.session.execute(query, params).all()
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
@@ -137,37 +194,77 @@ def list_messages(conversation_id: int, limit: int, cursor: str | None = None) -
     return Page(rows, next_cursor)
 
 
-def _reply_in_progress(conversation_id: int) -> bool:
-    return (
-        db.session.scalar(
-            sa.select(Message.id)
-            .where(Message.conversation_id == conversation_id, Message.status.in_(ACTIVE_STATUSES))
-            .limit(1)
-        )
-        is not None
+_ACTIVE_REPLY = (
+    sa.select(_messages.c.id)
+    .where(
+        _messages.c.conversation_id == sa.bindparam("conversation_id"),
+        _messages.c.status.in_(ACTIVE_STATUSES),
     )
+    .limit(1)
+)
+_INSERT_MESSAGE = sa.insert(_messages)
+_TOUCH_CONVERSATION = (
+    sa.update(_conversations)
+    .where(_conversations.c.id == sa.bindparam("conversation_id"))
+    .values(updated_at=sa.bindparam("now"))
+)
 
 
-def post_message(conversation: Conversation, content: object) -> tuple[Message, Message]:
-    """Add the user's message and a pending assistant reply; the caller commits, then starts the reply."""
+def _reply_in_progress(conversation_id: int) -> bool:
+    return db.session.execute(_ACTIVE_REPLY, {"conversation_id": conversation_id}).first() is not None
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A message just written, as plain values: the columns of Message, no ORM object."""
+
+    id: int
+    conversation_id: int
+    role: Role
+    content: str
+    status: Status
+    error: str | None
+    attempt: int
+    created_at: datetime
+    updated_at: datetime
+
+
+def _insert_message(conversation_id: int, role: Role, content: str, status: Status, now: datetime) -> NewMessage:
+    values = {
+        "conversation_id": conversation_id, "role": role, "content": content, "status": status,
+        "error": None, "attempt": 0, "created_at": now, "updated_at": now,
+    }
+    # inserted_primary_key: RETURNING where the database has it, else the cursor's lastrowid.
+    (new_id,) = db.session.execute(_INSERT_MESSAGE, values).inserted_primary_key
+    return NewMessage(id=new_id, **values)
+
+
+def post_message_to(conversation_id: int, content: object) -> tuple[NewMessage, NewMessage]:
+    """Add the user's message and a pending assistant reply to a conversation whose owner was
+    checked (check_conversation); the caller commits, then starts the reply.
+
+    Two INSERTs and an UPDATE as Core statements: the ORM's flush of the same rows cost
+    more CPU than the rest of the request's database work.
+    """
     content = validate_content(content)
-    if _reply_in_progress(conversation.id):
+    if _reply_in_progress(conversation_id):
         raise Conflict(
             "the bot is still answering in this conversation; wait for the reply to finish",
             code="reply_in_progress",
         )
     now = utcnow()
-    message = Message(
-        conversation_id=conversation.id, role=Role.USER, content=content,
-        status=Status.COMPLETE, created_at=now, updated_at=now,
-    )
-    reply = Message(
-        conversation_id=conversation.id, role=Role.ASSISTANT, content="",
-        status=Status.PENDING, created_at=now, updated_at=now,
-    )
-    db.session.add_all([message, reply])
-    conversation.updated_at = now
-    db.session.flush()
+    # The user's message first: ids order a conversation, and the reply comes after it.
+    message = _insert_message(conversation_id, Role.USER, content, Status.COMPLETE, now)
+    reply = _insert_message(conversation_id, Role.ASSISTANT, "", Status.PENDING, now)
+    db.session.execute(_TOUCH_CONVERSATION, {"conversation_id": conversation_id, "now": now})
+    return message, reply
+
+
+def post_message(conversation: Conversation, content: object) -> tuple[NewMessage, NewMessage]:
+    """post_message_to() for a loaded Conversation, whose updated_at is kept in step."""
+    message, reply = post_message_to(conversation.id, content)
+    # The row has it already: set it as loaded, not as a change to write again at commit.
+    set_committed_value(conversation, "updated_at", reply.updated_at)
     return message, reply
 
 
@@ -212,54 +309,71 @@ def restart_reply(conversation: Conversation, reply: Message) -> Message:
 # --- the reply pipeline's writes (each called inside its own short unit of work) ---------
 
 
+# Core statements built once (the pipeline runs them several times per reply): no ORM
+# object is loaded or flushed, and the statement's compiled form is reused.
+_REPLY_TO_CLAIM = sa.select(
+    _messages.c.conversation_id, _messages.c.status, _messages.c.attempt
+).where(_messages.c.id == sa.bindparam("reply_id"))
+_HISTORY = (
+    sa.select(_messages.c.role, _messages.c.content)
+    .where(
+        _messages.c.conversation_id == sa.bindparam("conversation_id"),
+        _messages.c.id < sa.bindparam("reply_id"),
+        _messages.c.status == Status.COMPLETE,
+    )
+    .order_by(_messages.c.id)
+)
+
+
 def reply_history(reply_id: int) -> tuple[int, list[dict]] | None:
     """Plain data the bot needs: the reply's attempt and the messages before it; None if not pending."""
-    reply = db.session.get(Message, reply_id)
+    reply = db.session.execute(_REPLY_TO_CLAIM, {"reply_id": reply_id}).first()
     if reply is None or reply.status is not Status.PENDING:
         return None
-    rows = db.session.execute(
-        sa.select(Message.role, Message.content)
-        .where(
-            Message.conversation_id == reply.conversation_id,
-            Message.id < reply.id,
-            Message.status == Status.COMPLETE,
-        )
-        .order_by(Message.id)
-    )
+    rows = db.session.execute(_HISTORY, {"conversation_id": reply.conversation_id, "reply_id": reply_id})
     return reply.attempt, [{"role": role.value, "content": content} for role, content in rows]
 
 
-def _update_active_attempt(reply_id: int, attempt: int) -> sa.Update:
-    # Matches no row once the reply was restarted (attempt), reaped or finished (status)
-    # or deleted, so a writer that lost its reply cannot touch it.
-    return sa.update(Message).where(
-        Message.id == reply_id, Message.attempt == attempt, Message.status.in_(ACTIVE_STATUSES)
+# Matches no row once the reply was restarted (attempt), reaped or finished (status) or
+# deleted, so a writer that lost its reply cannot touch it.
+_UPDATE_ACTIVE_ATTEMPT = sa.update(_messages).where(
+    _messages.c.id == sa.bindparam("reply_id"),
+    _messages.c.attempt == sa.bindparam("active_attempt"),
+    _messages.c.status.in_(ACTIVE_STATUSES),
+)
+_APPEND_TO_REPLY = _UPDATE_ACTIVE_ATTEMPT.values(
+    content=_messages.c.content + sa.bindparam("text", type_=sa.Text),
+    status=sa.bindparam("new_status", type_=_messages.c.status.type),
+    error=sa.bindparam("new_error", type_=sa.Text),
+    updated_at=sa.bindparam("now", type_=_messages.c.updated_at.type),
+)
+
+
+def _write_reply(reply_id: int, attempt: int, text: str, status: Status, error: str | None) -> bool:
+    result = db.session.execute(
+        _APPEND_TO_REPLY,
+        {"reply_id": reply_id, "active_attempt": attempt, "text": text, "new_status": status,
+         "new_error": error, "now": utcnow()},
     )
+    return result.rowcount == 1
 
 
 def append_to_reply(reply_id: int, attempt: int, text: str) -> bool:
     """Append generated text; False if the reply was restarted, reaped or deleted meanwhile."""
-    result = db.session.execute(
-        _update_active_attempt(reply_id, attempt)
-        .values(content=Message.content + text, status=Status.STREAMING, updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    return result.rowcount == 1
+    return _write_reply(reply_id, attempt, text, Status.STREAMING, None)
 
 
 def finish_reply(reply_id: int, attempt: int, text: str, error: str | None = None) -> bool:
     """Append the last text and end the reply as complete, or failed with an error."""
-    result = db.session.execute(
-        _update_active_attempt(reply_id, attempt)
-        .values(
-            content=Message.content + text,
-            status=Status.FAILED if error else Status.COMPLETE,
-            error=error,
-            updated_at=utcnow(),
-        )
-        .execution_options(synchronize_session=False)
-    )
-    return result.rowcount == 1
+    return _write_reply(reply_id, attempt, text, Status.FAILED if error else Status.COMPLETE, error)
+
+
+def get_reply_progress(conversation_id: int, reply_id: int, offset: int) -> dict:
+    """A reply of the conversation, as read_reply_progress() gives it; NotFound if there is none."""
+    progress = read_reply_progress(reply_id, offset, conversation_id)
+    if progress is None:
+        raise NotFound("reply not found in this conversation", code="message_not_found")
+    return progress
 
 
 def reap_stale_replies(stale_after: float) -> int:
@@ -274,17 +388,29 @@ def reap_stale_replies(stale_after: float) -> int:
     return result.rowcount
 
 
-def read_reply_progress(reply_id: int, offset: int) -> dict | None:
-    """The reply's text from ``offset`` (characters) on, its status and attempt, as plain data."""
-    row = db.session.execute(
-        sa.select(
-            sa.func.substr(Message.content, offset + 1).label("delta"),
-            sa.func.length(Message.content).label("length"),
-            Message.status,
-            Message.error,
-            Message.attempt,
-        ).where(Message.id == reply_id)
-    ).one_or_none()
+_REPLY_PROGRESS = sa.select(
+    sa.func.substr(_messages.c.content, sa.bindparam("start", type_=sa.Integer)).label("delta"),
+    sa.func.length(_messages.c.content).label("length"),
+    _messages.c.status,
+    _messages.c.error,
+    _messages.c.attempt,
+).where(_messages.c.id == sa.bindparam("reply_id"))
+_CONVERSATION_REPLY_PROGRESS = _REPLY_PROGRESS.where(
+    _messages.c.conversation_id == sa.bindparam("conversation_id"),
+    _messages.c.role == Role.ASSISTANT,
+)
+
+
+def read_reply_progress(reply_id: int, offset: int, conversation_id: int | None = None) -> dict | None:
+    """The reply's text from ``offset`` (characters) on, its status and attempt, as plain data.
+
+    With ``conversation_id``, only a reply (assistant message) of that conversation is found.
+    """
+    params = {"reply_id": reply_id, "start": offset + 1}
+    query = _REPLY_PROGRESS
+    if conversation_id is not None:
+        query, params["conversation_id"] = _CONVERSATION_REPLY_PROGRESS, conversation_id
+    row = db.session.execute(query, params).first()
     if row is None:
         return None
     return {

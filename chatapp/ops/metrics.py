@@ -75,6 +75,21 @@ BOT_TOTAL_SECONDS = Histogram(
     "chatapp_bot_reply_seconds", "From asking the bot to its last chunk of text.", buckets=_BOT_BUCKETS,
 )
 
+# Labelled children by (metric, labels). metric.labels() validates and locks on every
+# call; the label sets are few (route rules x methods x statuses, holders), so each is
+# looked up once. Same children as labels() returns, so scrapes see the same values.
+_CHILDREN: dict = {}
+
+
+def _child(metric, *labels):
+    """metric.labels(*labels), looked up once per label set."""
+    key = (metric, labels)
+    child = _CHILDREN.get(key)
+    if child is None:
+        child = _CHILDREN[key] = metric.labels(*labels)
+    return child
+
+
 # What is running outside a request: "reply", "stream", "reaper"; "cli" is detected.
 _job: contextvars.ContextVar[str | None] = contextvars.ContextVar("chatapp_job", default=None)
 
@@ -148,16 +163,21 @@ def _watch_engine(engine, bind: str, warn_after: float) -> None:
     # show an idle worker holding a connection forever.
     lock = threading.Lock()
     held = {"count": 0}
+    # The bind label never changes: look the gauges' children up once, not on every
+    # checkout and checkin (prometheus_client's values follow a fork by themselves).
+    checked_out_gauge = POOL_CHECKED_OUT.labels(bind)
+    size_gauge, overflow_gauge = POOL_SIZE.labels(bind), POOL_OVERFLOW.labels(bind)
+    # StaticPool (in-memory SQLite) has no queue, no size and no overflow.
+    queued = hasattr(pool, "overflow")
 
     def record_pool(returning: bool) -> None:
-        POOL_CHECKED_OUT.labels(bind).set(held["count"])
-        # StaticPool (in-memory SQLite) has no queue, no size and no overflow.
-        if hasattr(pool, "overflow"):
+        checked_out_gauge.set(held["count"])
+        if queued:
             overflow = pool.overflow()
             if returning and pool.checkedin() >= pool.size():
                 overflow -= 1  # the pool is full: it closes the connection coming back
-            POOL_SIZE.labels(bind).set(pool.size())
-            POOL_OVERFLOW.labels(bind).set(max(overflow, 0))
+            size_gauge.set(pool.size())
+            overflow_gauge.set(max(overflow, 0))
 
     @event.listens_for(engine, "checkout")
     def on_checkout(dbapi_connection, record, proxy):
@@ -178,7 +198,7 @@ def _watch_engine(engine, bind: str, warn_after: float) -> None:
             return
         started, holder, request_id = checkout
         seconds = time.perf_counter() - started
-        CONNECTION_HOLD_SECONDS.labels(holder).observe(seconds)
+        _child(CONNECTION_HOLD_SECONDS, holder).observe(seconds)
         if seconds > warn_after:
             log.warning(
                 "database connection held %.2f s by %s%s (over HOLD_WARN_SECONDS=%g)",
@@ -200,11 +220,13 @@ def _start_timer() -> None:
 def _record_request(response: Response) -> Response:
     rule = request.url_rule
     route = rule.rule if rule is not None else "<unmatched>"
-    method = request.method if request.method in _METHODS else "OTHER"
-    REQUESTS.labels(route, method, str(response.status_code)).inc()
+    method = request.method
+    if method not in _METHODS:
+        method = "OTHER"
+    _child(REQUESTS, route, method, str(response.status_code)).inc()
     started = g.get("metrics_started")
     if started is not None:
-        REQUEST_SECONDS.labels(route, method).observe(time.perf_counter() - started)
+        _child(REQUEST_SECONDS, route, method).observe(time.perf_counter() - started)
     return response
 
 

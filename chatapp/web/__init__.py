@@ -15,7 +15,6 @@ from chatapp.web.forms import sentence
 
 bp = Blueprint("web", __name__)
 
-# POSTs that write nothing: they need not wait for SQLite's write lock.
 # Posts that write nothing, or that hash a password first and then begin their own
 # write (hashing is slow and must not hold the write lock).
 _NO_EARLY_WRITE_POSTS = frozenset({"web.login", "web.logout", "web.register"})

@@ -67,11 +67,6 @@ def test_password_length_bounds_are_inclusive(client):
     assert client.post("/api/v1/users", json={"username": "a" * 40, "password": "x" * 200}).status_code == 201
 
 
-@pytest.fixture
-def extra_config(request):
-    return getattr(request, "param", {})
-
-
 @pytest.mark.parametrize("extra_config", [{"REGISTRATION_OPEN": False}], indirect=True)
 def test_registration_can_be_closed(client, app):
     assert_error(client.post("/api/v1/users", json={"username": "alice", "password": "12345678"}), 403, "registration_closed")

@@ -9,11 +9,6 @@ from tests.api.test_accounts import assert_error
 
 
 @pytest.fixture
-def alice(auth):
-    return auth.headers("alice")
-
-
-@pytest.fixture
 def bob(auth):
     return auth.headers("bob")
 

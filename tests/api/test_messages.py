@@ -12,11 +12,6 @@ from tests.helpers import wait_for_background_work
 
 
 @pytest.fixture
-def alice(auth):
-    return auth.headers("alice")
-
-
-@pytest.fixture
 def conversation_url(client, alice):
     conversation = client.post("/api/v1/conversations", headers=alice, json={"title": "t"}).get_json()
     return f"/api/v1/conversations/{conversation['id']}"
@@ -86,11 +81,6 @@ def test_posting_bumps_the_conversation(client, app, alice, conversation_url):
     post(client, alice, conversation_url, "hi")
     wait_for_background_work(app)
     assert client.get(conversation_url, headers=alice).get_json()["updated_at"] > before
-
-
-@pytest.fixture
-def extra_config(request):
-    return getattr(request, "param", {})
 
 
 @pytest.mark.parametrize("extra_config", [{"BOT_ECHO_DELAY": 1.0}], indirect=True)

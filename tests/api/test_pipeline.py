@@ -1,6 +1,5 @@
 """The reply pipeline holds no connection while the bot thinks, and never leaves a reply stuck."""
 
-import threading
 from datetime import timedelta
 
 import pytest
@@ -16,17 +15,6 @@ from tests.fake_openai import FakeOpenAIServer
 from tests.helpers import checked_out, live_sessions, wait_for_background_work
 
 
-@pytest.fixture
-def alice(auth):
-    return auth.headers("alice")
-
-
-@pytest.fixture
-def conversation_url(client, alice):
-    conversation = client.post("/api/v1/conversations", headers=alice, json={}).get_json()
-    return f"/api/v1/conversations/{conversation['id']}"
-
-
 def post(client, headers, url, content="hello"):
     response = client.post(url + "/messages", headers=headers, json={"content": content})
     assert response.status_code == 202, response.get_json()
@@ -37,32 +25,6 @@ def reply_row(app, reply_id):
     with unit_of_work(app, write=False) as session:
         reply = session.get(Message, reply_id)
         return reply.status, reply.content, reply.error
-
-
-class GatedBot:
-    """Yields one chunk, then waits for the test before finishing."""
-
-    def __init__(self, fail_with: Exception | None = None):
-        self.thinking = threading.Event()
-        self.go_on = threading.Event()
-        self.fail_with = fail_with
-
-    def stream(self, history):
-        yield "partial "
-        self.thinking.set()
-        if not self.go_on.wait(10):
-            raise AssertionError("test never released the bot")
-        if self.fail_with:
-            raise self.fail_with
-        yield "answer"
-
-
-@pytest.fixture
-def gated_bot(monkeypatch, app):
-    app.config["REPLY_FLUSH_INTERVAL"] = 0  # store "partial " before the bot blocks
-    bot = GatedBot()
-    monkeypatch.setattr("chatapp.chat.pipeline.bot_from_config", lambda config: bot)
-    return bot
 
 
 def test_no_connection_is_held_while_the_bot_thinks(client, app, alice, conversation_url, gated_bot):
@@ -92,11 +54,6 @@ def test_a_failing_bot_ends_the_reply_failed_keeping_its_text(client, app, alice
     assert status is Status.FAILED and expected in message
     assert content == "partial "
     assert "kaboom" not in message  # internal details stay in the log
-
-
-@pytest.fixture
-def extra_config(request):
-    return getattr(request, "param", {})
 
 
 @pytest.mark.parametrize("mode, error", [("ok", None), ("die", "closed the stream"), ("hang", "sent nothing for 0.5 s"),

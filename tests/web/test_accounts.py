@@ -119,11 +119,6 @@ def test_login_cookie_is_httponly_and_samesite_lax(client, web):
     assert "Secure" not in cookie
 
 
-@pytest.fixture
-def extra_config(request):
-    return getattr(request, "param", {})
-
-
 @pytest.mark.parametrize("extra_config", [{"SESSION_COOKIE_SECURE": True}], indirect=True)
 def test_login_cookie_is_secure_when_configured(client, web):
     response = client.post("/register", data={"username": "alice", "password": PASSWORD, "confirm": PASSWORD})

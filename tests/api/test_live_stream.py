@@ -1,0 +1,134 @@
+"""A stream served by the worker that runs its reply waits for the writer instead of polling."""
+
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from chatapp.chat import services, stream
+from chatapp.chat.live_replies import get_live_replies
+from chatapp.chat.models import Message, Status
+from chatapp.chat.pipeline import generate_reply
+from chatapp.chat.runner import get_runner
+from chatapp.chat.stream import reply_events
+from chatapp.db import unit_of_work
+from tests.api.test_messages import parse_events
+from tests.api.test_pipeline import post, reply_row
+from tests.helpers import checked_out, live_sessions, wait_for_background_work
+
+LIVE_CONFIG = {"BOT_ECHO_DELAY": 0.6, "REPLY_FLUSH_INTERVAL": 0.02, "STREAM_POLL_INTERVAL": 0.01}
+CONTENT = "one two three four five six seven eight"
+
+
+@pytest.fixture
+def progress_reads(monkeypatch):
+    """Counts the database reads of a reply's progress (the stream view's and its generator's)."""
+    reads = []
+    read = services.read_reply_progress
+
+    def counted(reply_id, *args):
+        reads.append(reply_id)
+        return read(reply_id, *args)
+
+    monkeypatch.setattr(stream.services, "read_reply_progress", counted)
+    return reads
+
+
+def read_stream(client, url, headers):
+    """The stream's message deltas and its done event, read through the view."""
+    response = client.get(url, headers=headers, buffered=False)
+    events = []
+    for chunk in response.response:
+        events += parse_events(chunk.decode() if isinstance(chunk, bytes) else chunk)
+    response.close()
+    return [data for name, data in events if name == "message"], [data for name, data in events if name == "done"]
+
+
+@pytest.mark.parametrize("extra_config", [LIVE_CONFIG], indirect=True)
+def test_a_stream_where_its_reply_runs_reads_the_database_at_the_start_only(client, app, alice, conversation_url, progress_reads):
+    reply_id = post(client, alice, conversation_url, CONTENT)
+    deltas, done = read_stream(client, f"{conversation_url}/messages/{reply_id}/stream", alice)
+    wait_for_background_work(app)
+    assert "".join(deltas) == CONTENT == reply_row(app, reply_id)[1]
+    assert len(deltas) >= 3, deltas  # live, in several steps
+    assert done == ['{"status": "complete", "error": null}']
+    # Once, by the view (the generator waits for the job to claim the reply); polling every
+    # 10 ms over 0.6 s would have read about 60 times.
+    assert len(progress_reads) == 1
+    assert len(get_live_replies(app)) == 0  # finished replies are forgotten
+
+
+@pytest.mark.parametrize("extra_config", [LIVE_CONFIG], indirect=True)
+def test_a_stream_whose_reply_runs_elsewhere_polls(client, app, alice, conversation_url, progress_reads, monkeypatch):
+    # As with a job queue, or a reply running in another gunicorn worker: no live state here.
+    threads = []
+
+    def submit_elsewhere(reply_id):
+        threads.append(threading.Thread(target=generate_reply, args=(app, reply_id)))
+        threads[-1].start()
+
+    monkeypatch.setattr(get_runner(app), "submit", submit_elsewhere)
+    reply_id = post(client, alice, conversation_url, CONTENT)
+    deltas, done = read_stream(client, f"{conversation_url}/messages/{reply_id}/stream", alice)
+    threads[0].join(10)
+    assert "".join(deltas) == CONTENT and len(deltas) >= 3
+    assert done == ['{"status": "complete", "error": null}']
+    assert len(progress_reads) > 10
+
+
+def fail_reply_elsewhere(app, client, alice, conversation_url, reply_id):
+    # What the reaper of another worker does to a reply it thinks is orphaned.
+    with unit_of_work(app):
+        from chatapp.db import db
+
+        db.session.execute(
+            sa.update(Message).where(Message.id == reply_id).values(status=Status.FAILED, error="reaped")
+        )
+    return '{"status": "failed", "error": "reaped"}'
+
+
+def delete_conversation(app, client, alice, conversation_url, reply_id):
+    assert client.delete(conversation_url, headers=alice).status_code == 204
+    return '{"status": "deleted", "error": "the reply was deleted"}'
+
+
+@pytest.mark.parametrize("change", [fail_reply_elsewhere, delete_conversation])
+def test_a_change_made_elsewhere_reaches_a_live_stream_while_the_bot_is_silent(
+    client, app, alice, conversation_url, gated_bot, monkeypatch, change
+):
+    monkeypatch.setattr(stream, "LIVE_RECHECK_SECONDS", 0.2)
+    reply_id = post(client, alice, conversation_url)
+    assert gated_bot.thinking.wait(10)
+    events = reply_events(app, reply_id)
+    assert next(events).startswith("retry:")
+    assert "partial" in next(events)
+    expected = change(app, client, alice, conversation_url, reply_id)
+    finished = []
+    reader = threading.Thread(target=lambda: finished.extend(events))
+    reader.start()
+    reader.join(5)  # the bot is still blocked: only the recheck can end the stream
+    assert not reader.is_alive()
+    assert [data for name, data in parse_events("".join(finished)) if name == "done"] == [expected]
+    assert checked_out(app) == 0 and live_sessions() == 0
+    gated_bot.go_on.set()
+    wait_for_background_work(app)
+    assert len(get_live_replies(app)) == 0
+
+
+def test_a_live_stream_resumed_on_an_older_attempt_resets(client, app, alice, conversation_url, gated_bot):
+    reply_id = post(client, alice, conversation_url)
+    gated_bot.go_on.set()
+    wait_for_background_work(app)
+    gated_bot.thinking.clear()
+    gated_bot.go_on.clear()
+    assert client.post(f"{conversation_url}/messages/{reply_id}/regenerate", headers=alice).status_code == 202
+    assert gated_bot.thinking.wait(10)
+    # A client that had read all of attempt 0 reconnects while attempt 1 runs here.
+    events = reply_events(app, reply_id, resume=(0, len("partial answer")))
+    assert next(events).startswith("retry:")
+    assert next(events) == "event: reset\ndata: \n\n"
+    assert next(events).startswith("id: 1:8\ndata: partial ")
+    gated_bot.go_on.set()
+    rest = "".join(events)
+    assert "data: answer" in rest and rest.endswith('event: done\ndata: {"status": "complete", "error": null}\n\n')
+    wait_for_background_work(app)
