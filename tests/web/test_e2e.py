@@ -157,6 +157,8 @@ def test_chat_in_a_real_browser(browser, database_uri, seeder, tmp_path):
         # A new conversation, and a message sent with Enter.
         page.get_by_role("button", name="New chat").first.click()
         expect(page).to_have_url(re.compile(r"/c/\d+$"))
+        # The page script is deferred: until it has run, Enter only adds a new line.
+        page.wait_for_load_state("load")
         expect(page.get_by_text("No messages yet.")).to_be_visible()
         message = "one two three four five six seven eight"
         send(page, message)
@@ -264,7 +266,7 @@ def test_phone_width_and_dark_mode(browser, database_uri, seeder, tmp_path):
                         instance_path=str(tmp_path)) as server:
         with unit_of_work(seeder):
             auth_services.create_user(USERNAME, PASSWORD)
-        conversation = seed_conversation(
+        seed_conversation(
             seeder, "A rather long conversation title that will not fit on a phone",
             [("```\n" + "x" * 200 + "\n```", "```\n" + "y" * 200 + "\n```", None)],
         )
