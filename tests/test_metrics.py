@@ -310,7 +310,11 @@ def _scrape_url(url: str) -> dict:
 
 @pytest.mark.slow
 def test_gunicorn_workers_report_together(database_uri, tmp_path):
-    with GunicornServer(database_uri, workers=2, threads=4, instance_path=str(tmp_path)) as server:
+    # No periodic reaper: a worker's first request starts one, and a scrape that lands
+    # during its pass would see its connection checked out.
+    config = {"REPLY_REAP_INTERVAL": 0}
+    with GunicornServer(database_uri, workers=2, threads=4, config=config,
+                        instance_path=str(tmp_path)) as server:
         headers = _token(server, "multi")
         # A fresh connection per request spreads them over both workers.
         for _ in range(40):
