@@ -32,70 +32,13 @@ from chatapp.chat.models import Message, Role, Status
 from chatapp.chat.pipeline import generate_reply
 from chatapp.chat.reaper import reap_once
 from chatapp.db import db, unit_of_work
-from tests.helpers import checked_out, live_sessions
+from tests.faults import KillAt, admin_dsn, commit_answer_lost, hooked, kill_connection, killed_at_commit
+from tests.helpers import checked_out, live_sessions, wait_for_background_work
 from tests.servers import GunicornServer
 from tests.tcp_proxy import TcpProxy
 
 ACTIVE = ("pending", "streaming")
 IDLE_IN_TRANSACTION = ("idle in transaction", "idle in transaction (aborted)")
-
-
-# --- killing a connection under a session ----------------------------------------------
-
-
-def admin_dsn(url: str | sa.URL) -> str:
-    return sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def kill_connection(connection: sa.Connection) -> None:
-    """Make the database connection behind ``connection`` die, as a server restart would."""
-    dbapi_connection = connection.connection.dbapi_connection
-    if connection.dialect.name == "sqlite":
-        dbapi_connection.close()
-        return
-    pid = dbapi_connection.info.backend_pid
-    with psycopg.connect(admin_dsn(connection.engine.url), autocommit=True) as admin:
-        admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE pid = %s AND datname = current_database()",
-            (pid,),
-        )
-        # Wait until it is gone, so that the next statement fails every time.
-        deadline = time.monotonic() + 5
-        while admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
-            assert time.monotonic() < deadline, f"backend {pid} survived pg_terminate_backend"
-            time.sleep(0.01)
-
-
-class KillAt:
-    """A cursor event hook: kills the connection at statements containing ``marker``.
-
-    ``kill_on`` lists which of the matching statements (1 = the first) are killed.
-    """
-
-    def __init__(self, marker: str, kill_on=(1,)):
-        self.marker = marker
-        self.kill_on = set(kill_on)
-        self.seen = 0
-        self.kills = 0
-
-    def __call__(self, conn, cursor, statement, parameters, context, executemany):
-        if self.marker in statement:
-            self.seen += 1
-            if self.seen in self.kill_on:
-                self.kills += 1
-                kill_connection(conn)
-
-
-@contextlib.contextmanager
-def hooked(app, event_name: str, hook):
-    with app.app_context():
-        engine = db.engine
-    event.listen(engine, event_name, hook)
-    try:
-        yield hook
-    finally:
-        event.remove(engine, event_name, hook)
 
 
 def count_rows(app, model) -> int:
@@ -209,6 +152,56 @@ def test_unit_of_work_whose_commit_cannot_happen_raises_and_stores_nothing(app):
             kill_connection(session.connection())
     assert live_sessions() == 0 and checked_out(app) == 0
     assert count_rows(app, User) == 0
+
+
+# --- a POST or regenerate whose COMMIT fails in flight ----------------------------------
+
+
+def post_message(client, conversation, content: str = "alpha beta"):
+    conversation_id, headers = conversation
+    return client.post(f"/api/v1/conversations/{conversation_id}/messages",
+                       json={"content": content}, headers=headers)
+
+
+def test_post_whose_commit_landed_unseen_still_starts_its_reply(app, client, conversation):
+    with commit_answer_lost(app, "INSERT INTO messages") as fault:
+        response = post_message(client, conversation)
+    assert fault.fired == 1
+    # The message is stored, so the answer is the 202, and the reply runs now rather
+    # than waiting for the reaper while the conversation refuses new messages.
+    assert response.status_code == 202, response.get_json()
+    wait_for_background_work(app)
+    reply = reply_row(app, response.get_json()["reply"]["id"])
+    assert (reply.status, reply.content) == (Status.COMPLETE, "alpha beta")
+    assert post_message(client, conversation, "next").status_code == 202
+
+
+def test_regenerate_whose_commit_landed_unseen_still_starts_the_new_attempt(app, client, conversation):
+    conversation_id, headers = conversation
+    reply_id = post_message(client, conversation).get_json()["reply"]["id"]
+    wait_for_background_work(app)
+    with commit_answer_lost(app, "UPDATE messages") as fault:
+        response = client.post(
+            f"/api/v1/conversations/{conversation_id}/messages/{reply_id}/regenerate", headers=headers
+        )
+    assert fault.fired == 1
+    assert response.status_code == 202, response.get_json()
+    assert (response.get_json()["id"], response.get_json()["status"]) == (reply_id, "pending")
+    wait_for_background_work(app)
+    reply = reply_row(app, reply_id)
+    assert (reply.status, reply.content, reply.attempt) == (Status.COMPLETE, "alpha beta", 1)
+
+
+def test_post_whose_commit_fails_in_flight_stores_nothing(app, client, conversation):
+    # The connection dies after the INSERTs, as the COMMIT is sent: nothing landed.
+    with killed_at_commit(app, "INSERT INTO messages") as fault:
+        response = post_message(client, conversation)
+    assert fault.fired == 1
+    assert response.status_code == 503, response.get_json()
+    assert response.get_json()["error"]["code"] == "database_unavailable"
+    assert count_rows(app, Message) == 0
+    assert live_sessions() == 0 and checked_out(app) == 0
+    assert post_message(client, conversation).status_code == 202
 
 
 # --- the reply pipeline rides out a lost connection -------------------------------------
@@ -547,8 +540,9 @@ def test_database_unreachable_for_seconds_under_load(
 ):
     proxy, app_uri = proxied
     pool_timeout = 5
-    # A POST whose COMMIT landed but whose answer was cut gets a 503, and its reply was
-    # never handed to a runner: only the reaper can end it. REPLY_STALE_AFTER is longer
+    # A POST whose COMMIT landed but whose answer was cut, with the database still gone
+    # for the check that follows, gets a 503, and its reply was never handed to a runner:
+    # only the reaper can end it. REPLY_STALE_AFTER is longer
     # than the outage, so replies that were generating are left to the pipeline.
     stale_after = 15
     config = {**SERVER_CONFIG, "BOT_ECHO_DELAY": 1.5, "DATABASE_CONNECT_TIMEOUT": 2,

@@ -15,7 +15,8 @@ from chatapp.api.schemas import (
     message_json,
 )
 from chatapp.chat import services as chat
-from chatapp.chat.runner import get_runner
+from chatapp.chat.models import Message
+from chatapp.chat.runner import commit_and_start_reply
 from chatapp.chat.stream import parse_last_event_id, reply_events
 from chatapp.db import db
 
@@ -45,9 +46,7 @@ def post_message(body, conversation_id):
     """Send a message; the bot's reply starts as "pending" and can be streamed."""
     chat.check_conversation(current_user_id(), conversation_id)
     message, reply = chat.post_message_to(conversation_id, body["content"])
-    db.session.commit()
-    # Only the id crosses into the runner's thread, after the commit made it visible.
-    get_runner(current_app).submit(reply.id)
+    commit_and_start_reply(current_app, reply.id, reply.attempt)
     return json_response({"message": message_json(message), "reply": message_json(reply)}, 202)
 
 
@@ -58,9 +57,9 @@ def regenerate_reply(conversation_id, reply_id):
     """Restart a complete or failed reply from scratch."""
     conversation = chat.get_conversation(current_user_id(), conversation_id)
     reply = chat.restart_reply(conversation, chat.get_reply(conversation, reply_id))
-    db.session.commit()
-    get_runner(current_app).submit(reply.id)
-    return reply
+    commit_and_start_reply(current_app, reply.id, reply.attempt)
+    # Loaded again: after a commit that failed but landed, the session is a new one.
+    return db.session.get(Message, reply_id)
 
 
 @blp.get("/conversations/<int:conversation_id>/messages/<int:reply_id>/stream")

@@ -13,11 +13,13 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
+import sqlalchemy as sa
 from flask import Flask
 
-from chatapp.chat import live_replies
+from chatapp.chat import live_replies, services
 from chatapp.chat.live_replies import LiveReply
 from chatapp.chat.pipeline import generate_reply
+from chatapp.db import db, is_transient, remove_session
 
 log = logging.getLogger(__name__)
 EXTENSION_KEY = "chatapp.reply_runner"
@@ -93,3 +95,27 @@ def init_app(app: Flask) -> None:
 
 def get_runner(app: Flask) -> ReplyRunner:
     return app.extensions[EXTENSION_KEY]
+
+
+def commit_and_start_reply(app: Flask, reply_id: int, attempt: int) -> None:
+    """Commit the view's unit of work, which made this reply attempt pending, then start it.
+
+    A commit whose connection died after COMMIT was sent may have landed anyway. A
+    landed reply that no runner starts would stay pending until the reaper gives up on
+    it (``REPLY_STALE_AFTER``), and its conversation would refuse new messages until
+    then. So after a failed commit, look in a new short transaction: if the reply is
+    stored at this attempt, start it; if not, or if the database is still down, raise.
+    """
+    try:
+        db.session.commit()
+    except sa.exc.DBAPIError as error:
+        if not is_transient(error):
+            raise
+        remove_session()  # the failed session, and its dead connection
+        progress = services.read_reply_progress(reply_id, 0)
+        db.session.commit()
+        if progress is None or progress["attempt"] != attempt:
+            raise
+        log.warning("a commit for reply %s failed in flight but landed; starting the reply", reply_id)
+    # Only the id crosses into the runner's thread, after the commit made it visible.
+    get_runner(app).submit(reply_id)

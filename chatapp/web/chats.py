@@ -6,7 +6,7 @@ from flask import current_app, flash, redirect, render_template, request, url_fo
 from flask_login import current_user, login_required
 
 from chatapp.chat import services as chat
-from chatapp.chat.runner import get_runner
+from chatapp.chat.runner import commit_and_start_reply
 from chatapp.db import db
 from chatapp.errors import AppError
 from chatapp.web import bp, pages
@@ -111,10 +111,8 @@ def send_message(conversation_id: int):
             add_error(form, error, "content")
             status = error.status
         else:
-            db.session.commit()
-            # Only the id crosses into the runner's thread, after the commit made it visible.
-            get_runner(current_app).submit(reply.id)
-            return redirect(url_for("web.conversation", conversation_id=conversation.id))
+            commit_and_start_reply(current_app, reply.id, reply.attempt)
+            return redirect(url_for("web.conversation", conversation_id=conversation_id))
     return _render_conversation(conversation.id, message_form=form, status=status)
 
 
@@ -124,9 +122,8 @@ def regenerate(conversation_id: int, reply_id: int):
     """Generate a finished or failed reply again, without JavaScript."""
     conversation = chat.get_conversation(current_user.id, conversation_id)
     reply = chat.restart_reply(conversation, chat.get_reply(conversation, reply_id))
-    db.session.commit()
-    get_runner(current_app).submit(reply.id)
-    return redirect(url_for("web.conversation", conversation_id=conversation.id))
+    commit_and_start_reply(current_app, reply.id, reply.attempt)
+    return redirect(url_for("web.conversation", conversation_id=conversation_id))
 
 
 @bp.get("/c/<int:conversation_id>/messages/<int:reply_id>")

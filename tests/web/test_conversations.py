@@ -7,6 +7,7 @@ import sqlalchemy as sa
 
 from chatapp.chat.models import Conversation, Message, Status
 from chatapp.db import unit_of_work
+from tests.faults import commit_answer_lost, killed_at_commit
 from tests.helpers import wait_for_background_work
 from tests.web.conftest import count, seed_reply
 
@@ -177,6 +178,41 @@ def test_failed_reply_shows_its_error_and_regenerates(client, app, alice):
     with unit_of_work(app, write=False) as session:
         reply = session.get(Message, reply_id)
         assert (reply.status, reply.content, reply.error, reply.attempt) == (Status.COMPLETE, "try me", None, 1)
+
+
+# A commit whose connection died after COMMIT was sent, but which landed: the page goes
+# on as if nothing happened, and the reply runs now rather than when the reaper fails it.
+def test_send_whose_commit_landed_unseen_still_starts_its_reply(client, app, alice):
+    conversation_id = alice.new_conversation()
+    with commit_answer_lost(app, "INSERT INTO messages") as fault:
+        response = client.post(f"/c/{conversation_id}/messages", data={"content": "hello there"})
+    assert fault.fired == 1
+    assert response.status_code == 302
+    assert response.headers["Location"] == f"/c/{conversation_id}"
+    wait_for_background_work(app)
+    assert count(app, Message, Message.status == Status.COMPLETE, Message.content == "hello there") == 2
+
+
+def test_send_whose_commit_fails_in_flight_is_a_503_page_and_stores_nothing(client, app, alice):
+    conversation_id = alice.new_conversation()
+    with killed_at_commit(app, "INSERT INTO messages") as fault:
+        response = client.post(f"/c/{conversation_id}/messages", data={"content": "hello there"})
+    assert fault.fired == 1
+    assert response.status_code == 503
+    assert "The database is unavailable; retry in a moment." in response.get_data(as_text=True)
+    assert count(app, Message) == 0
+
+
+def test_regenerate_whose_commit_landed_unseen_still_starts_the_new_attempt(client, app, alice):
+    conversation_id, reply_id = seed_reply(app, "alice", "try me", "half", error="the model server is down")
+    with commit_answer_lost(app, "UPDATE messages") as fault:
+        response = client.post(f"/c/{conversation_id}/messages/{reply_id}/regenerate")
+    assert fault.fired == 1
+    assert response.status_code == 302
+    wait_for_background_work(app)
+    with unit_of_work(app, write=False) as session:
+        reply = session.get(Message, reply_id)
+        assert (reply.status, reply.content, reply.attempt) == (Status.COMPLETE, "try me", 1)
 
 
 def test_only_the_latest_reply_regenerates(client, app, alice):

@@ -1,0 +1,122 @@
+"""Faults on demand: a connection killed under a session, a COMMIT whose answer is lost.
+
+On PostgreSQL a connection is killed by terminating its backend (pg_terminate_backend);
+on SQLite its DBAPI connection is closed under SQLAlchemy. Both report a disconnect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import psycopg
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from chatapp.db import db
+
+def admin_dsn(url: str | sa.URL) -> str:
+    return sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def kill_connection(connection: sa.Connection) -> None:
+    """Make the database connection behind ``connection`` die, as a server restart would."""
+    dbapi_connection = connection.connection.dbapi_connection
+    if connection.dialect.name == "sqlite":
+        dbapi_connection.close()
+        return
+    pid = dbapi_connection.info.backend_pid
+    with psycopg.connect(admin_dsn(connection.engine.url), autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE pid = %s AND datname = current_database()",
+            (pid,),
+        )
+        # Wait until it is gone, so that the next statement fails every time.
+        deadline = time.monotonic() + 5
+        while admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
+            assert time.monotonic() < deadline, f"backend {pid} survived pg_terminate_backend"
+            time.sleep(0.01)
+
+
+class KillAt:
+    """A cursor event hook: kills the connection at statements containing ``marker``.
+
+    ``kill_on`` lists which of the matching statements (1 = the first) are killed.
+    """
+
+    def __init__(self, marker: str, kill_on=(1,)):
+        self.marker = marker
+        self.kill_on = set(kill_on)
+        self.seen = 0
+        self.kills = 0
+
+    def __call__(self, conn, cursor, statement, parameters, context, executemany):
+        if self.marker in statement:
+            self.seen += 1
+            if self.seen in self.kill_on:
+                self.kills += 1
+                kill_connection(conn)
+
+
+@contextlib.contextmanager
+def hooked(app, event_name: str, hook):
+    with app.app_context():
+        engine = db.engine
+    event.listen(engine, event_name, hook)
+    try:
+        yield hook
+    finally:
+        event.remove(engine, event_name, hook)
+
+
+
+class CommitFault:
+    """Armed by the first transaction that runs ``marker``; acts once, at that transaction's commit."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+        self.armed = False
+        self.fired = 0
+
+    def saw(self, conn, cursor, statement, parameters, context, executemany):
+        if self.marker in statement and not self.fired:
+            self.armed = True
+
+    def fire(self) -> bool:
+        if not self.armed:
+            return False
+        self.armed = False
+        self.fired += 1
+        return True
+
+
+@contextlib.contextmanager
+def commit_answer_lost(app, marker: str):
+    """That transaction commits, but its caller hears of a lost connection."""
+    fault = CommitFault(marker)
+
+    def lose_the_answer(session):
+        if fault.fire():
+            raise sa.exc.OperationalError("COMMIT", None, Exception("server closed the connection"))
+
+    event.listen(Session, "after_commit", lose_the_answer)
+    try:
+        with hooked(app, "before_cursor_execute", fault.saw):
+            yield fault
+    finally:
+        event.remove(Session, "after_commit", lose_the_answer)
+
+
+@contextlib.contextmanager
+def killed_at_commit(app, marker: str):
+    """That transaction's connection dies as it sends its COMMIT: nothing lands."""
+    fault = CommitFault(marker)
+
+    def kill(conn):
+        if fault.fire():
+            kill_connection(conn)
+
+    with hooked(app, "before_cursor_execute", fault.saw), hooked(app, "commit", kill):
+        yield fault
