@@ -27,6 +27,10 @@ timeout = int(os.environ.get("CHATAPP_WORKER_TIMEOUT", "60"))
 # On HUP, max_requests or TERM, a worker stops accepting and gets this long to finish
 # the requests it has (streams included) before it is killed.
 graceful_timeout = int(os.environ.get("CHATAPP_GRACEFUL_TIMEOUT", "30"))
+# Within that, replies still running get graceful_timeout minus a margin to finish before
+# they are handed over to other workers (chatapp.lifecycle), so the master's SIGKILL at
+# graceful_timeout never lands on a reply.
+os.environ.setdefault("CHATAPP_REPLY_HANDOVER_SECONDS", str(max(0, graceful_timeout - 5)))
 keepalive = 5
 # gunicorn 25+ opens a control socket for gunicornc at one path per user, which two
 # instances on a host (or parallel test servers) would fight over. Signals (HUP, TERM,
@@ -65,6 +69,23 @@ def post_fork(server, worker):
     from chatapp.db import dispose_engines_after_fork
 
     dispose_engines_after_fork()
+
+
+def post_worker_init(worker):
+    """Let the app see when this worker starts shutting down, and start its reply sweep."""
+    from chatapp import lifecycle
+
+    lifecycle.watch_worker(worker)
+    lifecycle.worker_started(worker.wsgi)
+
+
+def worker_exit(server, worker):
+    """In the exiting worker: finish or hand over its replies before the process ends."""
+    app = getattr(worker, "wsgi", None)
+    if app is not None:
+        from chatapp import lifecycle
+
+        lifecycle.worker_exiting(app)
 
 
 def child_exit(server, worker):

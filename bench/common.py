@@ -195,7 +195,7 @@ def seed(database_uri: str, *, conversations: int, messages: int = 0, username: 
 
     app = create_app({
         "TESTING": True, "SECRET_KEY": "bench", "SQLALCHEMY_DATABASE_URI": database_uri,
-        "PASSWORD_HASH_METHOD": "pbkdf2:sha256:1000", "REPLY_REAP_INTERVAL": 0,
+        "PASSWORD_HASH_METHOD": "pbkdf2:sha256:1000", "REPLY_SWEEP_INTERVAL": 0,
         "RATELIMIT_ENABLED": False,
     })
     try:

@@ -81,7 +81,7 @@ def measure(backend: str, wd: Path, n: int, profile: bool) -> tuple[dict, dict]:
         headers = {"Authorization": f"Bearer {seeded.token}"}
         listing = f"/api/v1/conversations/{seeded.conversation_ids[0]}/messages?limit=20"
         app = create_app({"SECRET_KEY": "bench", "SQLALCHEMY_DATABASE_URI": database.uri,
-                          "REPLY_REAP_INTERVAL": 0, "BOT_ECHO_DELAY": 0})
+                          "REPLY_SWEEP_INTERVAL": 0, "BOT_ECHO_DELAY": 0})
         app.extensions[EXTENSION_KEY] = _NoRunner()
         # Both read the database URL when imported: import afresh for every backend.
         textbook = _fresh_import("bench.textbook_app")

@@ -23,7 +23,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     os.makedirs(app.instance_path, exist_ok=True)
 
     from chatapp import api, cli, db, health, limits, migrations, ops, security
-    from chatapp.chat import reaper, runner
+    from chatapp.chat import runner, sweeper
     from chatapp.extensions import csrf, login_manager
     from chatapp.web import bp as web_bp
 
@@ -35,7 +35,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     login_manager.init_app(app)
     csrf.init_app(app)
     runner.init_app(app)
-    reaper.init_app(app)
+    sweeper.init_app(app)
     api.init_app(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(web_bp)

@@ -58,10 +58,24 @@ class Defaults:
     REPLY_WORKERS = 64
     # Each write costs a short transaction; streams see new text this often.
     REPLY_FLUSH_INTERVAL = 0.25
-    REPLY_STALE_AFTER = 300.0
-    REPLY_REAP_INTERVAL = 60.0
-    # A reply's writes retry through a database outage this long; after it the reply
-    # is left to the reaper, which fails it once REPLY_STALE_AFTER has passed.
+    # Leases (chatapp/chat/leases.py): a reply's process renews its lease this often, and
+    # a lease not renewed for REPLY_LEASE_SECONDS is taken over by another process, found
+    # by its sweep within REPLY_SWEEP_INTERVAL. After a crash a conversation is answering
+    # again within about lease + sweep seconds (plus the bot's own time).
+    REPLY_LEASE_SECONDS = 10.0
+    REPLY_LEASE_RENEW_SECONDS = 3.0
+    REPLY_SWEEP_INTERVAL = 2.0
+    # How often a process checks that it still holds the replies it runs: a reply stopped
+    # from any worker or host ends, and its bot request is closed, within this long.
+    REPLY_STOP_CHECK_SECONDS = 0.5
+    # Runs of one reply (an interrupted run counts, a handed-over one does not) before it
+    # is failed with an error saying why, rather than crash-looping.
+    REPLY_MAX_RUNS = 3
+    # A worker shutting down lets its replies finish this long, then hands the rest over.
+    # gunicorn.conf.py sets it to graceful_timeout minus a margin.
+    REPLY_HANDOVER_SECONDS = 25.0
+    # A reply's writes retry through a database outage this long; past the lease, another
+    # process has taken the reply over anyway.
     REPLY_WRITE_RETRY_SECONDS = 60.0
     STREAM_POLL_INTERVAL = 0.2
     STREAM_MAX_SECONDS = 3600.0

@@ -26,8 +26,8 @@ def base_test_config(uri: str) -> dict:
         # Fast hashing keeps the suite quick; production uses scrypt.
         "PASSWORD_HASH_METHOD": "pbkdf2:sha256:1000",
         "WTF_CSRF_ENABLED": False,
-        # The periodic reaper is started by a test when it wants one.
-        "REPLY_REAP_INTERVAL": 0,
+        # The periodic reply sweep is started by a test when it wants one.
+        "REPLY_SWEEP_INTERVAL": 0,
         # Rate limits are on only in the tests about them (tests/test_security.py).
         "RATELIMIT_ENABLED": False,
         # A reply a bug leaves unfinished ends its stream (and the test) in seconds, not an hour.
@@ -104,21 +104,21 @@ def app(database_uri, extra_config, tmp_path):
 
 @pytest.fixture(autouse=True)
 def leak_guard(request):
-    """Fail any test that leaves a session in the registry, a connection checked out, or a reaper running."""
+    """Fail any test that leaves a session in the registry, a connection checked out, or a sweeper running."""
     app = request.getfixturevalue("app") if "app" in request.fixturenames else None
-    reapers_before = _reaper_threads()
+    sweepers_before = _sweeper_threads()
     yield
     if app is not None:
         wait_for_background_work(app)
         assert_no_leaks(app)
-    # The periodic reaper never stops in a process; one started by a test's app would keep
+    # The periodic sweep never stops in a process; one started by a test's app would keep
     # connecting to that test's database for the rest of the run.
-    started = _reaper_threads() - reapers_before
-    assert not started, "this test started a periodic reaper; set REPLY_REAP_INTERVAL=0"
+    started = _sweeper_threads() - sweepers_before
+    assert not started, "this test started a periodic reply sweep; set REPLY_SWEEP_INTERVAL=0"
 
 
-def _reaper_threads() -> set[threading.Thread]:
-    return {thread for thread in threading.enumerate() if thread.name == "reply-reaper"}
+def _sweeper_threads() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate() if thread.name == "reply-sweeper"}
 
 
 @pytest.fixture

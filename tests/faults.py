@@ -96,14 +96,22 @@ class CommitFault:
 def commit_answer_lost(app, marker: str):
     """That transaction commits, but its caller hears of a lost connection."""
     fault = CommitFault(marker)
+    committed = []
+
+    def note_commit(conn):
+        # The connection's COMMIT, not a savepoint's RELEASE (after which the session's
+        # after_commit hook runs too).
+        committed.append(True)
 
     def lose_the_answer(session):
-        if fault.fire():
+        if committed and fault.fire():
+            committed.clear()
             raise sa.exc.OperationalError("COMMIT", None, Exception("server closed the connection"))
+        committed.clear()
 
     event.listen(Session, "after_commit", lose_the_answer)
     try:
-        with hooked(app, "before_cursor_execute", fault.saw):
+        with hooked(app, "before_cursor_execute", fault.saw), hooked(app, "commit", note_commit):
             yield fault
     finally:
         event.remove(Session, "after_commit", lose_the_answer)

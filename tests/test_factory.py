@@ -113,7 +113,7 @@ def test_healthz_does_not_touch_the_database(tmp_path):
     # which the first request of a process starts, is off so that nothing else connects.)
     app = create_app(
         {"TESTING": True, "SQLALCHEMY_DATABASE_URI": "postgresql+psycopg://nobody@127.0.0.1:1/x",
-         "REPLY_REAP_INTERVAL": 0}
+         "REPLY_SWEEP_INTERVAL": 0}
     )
     connects = []
     with app.app_context():

@@ -193,7 +193,7 @@ def test_exhausted_pool_answers_503_with_retry_after_and_recovers(database_uri, 
             {"pool_size": 1, "max_overflow": 0, "pool_timeout": 1, "pool_pre_ping": True}
         ),
         "SQLITE_BUSY_TIMEOUT_MS": 60_000,
-        "REPLY_REAP_INTERVAL": 0,  # no background pass competing for the one connection
+        "REPLY_SWEEP_INTERVAL": 0,  # no background pass competing for the one connection
     }
     with GunicornServer(database_uri, workers=1, threads=8, config=config, instance_path=str(tmp_path)) as server:
         headers = make_user(server)

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event
 
 from chatapp import create_app
-from chatapp.chat.reaper import reap_once
+from chatapp.chat.sweeper import sweep_once
 from chatapp.chat.stream import reply_events
 from chatapp.db import db
 from chatapp.ops.metrics import REGISTRY
@@ -223,7 +223,7 @@ def test_hold_time_is_labelled_by_route_and_by_job(app, client, user, runner):
     # The view read the finished reply itself; a generator not given that first read
     # reads in a job of its own.
     assert "hello there" in "".join(reply_events(app, posted["reply"]["id"]))
-    reap_once(app)
+    sweep_once(app)
     result = runner.invoke(args=["create-user", "carol", "--password-stdin"], input="correct horse\n")
     assert result.exit_code == 0, result.output
     after = scrape(client)
@@ -236,7 +236,7 @@ def test_hold_time_is_labelled_by_route_and_by_job(app, client, user, runner):
     assert grew("/api/v1/conversations/<int:conversation_id>/messages/<int:reply_id>/stream") >= 1
     assert grew("job:reply") >= 2  # reads the history, then writes the answer
     assert grew("job:stream") >= 1
-    assert grew("job:reaper") == 1
+    assert grew("job:sweeper") == 1
     assert grew("job:cli") >= 1
 
 
@@ -310,9 +310,9 @@ def _scrape_url(url: str) -> dict:
 
 @pytest.mark.slow
 def test_gunicorn_workers_report_together(database_uri, tmp_path):
-    # No periodic reaper: a worker's first request starts one, and a scrape that lands
+    # No periodic sweep: a worker starts one when it boots, and a scrape that lands
     # during its pass would see its connection checked out.
-    config = {"REPLY_REAP_INTERVAL": 0}
+    config = {"REPLY_SWEEP_INTERVAL": 0}
     with GunicornServer(database_uri, workers=2, threads=4, config=config,
                         instance_path=str(tmp_path)) as server:
         headers = _token(server, "multi")

@@ -1,4 +1,4 @@
-"""Messages: list, post (starts a reply), regenerate a reply, stream a reply."""
+"""Messages: list, post (starts a reply), regenerate, stop and stream a reply."""
 
 from flask import Response, current_app, request
 
@@ -15,12 +15,36 @@ from chatapp.api.schemas import (
     message_json,
 )
 from chatapp.chat import services as chat
-from chatapp.chat.models import Message
-from chatapp.chat.runner import commit_and_start_reply
+from chatapp.chat.runner import commit_and_start_reply, get_runner
 from chatapp.chat.stream import parse_last_event_id, reply_events
 from chatapp.db import db
+from chatapp.errors import InvalidInput
 
 blp = api_blueprint("messages", "Messages and bot replies", authenticated=True)
+
+IDEMPOTENCY_KEY_MAX = 100
+IDEMPOTENCY_KEY_PARAMETER = {
+    "in": "header",
+    "name": "Idempotency-Key",
+    "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": IDEMPOTENCY_KEY_MAX},
+    "description": "A unique key per message (a UUID, say). Retrying the POST with the same "
+    "key and content (after a timeout, an outage or a lost answer) returns the message and "
+    "reply sent the first time, with status 202, instead of a duplicate or a 409.",
+}
+
+
+def idempotency_key() -> str | None:
+    """The request's Idempotency-Key header: 1-100 printable ASCII characters, or None."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX or not key.isascii() or not key.isprintable():
+        raise InvalidInput(
+            f"header 'Idempotency-Key' must be 1-{IDEMPOTENCY_KEY_MAX} printable ASCII characters",
+            field="Idempotency-Key",
+        )
+    return key
 
 
 # Schema instances, not classes: given a class, webargs builds an instance per request.
@@ -41,12 +65,15 @@ def list_messages(query, conversation_id):
 @blp.post("/conversations/<int:conversation_id>/messages")
 @blp.arguments(MessageIn())
 @blp.response(202, PostedMessage)
+@blp.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
 @error_responses(blp, 400, 401, 404, 409, 413, 415, 422, 503)
 def post_message(body, conversation_id):
     """Send a message; the bot's reply starts as "pending" and can be streamed."""
+    key = idempotency_key()
     chat.check_conversation(current_user_id(), conversation_id)
-    message, reply = chat.post_message_to(conversation_id, body["content"])
-    commit_and_start_reply(current_app, reply.id, reply.attempt)
+    message, reply, created = chat.post_message_to(conversation_id, body["content"], key)
+    if created:
+        commit_and_start_reply(current_app, reply.id, reply.attempt)
     return json_response({"message": message_json(message), "reply": message_json(reply)}, 202)
 
 
@@ -57,9 +84,24 @@ def regenerate_reply(conversation_id, reply_id):
     """Restart a complete or failed reply from scratch."""
     conversation = chat.get_conversation(current_user_id(), conversation_id)
     reply = chat.restart_reply(conversation, chat.get_reply(conversation, reply_id))
+    # Plain data now: the reply as this request made it (the runner may change it at once,
+    # and after a commit that failed but landed the session is a new one).
+    restarted = message_json(reply)
     commit_and_start_reply(current_app, reply.id, reply.attempt)
-    # Loaded again: after a commit that failed but landed, the session is a new one.
-    return db.session.get(Message, reply_id)
+    return json_response(restarted, 202)
+
+
+@blp.post("/conversations/<int:conversation_id>/messages/<int:reply_id>/stop")
+@blp.response(200, MessageOut)
+@error_responses(blp, 401, 404, 409, 503)
+def stop_reply(conversation_id, reply_id):
+    """Stop a reply being generated; it ends "stopped", keeping its text so far."""
+    conversation = chat.get_conversation(current_user_id(), conversation_id)
+    reply = chat.stop_reply(conversation, chat.get_reply(conversation, reply_id))
+    db.session.commit()
+    # At once if it runs in this process; elsewhere its process notices within a second.
+    get_runner(current_app).cancel(reply_id)
+    return reply
 
 
 @blp.get("/conversations/<int:conversation_id>/messages/<int:reply_id>/stream")

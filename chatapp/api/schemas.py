@@ -85,7 +85,7 @@ class MessageOut(Schema):
     status = fields.Function(
         lambda m: m.status.value,
         required=True,
-        metadata={"enum": ["pending", "streaming", "complete", "failed"]},
+        metadata={"enum": ["pending", "streaming", "complete", "failed", "stopped"]},
     )
     error = fields.String(required=True, allow_none=True)
     created_at = fields.DateTime(required=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import time
 from typing import Iterator, Protocol
 
@@ -18,9 +19,20 @@ class BotError(Exception):
     """The engine could not produce a reply; the message is shown to the user."""
 
 
+class Cancel(Protocol):
+    """A run's stop switch (chatapp.chat.runner.Cancellation)."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float) -> bool: ...
+
+    def on_cancel(self, callback) -> None: ...
+
+
 class Bot(Protocol):
-    def stream(self, history: list[dict]) -> Iterator[str]:
-        """Yield the reply to ``history`` ([{"role", "content"}, ...]) as text chunks."""
+    def stream(self, history: list[dict], cancel: Cancel | None = None) -> Iterator[str]:
+        """Yield the reply to ``history`` ([{"role", "content"}, ...]) as text chunks,
+        ending early (and closing any request) once ``cancel`` is set."""
 
 
 class EchoBot:
@@ -29,14 +41,18 @@ class EchoBot:
     def __init__(self, delay: float = 0.0):
         self.delay = max(0.0, float(delay))
 
-    def stream(self, history: list[dict]) -> Iterator[str]:
+    def stream(self, history: list[dict], cancel: Cancel | None = None) -> Iterator[str]:
         last = next((m["content"] for m in reversed(history) if m["role"] == "user"), "")
         # Words keep their following whitespace, so the chunks join back to the message.
         words = re.findall(r"\S+\s*|\s+", last) or [""]
         pause = self.delay / len(words)
         for word in words:
             if pause:
-                time.sleep(pause)
+                if cancel is not None:
+                    if cancel.wait(pause):
+                        return
+                else:
+                    time.sleep(pause)
             yield word
 
 
@@ -67,7 +83,7 @@ class OpenAIBot:
     def _silence_message(self) -> str:
         return f"the model server sent nothing for {self.timeout[1]:g} s; it may be overloaded"
 
-    def stream(self, history: list[dict]) -> Iterator[str]:
+    def stream(self, history: list[dict], cancel: Cancel | None = None) -> Iterator[str]:
         headers = {"Accept": "text/event-stream"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -76,6 +92,10 @@ class OpenAIBot:
                 self.url, json=self._payload(history), headers=headers,
                 stream=True, timeout=self.timeout,
             ) as response:
+                if cancel is not None:
+                    # A silent model would keep the read blocked for up to read_timeout:
+                    # shutting the socket down wakes it, and the server sees the client go.
+                    cancel.on_cancel(lambda: _shut_down(response))
                 if response.status_code >= 400:
                     raise BotError(
                         f"the model server answered HTTP {response.status_code}: "
@@ -93,6 +113,18 @@ class OpenAIBot:
             raise BotError(f"lost the connection to the model server: {_short(exc)}") from None
         except requests.exceptions.RequestException as exc:
             raise BotError(f"model server request failed: {_short(exc)}") from None
+
+
+def _shut_down(response: requests.Response) -> None:
+    """Close a streaming response's connection from another thread, waking its reader."""
+    connection = getattr(response.raw, "_connection", None)
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed
+    response.close()
 
 
 def _short(exc: Exception) -> str:

@@ -23,9 +23,14 @@ class Status(str, enum.Enum):
     STREAMING = "streaming"
     COMPLETE = "complete"
     FAILED = "failed"
+    # Ended early by its user, keeping the text generated so far.
+    STOPPED = "stopped"
 
 
 ACTIVE_STATUSES = (Status.PENDING, Status.STREAMING)
+FINAL_STATUSES = (Status.COMPLETE, Status.FAILED, Status.STOPPED)
+# The same predicate as SQL text, for the partial indexes below (both dialects read it).
+_ACTIVE_SQL = sa.text("status IN ('pending', 'streaming')")
 
 
 def _enum_column(enum_cls: type[enum.Enum], name: str) -> sa.Enum:
@@ -70,8 +75,16 @@ class Message(db.Model):
     __table_args__ = (
         # A conversation's messages in id order (history, paging, the stream).
         sa.Index("ix_messages_conversation_id_id", "conversation_id", "id"),
-        # The reaper's scan for replies that stopped making progress.
-        sa.Index("ix_messages_status_updated", "status", "updated_at"),
+        # At most one reply being generated per conversation, enforced by the database:
+        # of two concurrent posts, the second's INSERT fails instead of both passing a
+        # read-then-insert check. Partial, so it also indexes just the few active replies
+        # that the lease sweep scans.
+        sa.Index(
+            "uq_messages_one_active_reply", "conversation_id", unique=True,
+            sqlite_where=_ACTIVE_SQL, postgresql_where=_ACTIVE_SQL,
+        ),
+        # A client's retry of a message it may already have sent (Idempotency-Key).
+        sa.Index("uq_messages_idempotency_key", "conversation_id", "idempotency_key", unique=True),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -86,6 +99,16 @@ class Message(db.Model):
     error: Mapped[str | None] = mapped_column(sa.Text)
     # Bumped when a reply is (re)started; writers from an older attempt match no row.
     attempt: Mapped[int] = mapped_column(default=0)
+    # The lease of the process generating this reply ("host:pid:nonce"), renewed while it
+    # runs; an expired lease means the process died or lost the database, and any live
+    # process may claim the reply and run it again as a new attempt.
+    lease_owner: Mapped[str | None] = mapped_column(sa.String(80))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Runs of this reply since it was last (re)started: an interrupted run counts, a run
+    # handed over by a worker shutting down does not. Bounded by REPLY_MAX_RUNS.
+    runs: Mapped[int] = mapped_column(default=0)
+    # A user message's Idempotency-Key: a retried POST returns this message and its reply.
+    idempotency_key: Mapped[str | None] = mapped_column(sa.String(100))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

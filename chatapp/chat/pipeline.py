@@ -1,7 +1,9 @@
-"""Generate one reply: short transactions around a bot call that holds no connection.
+"""Generate one reply: claim its lease, then short transactions around a bot call that
+holds no connection.
 
-The reads and writes (chatapp.chat.reply_store) retry through a database outage, so a
-reply ends complete or failed once the database is back, rather than stuck streaming.
+The reads and writes (chatapp.chat.reply_store) retry through a database outage. If the
+outage outlasts the lease, another process takes the reply over and this run's writes
+match nothing; if every process was down, the first to come back claims it again.
 """
 
 from __future__ import annotations
@@ -11,37 +13,44 @@ import time
 
 from flask import Flask
 
+from chatapp.chat import leases
 from chatapp.chat.bots import BotError, bot_from_config
 from chatapp.chat.live_replies import LiveReply
-from chatapp.chat.reply_store import DatabaseUnavailable, ReplyWriter, read_history
+from chatapp.chat.reply_store import DatabaseUnavailable, ReplyWriter, claim_reply
 from chatapp.ops import metrics
 
 log = logging.getLogger(__name__)
 
 
 @metrics.reply_job  # labels its connections "job:reply", counts final statuses
-def generate_reply(app: Flask, reply_id: int, live: LiveReply | None = None) -> str:
-    """Run the bot for a pending reply and store its text; returns the final status.
+def generate_reply(
+    app: Flask, reply_id: int, *, owner: str | None = None, cancel=None,
+    live: LiveReply | None = None,
+) -> str:
+    """Claim a reply in progress, run the bot and store its text; returns how the run ended.
 
-    ``live``, when the reply runs in the process that serves its streams, is told what
-    each write stored (chatapp.chat.live_replies); a job queue's worker passes nothing.
+    ``owner`` names the lease holder (default: this process); ``cancel`` (chatapp.chat.runner.Cancellation)
+    stops the run and closes the bot's request; ``live``, when the reply runs in the
+    process that serves its streams, is told what each write stored.
     """
+    owner = owner or leases.process_owner()
     try:
-        claimed = read_history(app, reply_id)
+        claimed = claim_reply(app, reply_id, owner)
         if claimed is None:
-            return "skipped"
+            return "skipped"  # finished, stopped, deleted, or another process holds it
         attempt, history = claimed
         if live is not None:
             live.claimed(attempt)
-        return _run_bot(app, ReplyWriter(app, reply_id, attempt, live), history)
+        writer = ReplyWriter(app, reply_id, attempt, owner, live)
+        return _run_bot(app, writer, history, cancel)
     except DatabaseUnavailable:
-        # Its last progress is stored; the reaper fails it after REPLY_STALE_AFTER.
-        log.error("reply %s: the database stayed unavailable; leaving it to the reaper",
-                  reply_id, exc_info=True)
+        # Its last progress is stored; when the lease expires, a live process runs it again.
+        log.error("reply %s: the database stayed unavailable; its lease will expire and "
+                  "another run will take it over", reply_id, exc_info=True)
         return "lost"
 
 
-def _run_bot(app: Flask, writer: ReplyWriter, history: list[dict]) -> str:
+def _run_bot(app: Flask, writer: ReplyWriter, history: list[dict], cancel) -> str:
     # From here on no session and no connection is held, except inside the writer's
     # short units of work.
     interval = app.config["REPLY_FLUSH_INTERVAL"]
@@ -49,21 +58,30 @@ def _run_bot(app: Flask, writer: ReplyWriter, history: list[dict]) -> str:
     last_flush = time.monotonic()
     try:
         bot = bot_from_config(app.config)
-        for chunk in metrics.timed_bot_stream(bot.stream(history)):
+        for chunk in metrics.timed_bot_stream(bot.stream(history, cancel)):
+            if cancel is not None and cancel.is_set():
+                break
             buffer.append(chunk)
             if time.monotonic() - last_flush >= interval:
                 if not writer.append("".join(buffer)):
                     return "abandoned"
                 buffer.clear()
                 last_flush = time.monotonic()
+        if cancel is not None and cancel.is_set():
+            # Stopped (the reply's status says so already) or handed over (the runner
+            # releases the lease): either way this run writes nothing more.
+            return "stopped" if cancel.reason == "stopped" else "handed_over"
         writer.finish("".join(buffer))
         return "complete"
     except DatabaseUnavailable:
         raise
-    except BotError as exc:
-        writer.finish("".join(buffer), str(exc))
-        return "failed"
-    except Exception:
+    except Exception as exc:
+        if cancel is not None and cancel.is_set():
+            # Closing the bot's connection from the keeper thread ends its read with an error.
+            return "stopped" if cancel.reason == "stopped" else "handed_over"
+        if isinstance(exc, BotError):
+            writer.finish("".join(buffer), str(exc))
+            return "failed"
         log.exception("reply %s failed", writer.reply_id)
         writer.finish(
             "".join(buffer), "the reply failed because of an internal error; regenerate to retry"

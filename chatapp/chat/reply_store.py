@@ -2,7 +2,7 @@
 
 A reply is generated away from any request, so nobody is there to retry it: if its
 writes gave up at the first failed connection, a database restart mid-reply would
-leave it "streaming" until the reaper noticed. Each read or write here is retried
+leave it "streaming" until its lease expired and another run started it over. Each read or write here is retried
 with backoff for REPLY_WRITE_RETRY_SECONDS, sleeping with no session and no
 connection held. Retrying a write is only safe if it cannot apply twice: a commit
 that failed in flight may or may not have landed, so before writing again the
@@ -12,12 +12,13 @@ writer checks whether the text it was storing is already there.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Callable, TypeVar
 
 from flask import Flask
 
-from chatapp.chat import services
+from chatapp.chat import leases, services
 from chatapp.chat.live_replies import LiveReply
 from chatapp.db import is_transient, unit_of_work
 
@@ -51,29 +52,50 @@ def retry_transient(app: Flask, work: Callable[[], T], what: str) -> T:
         delay = min(delay * 2, MAX_DELAY)
 
 
-def read_history(app: Flask, reply_id: int) -> tuple[int, list[dict]] | None:
-    """The reply's attempt and the messages before it, or None if it is not pending."""
+def claim_reply(app: Flask, reply_id: int, owner: str) -> tuple[int, list[dict]] | None:
+    """Take the reply's lease and read what the bot needs, in one short unit of work:
+    (attempt, history), or None if the reply is not there to claim."""
+    config = app.config
 
-    def read():
-        with unit_of_work(app, write=False):
-            return services.reply_history(reply_id)
+    def claim():
+        with unit_of_work(app):
+            attempt = leases.claim(
+                reply_id, owner, float(config["REPLY_LEASE_SECONDS"]), int(config["REPLY_MAX_RUNS"])
+            )
+            if attempt is None:
+                return None
+            _attempt, history = services.reply_history(reply_id)
+            return attempt, history
 
-    return retry_transient(app, read, f"reply {reply_id}")
+    return retry_transient(app, claim, f"reply {reply_id}")
+
+
+# What a database refuses in text, whichever bot produced it: NUL (PostgreSQL) and lone
+# UTF-16 surrogates (not encodable as UTF-8). A character class: no backtracking.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable_text(text: str) -> str:
+    """Bot output made storable: NUL dropped, lone surrogates replaced by U+FFFD."""
+    return _UNSTORABLE.sub(lambda match: "" if match.group() == "\x00" else "\ufffd", text)
 
 
 class ReplyWriter:
     """Appends one attempt's text and finishes it, each write applied exactly once."""
 
-    def __init__(self, app: Flask, reply_id: int, attempt: int, live: LiveReply | None = None):
+    def __init__(
+        self, app: Flask, reply_id: int, attempt: int, owner: str, live: LiveReply | None = None
+    ):
         self.app = app
         self.reply_id = reply_id
         self.attempt = attempt
+        self.owner = owner
         self.live = live
         # Characters of this attempt that this writer has committed so far.
         self.stored = 0
 
     def append(self, text: str) -> bool:
-        """Store more text; False if the reply was restarted, reaped or deleted meanwhile."""
+        """Store more text; False if the reply was restarted, stopped, deleted or taken over."""
         return self._write(text, final=False, error=None)
 
     def finish(self, text: str, error: str | None = None) -> bool:
@@ -81,6 +103,8 @@ class ReplyWriter:
         return self._write(text, final=True, error=error)
 
     def _write(self, text: str, *, final: bool, error: str | None) -> bool:
+        text = storable_text(text)
+        error = storable_text(error) if error else error
         uncertain = False  # a commit failed in flight: it may have landed
 
         def write_once() -> bool:
@@ -92,9 +116,13 @@ class ReplyWriter:
                     if landed is not None:
                         return landed
                     if final:
-                        done = services.finish_reply(self.reply_id, self.attempt, text, error)
+                        done = services.finish_reply(
+                            self.reply_id, self.attempt, text, error, owner=self.owner
+                        )
                     else:
-                        done = services.append_to_reply(self.reply_id, self.attempt, text)
+                        done = services.append_to_reply(
+                            self.reply_id, self.attempt, text, owner=self.owner
+                        )
                     committing = True  # the block ends here: unit_of_work commits
                 return done
             except Exception:

@@ -1,91 +1,260 @@
-"""Where replies run: an in-process thread pool by default, behind a small interface.
+"""Where replies run: daemon threads of this process by default, behind a small interface.
 
-A runner receives reply ids only. A job queue (RQ, Celery, Dramatiq) can replace the
-pool by implementing ``submit`` to enqueue the id and calling ``generate_reply`` in its
-worker, which pushes its own app context.
+A runner receives reply ids only: ``submit(reply_id)`` asks for a reply to be generated
+somewhere, ``cancel(reply_id)`` stops it here if it runs here, and ``shutdown(grace)``
+hands everything over when the process exits. Whoever runs a reply first claims its
+lease (chatapp.chat.leases) in the database, so a reply submitted twice, or re-claimed by
+another process, still runs once at a time. A job queue can replace this pool by
+enqueueing the id in ``submit`` and calling ``generate_reply`` in its worker.
+
+While this process runs replies, one keeper thread renews their leases every
+REPLY_LEASE_RENEW_SECONDS and checks every REPLY_STOP_CHECK_SECONDS that it still holds
+them: a reply stopped, deleted, regenerated or taken over elsewhere is cancelled here,
+which closes the bot's request. Both are one statement for all of this process's replies.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+import time
+from typing import Callable, Protocol
 
 import sqlalchemy as sa
 from flask import Flask
 
-from chatapp.chat import live_replies, services
+from chatapp.chat import leases, live_replies, services
 from chatapp.chat.live_replies import LiveReply
 from chatapp.chat.pipeline import generate_reply
-from chatapp.db import db, is_transient, remove_session
+from chatapp.db import db, is_transient, remove_session, unit_of_work
+from chatapp.ops.metrics import job
 
 log = logging.getLogger(__name__)
 EXTENSION_KEY = "chatapp.reply_runner"
 
 
+class Cancellation:
+    """A run's stop switch, shared by the pipeline and the bot (plain threading, no ORM)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+        self.reason: str | None = None  # "stopped" (by its user or elsewhere), "handover"
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` seconds; True at once if cancelled."""
+        return self._event.wait(timeout)
+
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when cancelled (now, if already): e.g. close a socket."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def cancel(self, reason: str) -> None:
+        with self._lock:
+            if self._event.is_set():
+                return
+            self.reason = reason
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # closing an already closed socket, say: never fatal
+                log.debug("cancel callback failed", exc_info=True)
+
+
 class ReplyRunner(Protocol):
     def submit(self, reply_id: int) -> None: ...
+
+    def cancel(self, reply_id: int) -> None: ...
+
+    def shutdown(self, grace: float) -> None: ...
 
     def wait_idle(self, timeout: float | None = None) -> bool: ...
 
 
 class ThreadPoolReplyRunner:
-    """Runs replies on daemon threads of this process; created lazily, so it survives fork."""
+    """Runs replies on daemon threads of this process; its state is made afresh after a fork.
+
+    Daemon threads, not a ThreadPoolExecutor: an exiting interpreter joins an executor's
+    threads, so a worker restarting (max_requests, HUP) would wait for its longest reply
+    serving nothing. Here ``shutdown`` decides how long to wait, then hands over the rest.
+    """
 
     def __init__(self, app: Flask, max_workers: int):
         self.app = app
         self.max_workers = max_workers
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self._in_flight = 0
-        self._executor: ThreadPoolExecutor | None = None
         self._pid: int | None = None
 
-    def _pool(self) -> ThreadPoolExecutor:
-        # A pool created before a fork (gunicorn --preload) has no threads in the child.
-        if self._executor is None or self._pid != os.getpid():
-            self._executor = ThreadPoolExecutor(self.max_workers, thread_name_prefix="reply")
-            self._pid = os.getpid()
-            self._in_flight = 0
-        return self._executor
+    def _fresh_state(self) -> None:
+        # Called with the lock held, in a new process (or the first time).
+        self._pid = os.getpid()
+        self.owner = leases.process_owner()
+        self._jobs: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._threads = 0
+        self._idle_threads = 0
+        self._runs: dict[int, Cancellation] = {}
+        self._queued = 0
+        self._accepting = True
+        self._keeper: threading.Thread | None = None
 
-    def submit(self, reply_id: int) -> None:
-        reply_id = int(reply_id)
-        with self._lock:
-            pool = self._pool()
-            self._in_flight += 1
-        # Registered before the job starts, so a stream opened right after the 202
-        # already waits on this process's notifications instead of polling.
-        live = self.live.start(reply_id)
-        try:
-            pool.submit(self._run, reply_id, live)
-        except BaseException:  # shutting down: the reaper fails the reply later
-            self._done(reply_id, live)
-            raise
+    def _state(self) -> None:
+        if self._pid != os.getpid():
+            self._fresh_state()
 
     @property
     def live(self) -> live_replies.LiveReplies:
         return live_replies.get_live_replies(self.app)
 
-    def _run(self, reply_id: int, live: LiveReply) -> None:
-        try:
-            generate_reply(self.app, reply_id, live)
-        except Exception:  # the reaper fails the reply later; never kill the pool thread
-            log.exception("reply runner crashed on reply %s", reply_id)
-        finally:
-            self._done(reply_id, live)
+    def submit(self, reply_id: int) -> None:
+        reply_id = int(reply_id)
+        with self._lock:
+            self._state()
+            if not self._accepting:
+                # Shutting down: the reply stays unclaimed, and another process's sweep
+                # claims it within REPLY_LEASE_SECONDS.
+                log.info("not starting reply %s: this process is shutting down", reply_id)
+                return
+            # Registered before the job starts, so a stream opened right after the 202
+            # already waits on this process's notifications instead of polling.
+            self.live.start(reply_id)
+            self._queued += 1
+            # Put under the lock: an idle thread about to time out sees it and stays.
+            self._jobs.put(reply_id)
+            start_thread = self._idle_threads == 0 and self._threads < self.max_workers
+            if start_thread:
+                self._threads += 1
+        if start_thread:
+            threading.Thread(target=self._work, name="reply", daemon=True).start()
 
-    def _done(self, reply_id: int, live: LiveReply) -> None:
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._idle_threads += 1
+            try:
+                reply_id = self._jobs.get(timeout=60)
+            except queue.Empty:
+                with self._lock:
+                    self._idle_threads -= 1
+                    if self._jobs.empty():
+                        self._threads -= 1
+                        return
+                continue
+            with self._lock:
+                self._idle_threads -= 1
+                cancel = Cancellation()
+                self._runs[reply_id] = cancel
+                self._ensure_keeper()
+            live = self.live.get(reply_id) or self.live.start(reply_id)
+            try:
+                generate_reply(self.app, reply_id, owner=self.owner, cancel=cancel, live=live)
+            except Exception:  # the lease expires and another run takes over; keep the thread
+                log.exception("reply runner crashed on reply %s", reply_id)
+            finally:
+                self._done(reply_id, cancel, live)
+
+    def _done(self, reply_id: int, cancel: Cancellation, live: LiveReply) -> None:
         self.live.finish(reply_id, live)
         with self._lock:
-            self._in_flight -= 1
+            if self._runs.get(reply_id) is cancel:
+                del self._runs[reply_id]
+            self._queued -= 1
             self._idle.notify_all()
+
+    def running(self) -> list[int]:
+        with self._lock:
+            self._state()
+            return list(self._runs)
+
+    def cancel(self, reply_id: int, reason: str = "stopped") -> None:
+        with self._lock:
+            self._state()
+            run = self._runs.get(int(reply_id))
+        if run is not None:
+            run.cancel(reason)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         with self._lock:
-            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+            self._state()
+            return self._idle.wait_for(lambda: self._queued == 0, timeout)
+
+    # --- the keeper: leases renewed, stops noticed --------------------------------------
+
+    def _ensure_keeper(self) -> None:
+        # With the lock held.
+        if self._keeper is None or not self._keeper.is_alive():
+            self._keeper = threading.Thread(target=self._keep, name="reply-keeper", daemon=True)
+            self._keeper.start()
+
+    def _keep(self) -> None:
+        config = self.app.config
+        check_every = float(config["REPLY_STOP_CHECK_SECONDS"])
+        renew_every = float(config["REPLY_LEASE_RENEW_SECONDS"])
+        renewed_at = time.monotonic()
+        while True:
+            time.sleep(check_every)
+            with self._lock:
+                if not self._runs:
+                    self._keeper = None
+                    return
+                runs = dict(self._runs)
+            renew = time.monotonic() - renewed_at >= renew_every
+            try:
+                held = self._check_leases(list(runs), renew)
+            except Exception as exc:
+                # The database is unreachable: keep the runs going (their writes retry);
+                # if this lasts past the lease, another process takes the replies over
+                # and these runs' writes match nothing.
+                log.warning("could not check reply leases (%s)", getattr(exc, "orig", None) or exc,
+                            exc_info=not is_transient(exc))
+                continue
+            if renew:
+                renewed_at = time.monotonic()
+            for reply_id, cancel in runs.items():
+                if reply_id not in held:
+                    cancel.cancel("stopped")
+
+    @job("lease")
+    def _check_leases(self, reply_ids: list[int], renew: bool) -> set[int]:
+        lease_seconds = float(self.app.config["REPLY_LEASE_SECONDS"])
+        with unit_of_work(self.app, write=renew):
+            if renew:
+                return leases.renew(self.owner, reply_ids, lease_seconds)
+            return leases.still_held(self.owner, reply_ids)
+
+    # --- shutdown: finish what can finish, hand over the rest ----------------------------
+
+    def shutdown(self, grace: float) -> None:
+        """Stop taking replies; let running ones finish for ``grace`` seconds; hand over the rest."""
+        with self._lock:
+            self._state()
+            self._accepting = False
+        if self.wait_idle(max(0.0, grace)):
+            return
+        runs = self.running()
+        log.warning("handing over %d unfinished repl%s to other processes",
+                    len(runs), "y" if len(runs) == 1 else "ies")
+        for reply_id in runs:
+            self.cancel(reply_id, "handover")
+        # Cancelled runs close their bot requests and write nothing more; then the leases go.
+        self.wait_idle(2.0)
+        try:
+            with job("lease"), unit_of_work(self.app):
+                leases.release(self.owner, runs)
+        except Exception:
+            log.warning("could not release leases; they expire in REPLY_LEASE_SECONDS", exc_info=True)
 
 
 def init_app(app: Flask) -> None:
@@ -93,18 +262,17 @@ def init_app(app: Flask) -> None:
     app.extensions[EXTENSION_KEY] = ThreadPoolReplyRunner(app, app.config["REPLY_WORKERS"])
 
 
-def get_runner(app: Flask) -> ReplyRunner:
+def get_runner(app: Flask) -> ThreadPoolReplyRunner:
     return app.extensions[EXTENSION_KEY]
 
 
 def commit_and_start_reply(app: Flask, reply_id: int, attempt: int) -> None:
     """Commit the view's unit of work, which made this reply attempt pending, then start it.
 
-    A commit whose connection died after COMMIT was sent may have landed anyway. A
-    landed reply that no runner starts would stay pending until the reaper gives up on
-    it (``REPLY_STALE_AFTER``), and its conversation would refuse new messages until
-    then. So after a failed commit, look in a new short transaction: if the reply is
-    stored at this attempt, start it; if not, or if the database is still down, raise.
+    A commit whose connection died after COMMIT was sent may have landed anyway; a landed
+    reply that nobody starts would wait for another process's sweep. So after a failed
+    commit, look in a new short transaction: if the reply is stored at this attempt,
+    start it; if not, or if the database is still down, raise.
     """
     try:
         db.session.commit()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.orm.attributes import set_committed_value
@@ -17,7 +17,6 @@ from chatapp.errors import Conflict, InvalidInput, NotFound
 TITLE_MAX = 200
 CONTENT_MAX = 32_000
 DEFAULT_TITLE = "New chat"
-INTERRUPTED_ERROR = "interrupted; regenerate to retry"
 
 
 @dataclass(frozen=True)
@@ -229,40 +228,101 @@ class NewMessage:
     updated_at: datetime
 
 
-def _insert_message(conversation_id: int, role: Role, content: str, status: Status, now: datetime) -> NewMessage:
+def _insert_message(
+    conversation_id: int, role: Role, content: str, status: Status, now: datetime,
+    idempotency_key: str | None = None,
+) -> NewMessage:
     values = {
         "conversation_id": conversation_id, "role": role, "content": content, "status": status,
         "error": None, "attempt": 0, "created_at": now, "updated_at": now,
     }
     # inserted_primary_key: RETURNING where the database has it, else the cursor's lastrowid.
-    (new_id,) = db.session.execute(_INSERT_MESSAGE, values).inserted_primary_key
+    (new_id,) = db.session.execute(
+        _INSERT_MESSAGE, {**values, "runs": 0, "idempotency_key": idempotency_key}
+    ).inserted_primary_key
     return NewMessage(id=new_id, **values)
 
 
-def post_message_to(conversation_id: int, content: object) -> tuple[NewMessage, NewMessage]:
+def post_message_to(
+    conversation_id: int, content: object, idempotency_key: str | None = None
+) -> tuple[NewMessage | Message, NewMessage | Message, bool]:
     """Add the user's message and a pending assistant reply to a conversation whose owner was
     checked (check_conversation); the caller commits, then starts the reply.
+
+    Returns (message, reply, created). With an ``idempotency_key`` already used in this
+    conversation, nothing is added: the message sent with it and its reply come back with
+    created=False, so a client's retry never makes a duplicate (and never a 409).
 
     Two INSERTs and an UPDATE as Core statements: the ORM's flush of the same rows cost
     more CPU than the rest of the request's database work.
     """
     content = validate_content(content)
+    if idempotency_key is not None:
+        earlier = _sent_with_key(conversation_id, idempotency_key, content)
+        if earlier is not None:
+            return (*earlier, False)
     if _reply_in_progress(conversation_id):
-        raise Conflict(
-            "the bot is still answering in this conversation; wait for the reply to finish",
-            code="reply_in_progress",
-        )
+        raise _reply_in_progress_error()
     now = utcnow()
-    # The user's message first: ids order a conversation, and the reply comes after it.
-    message = _insert_message(conversation_id, Role.USER, content, Status.COMPLETE, now)
-    reply = _insert_message(conversation_id, Role.ASSISTANT, "", Status.PENDING, now)
+    try:
+        # A savepoint: a concurrent post that won the race (the unique indexes on active
+        # replies and on idempotency keys) undoes only these rows, not the caller's work.
+        with db.session.begin_nested():
+            # The user's message first: ids order a conversation, and the reply comes after it.
+            message = _insert_message(
+                conversation_id, Role.USER, content, Status.COMPLETE, now, idempotency_key
+            )
+            reply = _insert_message(conversation_id, Role.ASSISTANT, "", Status.PENDING, now)
+    except sa.exc.IntegrityError:
+        if idempotency_key is not None:
+            earlier = _sent_with_key(conversation_id, idempotency_key, content)
+            if earlier is not None:
+                return (*earlier, False)
+        raise _reply_in_progress_error() from None
     db.session.execute(_TOUCH_CONVERSATION, {"conversation_id": conversation_id, "now": now})
-    return message, reply
+    return message, reply, True
+
+
+def _reply_in_progress_error() -> Conflict:
+    return Conflict(
+        "the bot is still answering in this conversation; wait for the reply to finish "
+        "or stop it",
+        code="reply_in_progress",
+    )
+
+
+def _sent_with_key(conversation_id: int, key: str, content: str) -> tuple[Message, Message] | None:
+    """The message sent earlier with this Idempotency-Key and the reply after it, if any."""
+    message = db.session.scalar(
+        sa.select(Message).where(
+            Message.conversation_id == conversation_id, Message.idempotency_key == key
+        )
+    )
+    if message is None:
+        return None
+    if message.content != content:
+        raise InvalidInput(
+            "this Idempotency-Key was already used for a different message; "
+            "send a new key with each new message",
+            field="Idempotency-Key",
+        )
+    reply = db.session.scalar(
+        sa.select(Message)
+        .where(
+            Message.conversation_id == conversation_id,
+            Message.id > message.id,
+            Message.role == Role.ASSISTANT,
+        )
+        .order_by(Message.id)
+        .limit(1)
+    )
+    # Messages are only ever deleted with their conversation, so the reply is there.
+    return (message, reply) if reply is not None else None
 
 
 def post_message(conversation: Conversation, content: object) -> tuple[NewMessage, NewMessage]:
     """post_message_to() for a loaded Conversation, whose updated_at is kept in step."""
-    message, reply = post_message_to(conversation.id, content)
+    message, reply, _created = post_message_to(conversation.id, content)
     # The row has it already: set it as loaded, not as a change to write again at commit.
     set_committed_value(conversation, "updated_at", reply.updated_at)
     return message, reply
@@ -300,9 +360,37 @@ def restart_reply(conversation: Conversation, reply: Message) -> Message:
     reply.error = None
     reply.status = Status.PENDING
     reply.attempt += 1
+    reply.runs = 0
+    reply.lease_owner = None
+    reply.lease_expires_at = None
     reply.updated_at = utcnow()
     conversation.updated_at = reply.updated_at
-    db.session.flush()
+    try:
+        with db.session.begin_nested():
+            db.session.flush()
+    except sa.exc.IntegrityError:
+        # Another reply of this conversation started meanwhile (the one-active-reply index).
+        raise _reply_in_progress_error() from None
+    return reply
+
+
+def stop_reply(conversation: Conversation, reply: Message) -> Message:
+    """End a reply being generated as "stopped", keeping the text stored so far.
+
+    One guarded UPDATE, whichever process runs the reply (or none, if it died): that
+    process sees its lease gone within a second and closes the bot's request.
+    """
+    result = db.session.execute(
+        sa.update(_messages)
+        .where(_messages.c.id == reply.id, _messages.c.status.in_(ACTIVE_STATUSES))
+        .values(status=Status.STOPPED, lease_owner=None, lease_expires_at=None, updated_at=utcnow())
+    )
+    db.session.refresh(reply)
+    if result.rowcount != 1:
+        raise Conflict(
+            f"this reply has already ended ({reply.status.value}); there is nothing to stop",
+            code="reply_not_running",
+        )
     return reply
 
 
@@ -334,38 +422,54 @@ def reply_history(reply_id: int) -> tuple[int, list[dict]] | None:
     return reply.attempt, [{"role": role.value, "content": content} for role, content in rows]
 
 
-# Matches no row once the reply was restarted (attempt), reaped or finished (status) or
-# deleted, so a writer that lost its reply cannot touch it.
+# Matches no row once the reply was restarted (attempt), stopped or finished (status),
+# deleted, or claimed by another process (lease), so a writer that lost its reply cannot
+# touch it.
 _UPDATE_ACTIVE_ATTEMPT = sa.update(_messages).where(
     _messages.c.id == sa.bindparam("reply_id"),
     _messages.c.attempt == sa.bindparam("active_attempt"),
     _messages.c.status.in_(ACTIVE_STATUSES),
 )
-_APPEND_TO_REPLY = _UPDATE_ACTIVE_ATTEMPT.values(
-    content=_messages.c.content + sa.bindparam("text", type_=sa.Text),
-    status=sa.bindparam("new_status", type_=_messages.c.status.type),
-    error=sa.bindparam("new_error", type_=sa.Text),
-    updated_at=sa.bindparam("now", type_=_messages.c.updated_at.type),
+_REPLY_TEXT_AND_STATUS = {
+    "content": _messages.c.content + sa.bindparam("text", type_=sa.Text),
+    "status": sa.bindparam("new_status", type_=_messages.c.status.type),
+    "error": sa.bindparam("new_error", type_=sa.Text),
+    "updated_at": sa.bindparam("now", type_=_messages.c.updated_at.type),
+}
+# The lease holder's write; and a write to a reply nobody holds (seeding, scripts).
+_APPEND_AS_OWNER = _UPDATE_ACTIVE_ATTEMPT.where(
+    _messages.c.lease_owner == sa.bindparam("owner")
+).values(**_REPLY_TEXT_AND_STATUS)
+_APPEND_UNCLAIMED = _UPDATE_ACTIVE_ATTEMPT.where(_messages.c.lease_owner.is_(None)).values(
+    **_REPLY_TEXT_AND_STATUS
 )
 
 
-def _write_reply(reply_id: int, attempt: int, text: str, status: Status, error: str | None) -> bool:
-    result = db.session.execute(
-        _APPEND_TO_REPLY,
-        {"reply_id": reply_id, "active_attempt": attempt, "text": text, "new_status": status,
-         "new_error": error, "now": utcnow()},
-    )
+def _write_reply(
+    reply_id: int, attempt: int, text: str, status: Status, error: str | None, owner: str | None
+) -> bool:
+    params = {"reply_id": reply_id, "active_attempt": attempt, "text": text,
+              "new_status": status, "new_error": error, "now": utcnow()}
+    if owner is None:
+        result = db.session.execute(_APPEND_UNCLAIMED, params)
+    else:
+        result = db.session.execute(_APPEND_AS_OWNER, {**params, "owner": owner})
     return result.rowcount == 1
 
 
-def append_to_reply(reply_id: int, attempt: int, text: str) -> bool:
-    """Append generated text; False if the reply was restarted, reaped or deleted meanwhile."""
-    return _write_reply(reply_id, attempt, text, Status.STREAMING, None)
+def append_to_reply(reply_id: int, attempt: int, text: str, owner: str | None = None) -> bool:
+    """Append generated text as the lease ``owner`` (None: a reply nobody holds); False if
+    the reply was restarted, stopped, deleted or taken over meanwhile."""
+    return _write_reply(reply_id, attempt, text, Status.STREAMING, None, owner)
 
 
-def finish_reply(reply_id: int, attempt: int, text: str, error: str | None = None) -> bool:
+def finish_reply(
+    reply_id: int, attempt: int, text: str, error: str | None = None, owner: str | None = None
+) -> bool:
     """Append the last text and end the reply as complete, or failed with an error."""
-    return _write_reply(reply_id, attempt, text, Status.FAILED if error else Status.COMPLETE, error)
+    return _write_reply(
+        reply_id, attempt, text, Status.FAILED if error else Status.COMPLETE, error, owner
+    )
 
 
 def get_reply_progress(conversation_id: int, reply_id: int, offset: int) -> dict:
@@ -374,18 +478,6 @@ def get_reply_progress(conversation_id: int, reply_id: int, offset: int) -> dict
     if progress is None:
         raise NotFound("reply not found in this conversation", code="message_not_found")
     return progress
-
-
-def reap_stale_replies(stale_after: float) -> int:
-    """Fail replies that made no progress for stale_after seconds (their process died)."""
-    cutoff = utcnow() - timedelta(seconds=stale_after)
-    result = db.session.execute(
-        sa.update(Message)
-        .where(Message.status.in_(ACTIVE_STATUSES), Message.updated_at < cutoff)
-        .values(status=Status.FAILED, error=INTERRUPTED_ERROR, updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    return result.rowcount
 
 
 _REPLY_PROGRESS = sa.select(

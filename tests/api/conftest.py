@@ -24,7 +24,7 @@ class GatedBot:
         self.go_on = threading.Event()
         self.fail_with = fail_with
 
-    def stream(self, history):
+    def stream(self, history, cancel=None):
         yield "partial "
         self.thinking.set()
         if not self.go_on.wait(10):

@@ -30,7 +30,7 @@ from chatapp.api.schemas import (
 from chatapp.auth import services as auth_services
 from chatapp.auth.models import ApiToken, User
 from chatapp.chat import services as chat
-from chatapp.chat.models import Conversation, Message, Role, Status
+from chatapp.chat.models import ACTIVE_STATUSES, Conversation, Message, Role, Status
 from chatapp.db import begin_write, db, unit_of_work
 from chatapp.limits import limiter
 from tests.api.test_accounts import assert_error
@@ -46,7 +46,10 @@ def alice_id(app) -> int:
 
 def seed_every_kind_of_message(app, owner_id: int) -> int:
     """A conversation holding a message of every role and status, with and without an error,
-    including timestamps with and without microseconds (isoformat drops zero microseconds)."""
+    including timestamps with and without microseconds (isoformat drops zero microseconds).
+
+    The database allows one reply in progress per conversation: of the active statuses,
+    only the first combination is stored."""
     stamps = [
         datetime(2024, 5, 17, 9, 30, 0, tzinfo=timezone.utc),
         datetime(2024, 5, 17, 9, 30, 0, 123456, tzinfo=timezone.utc),
@@ -56,9 +59,14 @@ def seed_every_kind_of_message(app, owner_id: int) -> int:
         session.add(conversation)
         session.flush()
         n = 0
+        active_stored = False
         for role in Role:
             for status in Status:
                 for error in ERRORS:
+                    if status in ACTIVE_STATUSES:
+                        if active_stored:
+                            continue
+                        active_stored = True
                     session.add(Message(
                         conversation_id=conversation.id, role=role, status=status, error=error,
                         content=f"{role.value} {status.value} ünïcode \u2603 {n}",
@@ -78,7 +86,7 @@ def orm_messages(app, conversation_id: int) -> list[Message]:
 def test_message_json_equals_message_out_for_every_role_status_and_error(app, alice):
     conversation_id = seed_every_kind_of_message(app, alice_id(app))
     objects = orm_messages(app, conversation_id)
-    assert len(objects) == len(Role) * len(Status) * len(ERRORS)
+    assert len(objects) == len(Role) * (len(Status) - len(ACTIVE_STATUSES)) * len(ERRORS) + 1
     with app.test_request_context():
         page = chat.list_messages(conversation_id, 100)
         db.session.rollback()
@@ -107,7 +115,7 @@ def test_messages_page_is_the_bytes_flask_smorest_would_send(app, client, alice)
         pages += 1
         if cursor is None:
             break
-    assert objects == [] and pages == 4  # 24 messages, 7 a page
+    assert objects == [] and pages == 3  # 19 messages, 7 a page
 
 
 def test_conversations_page_is_the_bytes_flask_smorest_would_send(app, client, alice):
@@ -149,7 +157,7 @@ def test_posted_messages_dump_as_message_out_and_as_they_read_back(app, client, 
     url = f"/api/v1/conversations/{conversation['id']}/messages"
     with app.test_request_context():
         begin_write()
-        message, reply = chat.post_message_to(conversation["id"], "hello")
+        message, reply, _created = chat.post_message_to(conversation["id"], "hello")
         db.session.commit()
     for new in (message, reply):
         assert message_json(new) == MessageOut().dump(new)

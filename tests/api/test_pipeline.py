@@ -1,16 +1,12 @@
 """The reply pipeline holds no connection while the bot thinks, and never leaves a reply stuck."""
 
-from datetime import timedelta
-
 import pytest
 import sqlalchemy as sa
 
-from chatapp.chat import services
 from chatapp.chat.bots import BotError
 from chatapp.chat.models import Message, Status
-from chatapp.chat.reaper import reap_once
 from chatapp.chat.stream import reply_events
-from chatapp.db import unit_of_work, utcnow
+from chatapp.db import unit_of_work
 from tests.fake_openai import FakeOpenAIServer
 from tests.helpers import checked_out, live_sessions, wait_for_background_work
 
@@ -69,22 +65,6 @@ def test_openai_engine_end_to_end(app, client, alice, conversation_url, mode, er
         assert server.requests[0]["body"]["messages"] == [{"role": "user", "content": "hi model"}]
     else:
         assert status is Status.FAILED and error in message
-
-
-def test_reaper_fails_only_stale_replies(client, app, alice, conversation_url, gated_bot):
-    stale = post(client, alice, conversation_url)
-    assert gated_bot.thinking.wait(10)
-    with unit_of_work(app) as session:
-        session.execute(sa.update(Message).where(Message.id == stale).values(updated_at=utcnow() - timedelta(hours=1)))
-    app.config["REPLY_STALE_AFTER"] = 60
-    assert reap_once(app) == 1
-    assert reply_row(app, stale)[0] is Status.FAILED
-    assert reply_row(app, stale)[2] == services.INTERRUPTED_ERROR
-    # The orphan's thread, if it ever wakes up, cannot overwrite the reaped reply.
-    gated_bot.go_on.set()
-    wait_for_background_work(app)
-    assert reply_row(app, stale) == (Status.FAILED, "partial ", services.INTERRUPTED_ERROR)
-    assert reap_once(app) == 0
 
 
 def test_stream_holds_nothing_between_polls_and_on_close(client, app, alice, conversation_url, gated_bot):

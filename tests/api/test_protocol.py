@@ -84,7 +84,7 @@ def test_readyz_is_503_when_the_database_is_unreachable():
 
     app = create_app(
         {"TESTING": True, "SQLALCHEMY_DATABASE_URI": f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x",
-         "REPLY_REAP_INTERVAL": 0}
+         "REPLY_SWEEP_INTERVAL": 0}
     )
     response = app.test_client().get("/readyz")
     assert_error(response, 503, "database_unavailable")

@@ -162,7 +162,7 @@ def test_message_while_a_reply_is_written_is_refused(client, app, alice):
     response = client.post(f"/c/{conversation_id}/messages", data={"content": "second"})
     assert response.status_code == 409
     body = response.get_data(as_text=True)
-    assert "The bot is still answering in this conversation; wait for the reply to finish." in body
+    assert "The bot is still answering in this conversation; wait for the reply to finish or stop it." in body
     assert re.search(r">\s*second</textarea>", body)  # the draft is kept
     assert count(app, Message) == 2
 
