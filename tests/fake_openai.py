@@ -15,7 +15,11 @@ def _chunk(text: str) -> bytes:
 
 class FakeOpenAIServer:
     """Modes: "ok" streams reply_words then [DONE]; "die" stops mid-stream; "hang" sends one
-    chunk then nothing; "http500" answers an error; "garbage" sends a malformed chunk."""
+    chunk then nothing; "silent" sends one chunk, then nothing until the client hangs up;
+    "http500" answers an error; "garbage" sends a malformed chunk.
+
+    ``client_gone`` is set when a client is seen to close its request before the end.
+    """
 
     def __init__(self, mode: str = "ok", reply_words: list[str] | None = None, delay: float = 0.0):
         self.mode = mode
@@ -23,6 +27,7 @@ class FakeOpenAIServer:
         self.delay = delay
         self.requests: list[dict] = []
         self.release = threading.Event()
+        self.client_gone = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -47,8 +52,24 @@ class FakeOpenAIServer:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Connection", "close")
+                if server.mode == "silent":
+                    # As model servers send a stream: chunked, so each piece is read on arrival.
+                    self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
                 words = server.reply_words
+                if server.mode == "silent":
+                    piece = _chunk(words[0])
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    self.wfile.flush()
+                    # The client sends nothing more: readable means it closed its side.
+                    self.connection.settimeout(30)
+                    try:
+                        gone = self.connection.recv(1) == b""
+                    except OSError:
+                        gone = True
+                    if gone:
+                        server.client_gone.set()
+                    return
                 if server.mode == "garbage":
                     self.wfile.write(_chunk(words[0]) + b"data: {not json\n\n")
                     self.wfile.flush()
@@ -62,8 +83,12 @@ class FakeOpenAIServer:
                         self.wfile.flush()
                         server.release.wait(30)
                         return
-                    self.wfile.write(_chunk(word))
-                    self.wfile.flush()
+                    try:
+                        self.wfile.write(_chunk(word))
+                        self.wfile.flush()
+                    except OSError:
+                        server.client_gone.set()
+                        return
                     if server.delay:
                         time.sleep(server.delay)
                 self.wfile.write(b"data: [DONE]\n\n")

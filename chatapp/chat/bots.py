@@ -116,9 +116,17 @@ class OpenAIBot:
 
 
 def _shut_down(response: requests.Response) -> None:
-    """Close a streaming response's connection from another thread, waking its reader."""
-    connection = getattr(response.raw, "_connection", None)
-    sock = getattr(connection, "sock", None)
+    """Close a streaming response's connection from another thread, waking its reader.
+
+    The socket is the connection's, or (a response that closes its connection at the end)
+    the response's own: http.client hands it over. Shutting it down, unlike closing it,
+    wakes a thread blocked reading it.
+    """
+    raw = response.raw
+    sock = getattr(getattr(raw, "_connection", None), "sock", None)
+    if sock is None:
+        reader = getattr(getattr(getattr(raw, "_fp", None), "fp", None), "raw", None)
+        sock = getattr(reader, "_sock", None)
     if sock is not None:
         try:
             sock.shutdown(socket.SHUT_RDWR)

@@ -39,6 +39,8 @@ def generate_reply(
         if claimed is None:
             return "skipped"  # finished, stopped, deleted, or another process holds it
         attempt, history = claimed
+        if cancel is not None:
+            cancel.claimed = True
         if live is not None:
             live.claimed(attempt)
         writer = ReplyWriter(app, reply_id, attempt, owner, live)

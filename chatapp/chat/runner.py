@@ -43,6 +43,8 @@ class Cancellation:
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[], None]] = []
         self.reason: str | None = None  # "stopped" (by its user or elsewhere), "handover"
+        # Set once the run holds the reply's lease: only then can the keeper lose it.
+        self.claimed = False
 
     def is_set(self) -> bool:
         return self._event.is_set()
@@ -209,7 +211,9 @@ class ThreadPoolReplyRunner:
                 if not self._runs:
                     self._keeper = None
                     return
-                runs = dict(self._runs)
+                runs = {reply_id: run for reply_id, run in self._runs.items() if run.claimed}
+            if not runs:
+                continue
             renew = time.monotonic() - renewed_at >= renew_every
             try:
                 held = self._check_leases(list(runs), renew)
