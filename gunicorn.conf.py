@@ -79,6 +79,15 @@ def post_worker_init(worker):
     lifecycle.worker_started(worker.wsgi)
 
 
+def pre_request(worker, req):
+    """Defer a max_requests restart while this worker's replies run (chatapp.lifecycle)."""
+    if worker.nr + 1 >= worker.max_requests:
+        from chatapp import lifecycle
+
+        if lifecycle.defer_restart(worker.wsgi):
+            worker.max_requests = worker.nr + 2
+
+
 def worker_exit(server, worker):
     """In the exiting worker: finish or hand over its replies before the process ends."""
     app = getattr(worker, "wsgi", None)

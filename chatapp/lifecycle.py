@@ -10,11 +10,13 @@ than holding the worker for as long as a reply lasts. Outside gunicorn nothing d
 from __future__ import annotations
 
 import logging
+import time
 
 from flask import Flask
 
 log = logging.getLogger(__name__)
 _worker = None  # the gunicorn worker object of this process, if any
+_restart_deferred_since: float | None = None
 
 
 def watch_worker(worker) -> None:
@@ -33,6 +35,28 @@ def worker_started(app: Flask) -> None:
     from chatapp.chat.sweeper import get_sweeper
 
     get_sweeper(app).ensure_started()
+
+
+def defer_restart(app: Flask) -> bool:
+    """Whether a worker due for its max_requests restart should keep serving for now.
+
+    A restart waits for the worker's replies (up to REPLY_HANDOVER_SECONDS), but an exiting
+    worker serves nothing, and its replacement only starts once it is gone: with every
+    worker due at about the same time, the whole service would stop answering for as long
+    as a reply lasts. So a worker running replies keeps serving past max_requests until
+    they end or that time has passed; then it restarts, handing over what still runs.
+    """
+    global _restart_deferred_since
+    from chatapp.chat.runner import get_runner
+
+    if not get_runner(app).running():
+        _restart_deferred_since = None
+        return False
+    now = time.monotonic()
+    if _restart_deferred_since is None:
+        _restart_deferred_since = now
+        log.info("restart due, deferred while this worker's replies run")
+    return now - _restart_deferred_since < float(app.config["REPLY_HANDOVER_SECONDS"])
 
 
 def worker_exiting(app: Flask) -> None:
