@@ -66,10 +66,13 @@ class Defaults:
     STREAM_POLL_INTERVAL = 0.2
     STREAM_MAX_SECONDS = 3600.0
 
-    # Operations (docs/deployment.md). /metrics is public unless METRICS_TOKEN is set,
-    # then it needs "Authorization: Bearer <METRICS_TOKEN>"; METRICS_ENABLED = False hides it.
+    # Operations (docs/deployment.md). With METRICS_TOKEN set, /metrics needs
+    # "Authorization: Bearer <METRICS_TOKEN>"; without it, /metrics answers only requests
+    # from loopback that came through no proxy (403 otherwise), unless METRICS_PUBLIC opens
+    # it to everyone. METRICS_ENABLED = False hides it (404).
     METRICS_ENABLED = True
     METRICS_TOKEN = ""
+    METRICS_PUBLIC = False
     # A database connection held longer than this logs a warning naming the route or job.
     HOLD_WARN_SECONDS = 1.0
     # Flask-Limiter. Per client address; behind a proxy set PROXY_FIX_X_FOR so that
