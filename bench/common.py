@@ -156,7 +156,7 @@ class Database:
 
 def migrate(database_uri: str) -> None:
     """``flask init-db``, the real CLI, as tests/servers.py does."""
-    env = {**os.environ, "CHATAPP_SQLALCHEMY_DATABASE_URI": database_uri, "CHATAPP_SECRET_KEY": "bench"}
+    env = {**os.environ, "CHATAPP_SQLALCHEMY_DATABASE_URI": database_uri, "CHATAPP_SECRET_KEY": secrets.token_hex(32)}
     subprocess.run(
         [sys.executable, "-m", "flask", "--app", "chatapp", "init-db"],
         env=env, check=True, capture_output=True, cwd=ROOT, timeout=120,
@@ -239,7 +239,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
             **os.environ,
-            "CHATAPP_SECRET_KEY": "bench-secret-" + secrets.token_hex(8),
+            "CHATAPP_SECRET_KEY": secrets.token_hex(32),
             "CHATAPP_SQLALCHEMY_DATABASE_URI": database_uri,
             "PYTHONUNBUFFERED": "1",
         }

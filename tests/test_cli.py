@@ -10,6 +10,7 @@ from chatapp.auth.models import ApiToken, User
 from chatapp.auth.services import hash_token
 from chatapp.db import unit_of_work
 from tests.helpers import assert_no_leaks
+from tests.servers import SECRET_KEY
 
 
 def test_create_user_with_password_stdin(runner, app):
@@ -72,7 +73,7 @@ def run_flask(database_uri: str, *args: str, stdin: str = "") -> subprocess.Comp
     env = {
         **os.environ,
         "CHATAPP_SQLALCHEMY_DATABASE_URI": database_uri,
-        "CHATAPP_SECRET_KEY": "cli-test",
+        "CHATAPP_SECRET_KEY": SECRET_KEY,
         "CHATAPP_PASSWORD_HASH_METHOD": '"pbkdf2:sha256:1000"',
     }
     return subprocess.run(
