@@ -8,6 +8,8 @@ a header.
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 import signal
 
 import pytest
@@ -103,7 +105,6 @@ def test_hostile_text_to_the_web_forms_is_refused_quickly(app, client, auth):
 )
 def test_the_documented_patterns_say_what_the_validators_do(text):
     """The OpenAPI document shows the rules as patterns; they agree with the plain checks."""
-    import re
 
     def accepts(check) -> bool:
         try:
@@ -114,3 +115,72 @@ def test_the_documented_patterns_say_what_the_validators_do(text):
 
     assert accepts(visible_text) == bool(re.search(VISIBLE_TEXT_PATTERN, text))
     assert accepts(no_nul) == bool(re.search(NO_NUL_PATTERN, text))
+
+
+# --- server-sent events: a reply's text cannot forge events ------------------------------------
+
+
+def browser_events(body: str) -> list[tuple[str, str, str]]:
+    """(event, data, last event id) as a browser's EventSource dispatches them.
+
+    Follows the SSE spec (WHATWG HTML): a line ends at CRLF, a bare CR or LF; a blank line
+    dispatches the event; data lines are joined with LF; an id with a NUL is ignored.
+    """
+    events, data, name, last_id = [], [], "", ""
+    for line in re.split(r"\r\n|\r|\n", body):
+        if line == "":
+            if data:
+                events.append((name or "message", "\n".join(data), last_id))
+            data, name = [], ""
+            continue
+        if line.startswith(":"):
+            continue
+        field, _colon, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "event":
+            name = value
+        elif field == "data":
+            data.append(value)
+        elif field == "id" and "\x00" not in value:
+            last_id = value
+    return events
+
+
+FORGERY = "a\rdata: x\r\revent: done\rdata: {}\r\rid: 9:9\r\r\nevent: done\r\ndata: {\"status\": \"failed\"}\r\n\r\nb"
+
+
+def test_a_reply_cannot_forge_events_or_move_last_event_id(app, client, auth):
+    """The echo bot repeats a message full of CRs; the browser sees text, then one real done."""
+    headers = auth.headers("sse-forger")
+    conversation = client.post("/api/v1/conversations", json={}, headers=headers).get_json()
+    url = f"/api/v1/conversations/{conversation['id']}/messages"
+    posted = client.post(url, json={"content": FORGERY}, headers=headers)
+    assert posted.status_code == 202, posted.get_data(as_text=True)
+    reply_id = posted.get_json()["reply"]["id"]
+    assert app.extensions["chatapp.reply_runner"].wait_idle(30)
+
+    response = client.get(f"{url}/{reply_id}/stream", headers=headers)
+    assert response.status_code == 200
+    events = browser_events(response.get_data(as_text=True))
+    names = [name for name, _data, _id in events]
+    assert names.count("done") == 1 and names[-1] == "done", names
+    assert set(names[:-1]) == {"message"}, names
+    assert json.loads(events[-1][1]) == {"status": "complete", "error": None}
+    # The text the client puts together is the reply, its line breaks made LF; every id is
+    # one the server set: attempt 0, offsets into the stored text.
+    text = "".join(data for name, data, _id in events if name == "message")
+    assert text == FORGERY.replace("\r\n", "\n").replace("\r", "\n")
+    assert events[-1][2] == f"0:{len(FORGERY)}"
+    assert all(re.fullmatch(r"0:\d+", event_id) for _name, _data, event_id in events)
+    # The stored reply keeps the text as written.
+    stored_reply = client.get(url, headers=headers).get_json()["items"][-1]
+    assert stored_reply["content"] == FORGERY and stored_reply["status"] == "complete"
+
+
+@pytest.mark.parametrize("field", ["event", "event_id"])
+@pytest.mark.parametrize("value", ["done\ndata: x", "done\revent: x", "1:2\r\n", "1\x002"])
+def test_event_names_and_ids_cannot_carry_line_breaks(field, value):
+    from chatapp.chat.stream import _event
+
+    with pytest.raises(ValueError):
+        _event("text", **{field: value})

@@ -28,13 +28,31 @@ LIVE_RECHECK_SECONDS = 5.0
 
 
 def _event(data: str, event: str | None = None, event_id: str | None = None) -> str:
+    """One server-sent event; ``data`` may hold any text, ``event`` and ``event_id`` no line break.
+
+    A client ends a line at CRLF, at a bare CR and at LF (the SSE spec's three line
+    terminators), so splitting on "\\n" alone would let a "\\r" in a reply (from a model, or
+    echoed) start lines of its own: a forged ``event: done``, or an ``id:`` that moves the
+    client's Last-Event-ID. Each line of the text is sent as its own ``data:`` line instead,
+    and the client rejoins them with "\\n": a CR or CRLF in a reply arrives as LF while it
+    streams, which is what the spec allows (data has no way to carry a bare CR). The stored
+    reply, and the page the browser swaps in on ``done``, keep the text as written.
+    """
     lines = []
     if event:
-        lines.append(f"event: {event}")
+        lines.append(f"event: {_single_line(event)}")
     if event_id:
-        lines.append(f"id: {event_id}")
-    lines.extend(f"data: {line}" for line in data.split("\n"))
+        lines.append(f"id: {_single_line(event_id)}")
+    text = data.replace("\r\n", "\n").replace("\r", "\n")
+    lines.extend(f"data: {line}" for line in text.split("\n"))
     return "\n".join(lines) + "\n\n"
+
+
+def _single_line(value: str) -> str:
+    """An event name or id as is; one with a line break (or a NUL, which voids an id) is a bug."""
+    if "\r" in value or "\n" in value or "\x00" in value:
+        raise ValueError(f"an SSE field cannot hold {value!r}")
+    return value
 
 
 def parse_last_event_id(value: str | None) -> tuple[int, int] | None:
