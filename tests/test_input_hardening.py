@@ -7,6 +7,7 @@ a header.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import re
@@ -184,3 +185,140 @@ def test_event_names_and_ids_cannot_carry_line_breaks(field, value):
 
     with pytest.raises(ValueError):
         _event("text", **{field: value})
+
+
+# --- numbers from clients: cursors, Last-Event-ID, ?before= -----------------------------------
+
+
+def cursor_of(raw: str) -> str:
+    """A cursor as the API encodes one (URL-safe base64, no padding) around ``raw``."""
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+# Beyond any id column, other scripts' digits (str.isdigit() says yes to both), and what int()
+# takes but no id is written as.
+BAD_NUMBERS = ["99999999999999999999999", "2147483648", "²", "１２", "٣", "-1", "+1", " 1", "1_0", "9" * 5000]
+
+
+@pytest.fixture
+def owner(app, client, auth):
+    headers = auth.headers("numbers")
+    conversation = client.post("/api/v1/conversations", json={"title": "kept"}, headers=headers).get_json()
+    return headers, conversation["id"]
+
+
+def assert_cursor_refused(response):
+    assert response.status_code == 422, response.get_data(as_text=True)[:300]
+    error = response.get_json()["error"]
+    assert error["code"] == "invalid" and "cursor" in error["message"], error
+
+
+@pytest.mark.parametrize("number", BAD_NUMBERS)
+def test_a_message_cursor_beyond_an_id_or_in_other_digits_is_a_422(client, owner, number):
+    headers, conversation_id = owner
+    response = client.get(
+        f"/api/v1/conversations/{conversation_id}/messages",
+        query_string={"cursor": cursor_of(number)}, headers=headers,
+    )
+    assert_cursor_refused(response)
+
+
+@pytest.mark.parametrize("number", BAD_NUMBERS)
+def test_a_conversation_cursor_beyond_an_id_or_in_other_digits_is_a_422(client, owner, number):
+    headers, _conversation_id = owner
+    response = client.get(
+        "/api/v1/conversations",
+        query_string={"cursor": cursor_of(f"2026-01-01T00:00:00+00:00|{number}")}, headers=headers,
+    )
+    assert_cursor_refused(response)
+
+
+@pytest.mark.parametrize(
+    "stamp", ["9999-12-31T23:59:59.999999+00:00", "0001-01-01T00:00:00+00:00", "2026-01-01T00:00:00", "2026-01-01"]
+)
+def test_a_conversation_cursor_at_any_valid_time_pages(client, owner, stamp):
+    headers, _conversation_id = owner
+    response = client.get(
+        "/api/v1/conversations", query_string={"cursor": cursor_of(f"{stamp}|1")}, headers=headers
+    )
+    assert response.status_code == 200, response.get_data(as_text=True)[:300]
+
+
+def test_the_largest_ids_still_page(client, owner):
+    """The bound is the id column's: 2**31 - 1 itself is a valid (empty) position."""
+    headers, conversation_id = owner
+    for url, raw in [
+        (f"/api/v1/conversations/{conversation_id}/messages", "2147483647"),
+        ("/api/v1/conversations", "2026-01-01T00:00:00+00:00|2147483647"),
+    ]:
+        response = client.get(url, query_string={"cursor": cursor_of(raw)}, headers=headers)
+        assert response.status_code == 200, response.get_data(as_text=True)[:300]
+
+
+@pytest.mark.parametrize(
+    "last_event_id",
+    ["1:99999999999999999999", "99999999999999999999:1", "１:2", "1:２", "²:1", "0:2147483647", "0", "0:", ":0",
+     "a:b", "0:-1", "0:" + "9" * 5000],
+)
+def test_a_bad_last_event_id_is_a_400(app, client, owner, last_event_id):
+    headers, conversation_id = owner
+    url = f"/api/v1/conversations/{conversation_id}/messages"
+    reply_id = client.post(url, json={"content": "resume me"}, headers=headers).get_json()["reply"]["id"]
+    assert app.extensions["chatapp.reply_runner"].wait_idle(30)
+    response = client.get(f"{url}/{reply_id}/stream", headers={**headers, "Last-Event-ID": last_event_id})
+    assert response.status_code == 400, response.get_data(as_text=True)[:300]
+    error = response.get_json()["error"]
+    assert error["code"] == "bad_request" and "Last-Event-ID" in error["message"]
+
+
+def test_the_largest_last_event_id_still_streams(app, client, owner):
+    """An offset past the text is a valid resume point: the stream just ends."""
+    headers, conversation_id = owner
+    url = f"/api/v1/conversations/{conversation_id}/messages"
+    reply_id = client.post(url, json={"content": "resume me"}, headers=headers).get_json()["reply"]["id"]
+    assert app.extensions["chatapp.reply_runner"].wait_idle(30)
+    response = client.get(f"{url}/{reply_id}/stream", headers={**headers, "Last-Event-ID": "0:2147483646"})
+    assert response.status_code == 200
+    events = browser_events(response.get_data(as_text=True))
+    assert [name for name, _data, _id in events] == ["done"]
+
+
+@pytest.mark.parametrize("before", ["99999999999999999999", "2147483648", "²", "１２", "-1", "9" * 5000])
+def test_a_bad_before_on_the_conversation_page_shows_the_newest_messages(app, client, auth, before):
+    auth.register("before-user")
+    browser, _csrf = log_in(app, "before-user")
+    conversation_id = browser.post("/c").headers["Location"].rsplit("/", 1)[1]
+    browser.post(f"/c/{conversation_id}/messages", data={"content": "the newest words"})
+    assert app.extensions["chatapp.reply_runner"].wait_idle(30)
+    page = browser.get(f"/c/{conversation_id}", query_string={"before": before})
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    assert "the newest words" in page.get_data(as_text=True)
+
+
+def test_a_bad_sidebar_cursor_is_a_page_not_a_500(app, auth):
+    auth.register("older-user")
+    browser, _csrf = log_in(app, "older-user")
+    for raw in ["2026-01-01T00:00:00+00:00|99999999999999999999", "2026-01-01T00:00:00+00:00|²"]:
+        page = browser.get("/", query_string={"older": cursor_of(raw)})
+        assert page.status_code == 422 and page.mimetype == "text/html", page.status_code
+
+
+@pytest.mark.parametrize("target", ["/\x01x", "/a\nb", "/a\r\nSet-Cookie: x=1", "/\t/evil.example", "/a\x7fb", "/a\x85b"])
+def test_login_drops_a_next_with_control_characters(app, auth, target):
+    auth.register("next-user")
+    browser = app.test_client()
+    response = browser.post(
+        "/login", query_string={"next": target}, data={"username": "next-user", "password": "correct horse"}
+    )
+    assert response.status_code == 302 and response.headers["Location"] == "/", response.headers.get("Location")
+    # Already logged in, the login page sends you on the same way.
+    again = browser.get("/login", query_string={"next": target})
+    assert again.status_code == 302 and again.headers["Location"] == "/"
+
+
+def test_login_still_follows_a_plain_next(app, auth):
+    auth.register("next-plain")
+    response = app.test_client().post(
+        "/login", query_string={"next": "/c/1?older=abc"}, data={"username": "next-plain", "password": "correct horse"}
+    )
+    assert response.headers["Location"] == "/c/1?older=abc"

@@ -18,7 +18,9 @@ from flask import Flask
 from chatapp.chat import services
 from chatapp.chat.live_replies import LiveReply, get_live_replies
 from chatapp.db import unit_of_work
+from chatapp.errors import AppError
 from chatapp.ops.metrics import job
+from chatapp.security import MAX_ID, parse_bounded_int
 
 KEEPALIVE_SECONDS = 15.0
 # While a reply runs here the stream still reads the database this often: a change
@@ -56,13 +58,23 @@ def _single_line(value: str) -> str:
 
 
 def parse_last_event_id(value: str | None) -> tuple[int, int] | None:
-    """``attempt:offset`` from an EventSource reconnect, or None."""
+    """``attempt:offset`` from an EventSource reconnect, None without one; AppError (400) if bad.
+
+    Only ids this stream sent are valid: ASCII digits, an attempt an integer column holds, and
+    an offset whose SQL position (offset + 1) does too. Anything else would be a driver
+    overflow error (a 500), or a number read from other scripts' digits.
+    """
     if not value:
         return None
-    attempt, _, offset = value.partition(":")
-    if attempt.isdigit() and offset.isdigit():
-        return int(attempt), int(offset)
-    return None
+    attempt_text, colon, offset_text = value.partition(":")
+    attempt = parse_bounded_int(attempt_text)
+    offset = parse_bounded_int(offset_text, MAX_ID - 1)
+    if not colon or attempt is None or offset is None:
+        raise AppError(
+            "Last-Event-ID must be the id of an event from this stream (attempt:offset); "
+            "omit it to start from the beginning"
+        )
+    return attempt, offset
 
 
 def reply_events(
