@@ -61,6 +61,12 @@ def _run_bot(app: Flask, writer: ReplyWriter, history: list[dict]) -> str:
     except DatabaseUnavailable:
         raise
     except BotError as exc:
+        # The user sees the general message; the operator's log gets what the model server
+        # said and where it is (credentials masked), with the reply it happened to.
+        log.warning(
+            "reply %s (attempt %s) failed: %s%s", writer.reply_id, writer.attempt, exc,
+            f" [{exc.detail}]" if exc.detail else "",
+        )
         writer.finish("".join(buffer), str(exc))
         return "failed"
     except Exception:
