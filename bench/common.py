@@ -156,7 +156,7 @@ class Database:
 
 def migrate(database_uri: str) -> None:
     """``flask init-db``, the real CLI, as tests/servers.py does."""
-    env = {**os.environ, "CHATAPP_SQLALCHEMY_DATABASE_URI": database_uri, "CHATAPP_SECRET_KEY": "bench"}
+    env = {**os.environ, "CHATAPP_SQLALCHEMY_DATABASE_URI": database_uri, "CHATAPP_SECRET_KEY": secrets.token_hex(32)}
     subprocess.run(
         [sys.executable, "-m", "flask", "--app", "chatapp", "init-db"],
         env=env, check=True, capture_output=True, cwd=ROOT, timeout=120,
@@ -239,7 +239,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
             **os.environ,
-            "CHATAPP_SECRET_KEY": "bench-secret-" + secrets.token_hex(8),
+            "CHATAPP_SECRET_KEY": secrets.token_hex(32),
             "CHATAPP_SQLALCHEMY_DATABASE_URI": database_uri,
             "PYTHONUNBUFFERED": "1",
         }
@@ -571,7 +571,10 @@ def read_stream(session: requests.Session, url: str, timeout: tuple = (10, 120))
         if response.status_code != 200:
             return "", None, response.status_code
         event = None
-        for raw in response.iter_lines(decode_unicode=True):
+        # Bytes, split on CR, LF and CRLF only (the SSE line terminators); decoded text
+        # would also be split at U+2028 and the like, which are not line ends in SSE.
+        for line in response.iter_lines(decode_unicode=False):
+            raw = line.decode("utf-8")
             if raw.startswith("event: "):
                 event = raw[7:]
             elif raw.startswith("data: "):

@@ -27,6 +27,7 @@ import cProfile
 import importlib
 import os
 import pstats
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -80,7 +81,7 @@ def measure(backend: str, wd: Path, n: int, profile: bool) -> tuple[dict, dict]:
         os.environ["CHATAPP_SQLALCHEMY_DATABASE_URI"] = database.uri
         headers = {"Authorization": f"Bearer {seeded.token}"}
         listing = f"/api/v1/conversations/{seeded.conversation_ids[0]}/messages?limit=20"
-        app = create_app({"SECRET_KEY": "bench", "SQLALCHEMY_DATABASE_URI": database.uri,
+        app = create_app({"SECRET_KEY": secrets.token_hex(32), "SQLALCHEMY_DATABASE_URI": database.uri,
                           "REPLY_SWEEP_INTERVAL": 0, "BOT_ECHO_DELAY": 0})
         app.extensions[EXTENSION_KEY] = _NoRunner()
         # Both read the database URL when imported: import afresh for every backend.

@@ -20,7 +20,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     if test_config is not None:
         app.config.from_mapping(test_config)
     check_secret_key(app.config)
-    os.makedirs(app.instance_path, exist_ok=True)
+    # Owner-only when created here: it holds the secret key (config.py) and the SQLite file.
+    os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
 
     from chatapp import api, cli, db, health, limits, migrations, ops, security
     from chatapp.chat import runner, sweeper

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 
 import click
@@ -40,16 +42,53 @@ def _require_schema() -> None:
         )
 
 
+def _sqlite_files() -> list[str]:
+    """The paths of the SQLite database files this app uses (none for PostgreSQL or memory)."""
+    paths = []
+    for engine in db.engines.values():
+        url = engine.url
+        database = url.database or ""
+        if url.get_backend_name() != "sqlite" or database in ("", ":memory:") or database.startswith("file:"):
+            continue
+        paths.append(database)
+    return paths
+
+
+def _create_owner_only(path: str) -> None:
+    """Create an empty database file readable by its owner only, before SQLite creates it
+    with the umask's mode (usually world-readable); SQLite gives its -wal and -shm files the
+    database file's mode, so they are born owner-only too."""
+    if os.path.isdir(os.path.dirname(path) or "."):
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def _restrict_to_owner(path: str) -> None:
+    """chmod 0600 a database file made before init-db did this, and its companion files."""
+    for name in (path, f"{path}-wal", f"{path}-shm", f"{path}-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(name, 0o600)
+
+
 @click.command("init-db")
 @with_appcontext
 def init_db_command() -> None:
-    """Create the schema or upgrade it to the latest migration (safe to repeat)."""
+    """Create the schema or upgrade it to the latest migration (safe to repeat).
+
+    A SQLite database holds password hashes and every conversation: its file is made
+    readable by its owner only (0600).
+    """
+    sqlite_files = _sqlite_files()
+    for path in sqlite_files:
+        _create_owner_only(path)
     try:
         migrations.upgrade_to_latest()
     except sa.exc.OperationalError as exc:
         raise click.ClickException(f"cannot reach the database: {exc.orig}") from None
     finally:
         db.session.remove()
+    for path in sqlite_files:
+        _restrict_to_owner(path)
     click.echo("Database is at the latest schema.")
 
 

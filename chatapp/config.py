@@ -80,10 +80,13 @@ class Defaults:
     STREAM_POLL_INTERVAL = 0.2
     STREAM_MAX_SECONDS = 3600.0
 
-    # Operations (docs/deployment.md). /metrics is public unless METRICS_TOKEN is set,
-    # then it needs "Authorization: Bearer <METRICS_TOKEN>"; METRICS_ENABLED = False hides it.
+    # Operations (docs/deployment.md). With METRICS_TOKEN set, /metrics needs
+    # "Authorization: Bearer <METRICS_TOKEN>"; without it, /metrics answers only requests
+    # from loopback that came through no proxy (403 otherwise), unless METRICS_PUBLIC opens
+    # it to everyone. METRICS_ENABLED = False hides it (404).
     METRICS_ENABLED = True
     METRICS_TOKEN = ""
+    METRICS_PUBLIC = False
     # A database connection held longer than this logs a warning naming the route or job.
     HOLD_WARN_SECONDS = 1.0
     # Flask-Limiter. Per client address; behind a proxy set PROXY_FIX_X_FOR so that
@@ -108,15 +111,41 @@ class ConfigError(RuntimeError):
     """Raised at start-up when the configuration cannot run safely."""
 
 
+# Flask signs login cookies and CSRF tokens with SECRET_KEY: 32 random bytes (what
+# secrets.token_hex(32) gives, and more) cannot be guessed; a short or shared key can.
+MIN_SECRET_KEY_BYTES = 32
+_HOW_TO_SET_SECRET_KEY = (
+    "Set one before starting, either in instance/config.py (SECRET_KEY = '...') or in the "
+    "environment (export CHATAPP_SECRET_KEY=...). Generate one with: "
+    "python -c 'import secrets; print(secrets.token_hex(32))'"
+)
+
+
 def check_secret_key(config) -> None:
-    """Refuse to start a production app with a missing or well-known SECRET_KEY."""
-    if config.get("DEBUG") or config.get("TESTING"):
+    """Refuse to start with a missing, well-known or short SECRET_KEY; only tests are exempt.
+
+    Debug mode is not: a debug server reachable by anyone else would otherwise sign its
+    login cookies with a key everyone knows.
+    """
+    if config.get("TESTING"):
         return
     key = config.get("SECRET_KEY")
     if not key or key == DEFAULT_SECRET_KEY:
         raise ConfigError(
-            "chatapp: SECRET_KEY is missing or left at its default. Set one before starting, "
-            "either in instance/config.py (SECRET_KEY = '...') or in the environment "
-            "(export CHATAPP_SECRET_KEY=...). Generate one with: "
-            "python -c 'import secrets; print(secrets.token_hex(32))'"
+            f"chatapp: SECRET_KEY is missing or left at its default. {_HOW_TO_SET_SECRET_KEY}"
+        )
+    if isinstance(key, str):
+        size = len(key.encode("utf-8"))
+    elif isinstance(key, bytes):
+        size = len(key)
+    else:
+        # CHATAPP_* values are parsed as JSON: an all-digit key arrives as a number.
+        raise ConfigError(
+            f"chatapp: SECRET_KEY must be text, not {type(key).__name__} (in CHATAPP_SECRET_KEY, "
+            f"put a key made only of digits in JSON quotes). {_HOW_TO_SET_SECRET_KEY}"
+        )
+    if size < MIN_SECRET_KEY_BYTES:
+        raise ConfigError(
+            f"chatapp: SECRET_KEY is {size} bytes long; it must be at least {MIN_SECRET_KEY_BYTES} "
+            f"bytes of random text, or anyone could guess it and forge a login. {_HOW_TO_SET_SECRET_KEY}"
         )

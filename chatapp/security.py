@@ -30,6 +30,24 @@ HEADERS = {
 }
 
 
+# The largest id (and text offset) a PostgreSQL integer column or parameter holds: a larger
+# number in a query is an overflow error from the driver, a 500.
+MAX_ID = 2**31 - 1
+
+
+def parse_bounded_int(text: str, maximum: int = MAX_ID) -> int | None:
+    """A whole number 0..maximum written in ASCII digits, else None.
+
+    str.isdigit() alone accepts "²" (which int() refuses) and "１２" (which int() reads), and
+    int() accepts signs, spaces and underscores; ids and offsets we hand out are none of those.
+    The length check comes first, so no huge string is ever converted.
+    """
+    if not (text.isascii() and text.isdigit()) or len(text) > len(str(maximum)):
+        return None
+    value = int(text)
+    return value if value <= maximum else None
+
+
 class IdConverter(IntegerConverter):
     """``<int:...>`` in every route: an id the id columns can hold (PostgreSQL integer).
 
@@ -37,7 +55,7 @@ class IdConverter(IntegerConverter):
     with an overflow error (a 500). The OpenAPI document shows the bound as maximum.
     """
 
-    def __init__(self, map, fixed_digits=0, min=None, max=2**31 - 1, signed=False):
+    def __init__(self, map, fixed_digits=0, min=None, max=MAX_ID, signed=False):
         super().__init__(map, fixed_digits=fixed_digits, min=min, max=max, signed=signed)
 
 

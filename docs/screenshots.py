@@ -8,6 +8,7 @@ it with gunicorn, and drives Debian's Chromium with Playwright: light, dark, pho
 
 from __future__ import annotations
 
+import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -64,7 +65,7 @@ STREAMED = (
 
 def seed(database_uri: str) -> int:
     """The user and a few finished conversations; returns the id of the one to show."""
-    app = create_app({"SQLALCHEMY_DATABASE_URI": database_uri, "SECRET_KEY": "screenshots",
+    app = create_app({"SQLALCHEMY_DATABASE_URI": database_uri, "SECRET_KEY": secrets.token_hex(32),
                       "PASSWORD_HASH_METHOD": "pbkdf2:sha256:1000"})
     with unit_of_work(app):
         user = auth.create_user(USERNAME, PASSWORD)

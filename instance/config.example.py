@@ -2,9 +2,9 @@
 # after the built-in defaults and before CHATAPP_* environment variables, and is
 # ignored by git so that secrets stay on the machine.
 
-# Required outside debug and testing. Generate one with:
+# Required (debug mode included), at least 32 bytes. Generate one with:
 #   python -c 'import secrets; print(secrets.token_hex(32))'
-# SECRET_KEY = "change-me"
+# SECRET_KEY = "<the 64 hex digits it prints>"
 
 # SQLite (the default) keeps its file in this folder. For PostgreSQL:
 # SQLALCHEMY_DATABASE_URI = "postgresql+psycopg://chatapp@127.0.0.1:5432/chatapp"

@@ -42,7 +42,10 @@ def read_stream(session: requests.Session, url: str, stop_after_first: bool = Fa
         if response.status_code != 200:
             return "", f"http {response.status_code}"
         event, data = None, []
-        for raw in response.iter_lines(decode_unicode=True):
+        # Bytes, split on CR, LF and CRLF only (the SSE line terminators); decoded text
+        # would also be split at U+2028 and the like, which are not line ends in SSE.
+        for line in response.iter_lines(decode_unicode=False):
+            raw = line.decode("utf-8")
             if raw.startswith("event: "):
                 event = raw[7:]
             elif raw.startswith("data: "):

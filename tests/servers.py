@@ -13,6 +13,9 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+# Servers and commands run without TESTING, so they need a key the start-up check accepts
+# (32 bytes or more). A fixed one: every test server signs with the same key.
+SECRET_KEY = "chatapp-test-servers-only-0123456789abcdef"
 
 
 def free_port() -> int:
@@ -23,7 +26,7 @@ def free_port() -> int:
 
 def migrate(database_uri: str) -> None:
     """Bring a database to the latest schema with the real CLI."""
-    env = {**os.environ, "CHATAPP_SQLALCHEMY_DATABASE_URI": database_uri, "CHATAPP_SECRET_KEY": "t"}
+    env = {**os.environ, "CHATAPP_SQLALCHEMY_DATABASE_URI": database_uri, "CHATAPP_SECRET_KEY": SECRET_KEY}
     subprocess.run(
         [sys.executable, "-m", "flask", "--app", "chatapp", "init-db"],
         env=env, check=True, capture_output=True, cwd=ROOT, timeout=120,
@@ -40,7 +43,7 @@ class GunicornServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
             **os.environ,
-            "CHATAPP_SECRET_KEY": "gunicorn-test-secret",
+            "CHATAPP_SECRET_KEY": SECRET_KEY,
             "CHATAPP_SQLALCHEMY_DATABASE_URI": database_uri,
             "CHATAPP_PASSWORD_HASH_METHOD": '"pbkdf2:sha256:1000"',
             # As in the in-process tests: on only where a test asks (config={"RATELIMIT_ENABLED": "true"}).

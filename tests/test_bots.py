@@ -1,8 +1,10 @@
 """Bot engines: echo, and the OpenAI engine against a real streaming server on loopback."""
 
+import logging
+
 import pytest
 
-from chatapp.chat.bots import BotError, EchoBot, OpenAIBot, bot_from_config
+from chatapp.chat.bots import BotError, EchoBot, OpenAIBot, bot_from_config, masked_url
 from tests.fake_openai import FakeOpenAIServer
 
 HISTORY = [{"role": "user", "content": "first"}, {"role": "assistant", "content": "first"},
@@ -28,7 +30,8 @@ def test_unknown_engine_is_a_bot_error():
 
 
 def make_bot(server, **kwargs):
-    return OpenAIBot(base_url=server.base_url, model="test-model", api_key="sk-test", **kwargs)
+    kwargs.setdefault("base_url", server.base_url)
+    return OpenAIBot(model="test-model", api_key="sk-test", **kwargs)
 
 
 def test_openai_streams_chunks_and_sends_the_history():
@@ -43,36 +46,125 @@ def test_openai_streams_chunks_and_sends_the_history():
     assert request["body"]["messages"][1:] == HISTORY
 
 
+# Users see a reply's error; the model server's address and credentials, and whatever it
+# answered, are for the operator's log only.
+PASSWORD = "hunter2-model-secret"
+
+
+def credentialed(base_url: str) -> str:
+    """The server's base URL with a user and password in it, as an operator might write it."""
+    return base_url.replace("http://", f"http://operator:{PASSWORD}@")
+
+
+def failure(bot, history=HISTORY, received=None) -> BotError:
+    with pytest.raises(BotError) as caught:
+        for chunk in bot.stream(history):
+            if received is not None:
+                received.append(chunk)
+    return caught.value
+
+
+def assert_private(error: BotError, port: int, *logged: str) -> None:
+    """The message names no host, port or credential; the detail has them masked, and ``logged``."""
+    message = str(error)
+    for private in ("127.0.0.1", str(port), PASSWORD, "operator", "http://"):
+        assert private not in message, (private, message)
+    assert f"http://***@127.0.0.1:{port}/v1/chat/completions" in error.detail, error.detail
+    assert PASSWORD not in error.detail and "operator" not in error.detail
+    for text in logged:
+        assert text in error.detail, (text, error.detail)
+
+
+def server_port(server) -> int:
+    return server.httpd.server_address[1]
+
+
+def test_openai_sends_the_url_credentials_as_basic_auth():
+    with FakeOpenAIServer("ok") as server:
+        bot = OpenAIBot(base_url=credentialed(server.base_url), model="m")
+        assert "".join(bot.stream(HISTORY)) == "Hello from the model."
+    assert server.requests[0]["headers"]["Authorization"].startswith("Basic ")
+
+
 def test_openai_stream_cut_mid_way_is_an_error_after_the_first_chunks():
     received = []
     with FakeOpenAIServer("die") as server:
-        with pytest.raises(BotError, match="closed the stream|lost the connection"):
-            for chunk in make_bot(server).stream(HISTORY):
-                received.append(chunk)
+        error = failure(make_bot(server, base_url=credentialed(server.base_url)), received=received)
     assert received == ["Hello", " from"]
+    assert "closed the stream" in str(error) or "lost the connection" in str(error)
+    assert_private(error, server_port(server))
 
 
 def test_openai_hang_times_out():
     with FakeOpenAIServer("hang") as server:
-        with pytest.raises(BotError, match="sent nothing for 0.5 s"):
-            list(make_bot(server, read_timeout=0.5).stream(HISTORY))
+        error = failure(make_bot(server, base_url=credentialed(server.base_url), read_timeout=0.5))
+    assert "sent nothing for 0.5 s" in str(error)
+    assert_private(error, server_port(server), "timed out")
 
 
-def test_openai_http_error_is_readable():
+def test_openai_http_error_says_the_status_and_logs_the_body():
     with FakeOpenAIServer("http500") as server:
-        with pytest.raises(BotError, match="HTTP 500: model is overloaded"):
-            list(make_bot(server).stream(HISTORY))
+        error = failure(make_bot(server, base_url=credentialed(server.base_url)))
+    assert str(error) == "the model server answered with an error (HTTP 500); try again later"
+    assert_private(error, server_port(server), "HTTP 500: model is overloaded")
+    assert "overloaded" not in str(error)
 
 
 def test_openai_malformed_chunk():
     with FakeOpenAIServer("garbage") as server:
-        with pytest.raises(BotError, match="malformed chunk"):
-            list(make_bot(server).stream(HISTORY))
+        error = failure(make_bot(server, base_url=credentialed(server.base_url)))
+    assert str(error) == "the model server sent a malformed reply"
+    assert_private(error, server_port(server), "malformed chunk", "{not json")
 
 
 def test_openai_unreachable_server():
     from tests.servers import free_port
 
-    bot = OpenAIBot(base_url=f"http://127.0.0.1:{free_port()}/v1", model="m", connect_timeout=1)
-    with pytest.raises(BotError, match="model server"):
-        list(bot.stream(HISTORY))
+    port = free_port()
+    bot = OpenAIBot(base_url=credentialed(f"http://127.0.0.1:{port}/v1"), model="m", connect_timeout=1)
+    error = failure(bot)
+    assert str(error) == "could not reach the model server; try again later"
+    assert_private(error, port, "Connection refused")
+
+
+def test_the_api_key_never_reaches_the_detail():
+    """An exception's text can quote the request; the key and the URL's secrets are masked."""
+    bot = OpenAIBot(base_url=f"http://operator:{PASSWORD}@127.0.0.1:1/v1", model="m", api_key="sk-live-key")
+    detail = bot._detail(f"failed for http://operator:{PASSWORD}@127.0.0.1:1/v1 with Bearer sk-live-key")
+    assert detail.startswith("http://***@127.0.0.1:1/v1/chat/completions: failed for http://***@127.0.0.1:1/v1")
+    for secret in (PASSWORD, "sk-live-key", "operator"):
+        assert secret not in detail, detail
+
+
+def test_masked_url():
+    assert masked_url("https://u:p@models.internal:8443/v1/chat/completions?api-key=k") == (
+        "https://***@models.internal:8443/v1/chat/completions?***"
+    )
+    assert masked_url("http://127.0.0.1:11434/v1/chat/completions") == "http://127.0.0.1:11434/v1/chat/completions"
+
+
+def test_a_failed_reply_shows_a_general_error_and_logs_the_details(app, client, auth, caplog):
+    """Through the real pipeline: the reply's error (what the user sees) against the log."""
+    headers = auth.headers("bot-user")
+    conversation = client.post("/api/v1/conversations", json={}, headers=headers).get_json()
+    url = f"/api/v1/conversations/{conversation['id']}/messages"
+    with FakeOpenAIServer("http500") as server, caplog.at_level(logging.WARNING, logger="chatapp.chat.pipeline"):
+        app.config.update(BOT_ENGINE="openai", OPENAI_BASE_URL=credentialed(server.base_url))
+        reply_id = client.post(url, json={"content": "hi"}, headers=headers).get_json()["reply"]["id"]
+        assert app.extensions["chatapp.reply_runner"].wait_idle(30)
+    port = server_port(server)
+
+    reply = client.get(url, headers=headers).get_json()["items"][-1]
+    assert reply["id"] == reply_id and reply["status"] == "failed"
+    assert reply["error"] == "the model server answered with an error (HTTP 500); try again later"
+    page = client.get(f"/api/v1/conversations/{conversation['id']}/messages/{reply_id}/stream", headers=headers)
+    for shown in (reply["error"], page.get_data(as_text=True)):
+        for private in ("127.0.0.1", str(port), PASSWORD, "operator", "overloaded"):
+            assert private not in shown, (private, shown)
+
+    logged = [r.getMessage() for r in caplog.records if r.name == "chatapp.chat.pipeline"]
+    assert len(logged) == 1, logged
+    assert all(r.levelno == logging.WARNING for r in caplog.records if r.name == "chatapp.chat.pipeline")
+    for text in (f"reply {reply_id} (attempt 0)", "HTTP 500: model is overloaded", f"***@127.0.0.1:{port}"):
+        assert text in logged[0], (text, logged[0])
+    assert PASSWORD not in logged[0] and "operator" not in logged[0]

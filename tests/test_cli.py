@@ -1,6 +1,9 @@
 """Maintainer commands and the shell release their connections."""
 
+import contextlib
 import os
+import shutil
+import stat
 import subprocess
 import sys
 
@@ -8,8 +11,9 @@ import sqlalchemy as sa
 
 from chatapp.auth.models import ApiToken, User
 from chatapp.auth.services import hash_token
-from chatapp.db import unit_of_work
+from chatapp.db import db, unit_of_work
 from tests.helpers import assert_no_leaks
+from tests.servers import SECRET_KEY
 
 
 def test_create_user_with_password_stdin(runner, app):
@@ -72,7 +76,7 @@ def run_flask(database_uri: str, *args: str, stdin: str = "") -> subprocess.Comp
     env = {
         **os.environ,
         "CHATAPP_SQLALCHEMY_DATABASE_URI": database_uri,
-        "CHATAPP_SECRET_KEY": "cli-test",
+        "CHATAPP_SECRET_KEY": SECRET_KEY,
         "CHATAPP_PASSWORD_HASH_METHOD": '"pbkdf2:sha256:1000"',
     }
     return subprocess.run(
@@ -104,3 +108,74 @@ def test_flask_shell_preloads_names_and_returns_connections(database_uri, app):
     assert "MODELS True" in result.stdout + result.stderr
     # The app context popped when the shell ended, so its session released its connection.
     assert "CHECKED_OUT_AT_EXIT 0" in result.stdout + result.stderr
+
+
+# --- file permissions ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    """Run the block under this umask (022, the usual default, makes new files world-readable)."""
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def sqlite_app(path):
+    from chatapp import create_app
+    from tests.conftest import base_test_config
+
+    return create_app(base_test_config(f"sqlite:///{path}"))
+
+
+def dispose(app) -> None:
+    with app.app_context():
+        db.engine.dispose()
+
+
+def test_init_db_creates_a_sqlite_database_only_its_owner_can_read(tmp_path):
+    path = tmp_path / "new.sqlite"
+    app = sqlite_app(path)
+    try:
+        with umask(0o022):
+            result = app.test_cli_runner().invoke(args=["init-db"])
+        assert result.exit_code == 0, result.output
+        assert mode(path) == 0o600
+        # WAL mode: the pool's connections keep the -wal and -shm files, with the file's mode.
+        companions = [p for p in (f"{path}-wal", f"{path}-shm") if os.path.exists(p)]
+        assert companions
+        assert {p: mode(p) for p in companions} == {p: 0o600 for p in companions}
+        with unit_of_work(app, write=False) as session:
+            assert session.scalar(sa.select(sa.func.count()).select_from(User)) == 0  # the schema is there
+    finally:
+        dispose(app)
+
+
+def test_init_db_makes_an_existing_world_readable_database_owner_only(tmp_path, sqlite_template):
+    path = tmp_path / "old.sqlite"
+    shutil.copyfile(sqlite_template, path)
+    os.chmod(path, 0o644)
+    app = sqlite_app(path)
+    try:
+        with umask(0o022):
+            result = app.test_cli_runner().invoke(args=["init-db"])
+        assert result.exit_code == 0, result.output
+        assert mode(path) == 0o600
+    finally:
+        dispose(app)
+
+
+def test_a_new_instance_folder_is_owner_only(tmp_path, monkeypatch):
+    instance = tmp_path / "instance"
+    monkeypatch.setattr("flask.Flask.auto_find_instance_path", lambda self: str(instance))
+    with umask(0o022):
+        app = sqlite_app(tmp_path / "x.sqlite")
+    dispose(app)
+    assert app.instance_path == str(instance)
+    assert mode(instance) == 0o700

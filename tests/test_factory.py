@@ -9,17 +9,23 @@ from chatapp import create_app
 from chatapp.config import ConfigError, Defaults
 from chatapp.db import db
 
+# A key the start-up check accepts (32 bytes or more); the tests never sign with it.
+KEY = "factory-test-key-0123456789abcdef"
+
 
 @pytest.fixture
-def clean_env(monkeypatch):
+def clean_env(monkeypatch, tmp_path):
+    """No CHATAPP_* variables, and an empty instance folder (not a checkout's instance/config.py)."""
     for key in list(os.environ):
         if key.startswith("CHATAPP_"):
             monkeypatch.delenv(key)
+    empty_instance = tmp_path / "empty-instance"
+    monkeypatch.setattr("flask.Flask.auto_find_instance_path", lambda self: str(empty_instance))
     return monkeypatch
 
 
 def test_testing_config():
-    assert not create_app({"SECRET_KEY": "s", "TESTING": False}).testing
+    assert not create_app({"SECRET_KEY": KEY, "TESTING": False}).testing
     assert create_app({"TESTING": True}).testing
 
 
@@ -30,20 +36,66 @@ def test_missing_or_default_secret_key_stops_start_up(clean_env):
         create_app({"SECRET_KEY": "dev", "SQLALCHEMY_DATABASE_URI": "sqlite://"})
     with pytest.raises(ConfigError):
         create_app({"SECRET_KEY": "", "SQLALCHEMY_DATABASE_URI": "sqlite://"})
-    # Debug and testing may run with the default key.
-    create_app({"DEBUG": True, "SQLALCHEMY_DATABASE_URI": "sqlite://"})
+    # Testing may run with the default key.
     create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": "sqlite://"})
+
+
+def test_debug_mode_needs_a_real_key_too(clean_env):
+    """A debug server signing cookies with "dev" lets anyone who reaches it forge a login."""
+    with pytest.raises(ConfigError, match="missing or left at its default"):
+        create_app({"DEBUG": True, "SQLALCHEMY_DATABASE_URI": "sqlite://"})
+    with pytest.raises(ConfigError, match="missing or left at its default"):
+        create_app({"DEBUG": True, "SECRET_KEY": "dev", "SQLALCHEMY_DATABASE_URI": "sqlite://"})
+    assert create_app({"DEBUG": True, "SECRET_KEY": KEY, "SQLALCHEMY_DATABASE_URI": "sqlite://"}).debug
+
+
+def test_flask_debug_without_a_key_is_refused(clean_env):
+    """FLASK_DEBUG=1, as `flask run --debug` sets it, with no key configured."""
+    clean_env.setenv("FLASK_DEBUG", "1")
+    with pytest.raises(ConfigError, match="secrets.token_hex"):
+        create_app({"SQLALCHEMY_DATABASE_URI": "sqlite://"})
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "gunicorn-test-secret",  # 20 bytes
+        "x" * 31,
+        "é" * 15 + "x",  # 16 characters, 31 bytes: bytes are what count
+        b"\x00" * 31,
+    ],
+)
+def test_a_short_secret_key_stops_start_up(clean_env, key):
+    with pytest.raises(ConfigError, match=r"at least 32 bytes.*secrets\.token_hex\(32\)"):
+        create_app({"SECRET_KEY": key, "SQLALCHEMY_DATABASE_URI": "sqlite://"})
+    with pytest.raises(ConfigError, match="at least 32 bytes"):
+        create_app({"SECRET_KEY": key, "DEBUG": True, "SQLALCHEMY_DATABASE_URI": "sqlite://"})
+    # Tests are exempt: they sign nothing anyone else could use.
+    assert create_app({"SECRET_KEY": key, "TESTING": True, "SQLALCHEMY_DATABASE_URI": "sqlite://"}).testing
+
+
+@pytest.mark.parametrize("key", ["x" * 32, "é" * 16, b"\x01" * 32, "0123456789abcdef" * 4])
+def test_a_32_byte_secret_key_is_accepted(clean_env, key):
+    assert create_app({"SECRET_KEY": key, "SQLALCHEMY_DATABASE_URI": "sqlite://"}).config["SECRET_KEY"] == key
+
+
+def test_a_secret_key_read_as_a_number_is_refused_with_advice(clean_env):
+    clean_env.setenv("CHATAPP_SECRET_KEY", "1" * 40)  # CHATAPP_* values are parsed as JSON
+    with pytest.raises(ConfigError, match="JSON quotes"):
+        create_app({"SQLALCHEMY_DATABASE_URI": "sqlite://"})
+    clean_env.setenv("CHATAPP_SECRET_KEY", '"' + "1" * 40 + '"')
+    assert create_app({"SQLALCHEMY_DATABASE_URI": "sqlite://"}).config["SECRET_KEY"] == "1" * 40
 
 
 def test_config_order_defaults_instance_env_test_config(clean_env, tmp_path, monkeypatch):
     instance = tmp_path / "instance"
     instance.mkdir()
     (instance / "config.py").write_text(
-        "SECRET_KEY = 'from-instance'\nBOT_ENGINE = 'from-instance'\nBOT_ECHO_DELAY = 1.5\n"
+        f"SECRET_KEY = 'from-instance-{KEY}'\nBOT_ENGINE = 'from-instance'\nBOT_ECHO_DELAY = 1.5\n"
     )
     monkeypatch.setattr("flask.Flask.auto_find_instance_path", lambda self: str(instance))
     app = create_app()
-    assert app.config["SECRET_KEY"] == "from-instance"
+    assert app.config["SECRET_KEY"] == f"from-instance-{KEY}"
     assert app.config["BOT_ECHO_DELAY"] == 1.5
     assert app.config["REPLY_FLUSH_INTERVAL"] == Defaults.REPLY_FLUSH_INTERVAL  # a built-in default
 
@@ -52,7 +104,7 @@ def test_config_order_defaults_instance_env_test_config(clean_env, tmp_path, mon
     clean_env.setenv("CHATAPP_SQLALCHEMY_ENGINE_OPTIONS__max_overflow", "1")
     clean_env.setenv("CHATAPP_SQLALCHEMY_ENGINE_OPTIONS__pool_timeout", "2")
     app = create_app()
-    assert app.config["SECRET_KEY"] == "from-instance"
+    assert app.config["SECRET_KEY"] == f"from-instance-{KEY}"
     assert app.config["BOT_ENGINE"] == "from-env"
     options = app.config["SQLALCHEMY_ENGINE_OPTIONS"]
     assert (options["pool_size"], options["max_overflow"], options["pool_timeout"]) == (3, 1, 2)
@@ -72,7 +124,7 @@ def test_default_database_is_sqlite_in_instance_folder_and_factory_touches_nothi
 ):
     instance = tmp_path / "instance"
     monkeypatch.setattr("flask.Flask.auto_find_instance_path", lambda self: str(instance))
-    app = create_app({"SECRET_KEY": "s"})
+    app = create_app({"SECRET_KEY": KEY})
     with app.app_context():
         assert db.engine.url.database == str(instance / "chatapp.sqlite")
         assert db.engine.pool.checkedout() == 0

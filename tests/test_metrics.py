@@ -154,6 +154,54 @@ def test_metrics_token_restricts_scraping(client):
     assert client.get("/metrics", headers={"Authorization": "Bearer s3cret-scrape"}).status_code == 200
 
 
+def metrics_status(app, remote_addr: str, headers: dict | None = None) -> int:
+    client = app.test_client()
+    client.environ_base["REMOTE_ADDR"] = remote_addr
+    return client.get("/metrics", headers=headers or {}).status_code
+
+
+FORWARDED = [{"X-Forwarded-For": "127.0.0.1"}, {"Forwarded": "for=127.0.0.1"}, {"X-Real-IP": "127.0.0.1"}]
+
+
+def test_metrics_answer_only_local_requests_by_default(app):
+    """No token: loopback callers read metrics; anyone else, or anything through a proxy, gets 403."""
+    for local in ("127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"):
+        assert metrics_status(app, local) == 200, local
+    client = app.test_client()
+    client.environ_base["REMOTE_ADDR"] = "203.0.113.7"
+    refused = client.get("/metrics")
+    assert refused.status_code == 403
+    assert refused.get_json()["error"]["code"] == "forbidden"
+    assert "METRICS_TOKEN" in refused.get_json()["error"]["message"]
+    assert "chatapp_" not in refused.get_data(as_text=True)
+    for remote in ("10.0.0.5", "::2", "0.0.0.0", "fe80::1"):
+        assert metrics_status(app, remote) == 403, remote
+    # A reverse proxy on this host connects from loopback for every client: a request that
+    # says it was forwarded is not local, whatever address it names.
+    for headers in FORWARDED:
+        assert metrics_status(app, "127.0.0.1", headers) == 403, headers
+
+
+@pytest.mark.parametrize("extra_config", [{"PROXY_FIX_X_FOR": 1}])
+def test_a_client_behind_the_trusted_proxy_cannot_pass_for_local(app):
+    assert metrics_status(app, "127.0.0.1", {"X-Forwarded-For": "127.0.0.1"}) == 403
+    assert metrics_status(app, "127.0.0.1") == 200  # the host itself, not through the proxy
+
+
+@pytest.mark.parametrize("extra_config", [{"METRICS_PUBLIC": True}])
+def test_metrics_public_opens_them_to_everyone(app):
+    assert metrics_status(app, "203.0.113.7") == 200
+    assert metrics_status(app, "127.0.0.1", FORWARDED[0]) == 200
+
+
+@pytest.mark.parametrize("extra_config", [{"METRICS_TOKEN": "s3cret-scrape"}])
+def test_with_a_token_the_token_alone_decides(app):
+    bearer = {"Authorization": "Bearer s3cret-scrape"}
+    assert metrics_status(app, "127.0.0.1") == 401  # loopback is not enough
+    assert metrics_status(app, "203.0.113.7", bearer) == 200
+    assert metrics_status(app, "127.0.0.1", {**bearer, **FORWARDED[0]}) == 200
+
+
 @pytest.mark.parametrize("extra_config", [{"METRICS_ENABLED": False}])
 def test_metrics_can_be_switched_off(client):
     response = client.get("/metrics")

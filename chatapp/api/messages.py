@@ -114,7 +114,7 @@ def stop_reply(conversation_id, reply_id):
         }
     }
 )
-@error_responses(blp, 401, 404, 503)
+@error_responses(blp, 400, 401, 404, 503)
 def stream_reply(conversation_id, reply_id):
     """Stream a reply's text as it is generated (stored text first)."""
     chat.check_conversation(current_user_id(), conversation_id)

@@ -11,12 +11,23 @@ import socket
 import time
 from typing import Iterator, Protocol
 
+from urllib.parse import unquote, urlsplit, urlunsplit
+
 import requests
 import urllib3
 
 
 class BotError(Exception):
-    """The engine could not produce a reply; the message is shown to the user."""
+    """The engine could not produce a reply.
+
+    The message is shown to the user, so it says what went wrong in general terms and never
+    names the model server's address or repeats what it answered; ``detail`` is for the
+    operator's log (chatapp.chat.pipeline logs it with the reply).
+    """
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail
 
 
 class Cancel(Protocol):
@@ -83,36 +94,96 @@ class OpenAIBot:
     def _silence_message(self) -> str:
         return f"the model server sent nothing for {self.timeout[1]:g} s; it may be overloaded"
 
+    def _detail(self, what: object) -> str:
+        """For the log: the server's URL and what happened, with any credentials masked."""
+        return f"{masked_url(self.url)}: {self._redact(str(what))[:500]}"
+
+    def _redact(self, text: str) -> str:
+        # The URL's user info and the API key can reappear in an exception's text.
+        parts = urlsplit(self.url)
+        userinfo = parts.netloc.rpartition("@")[0]
+        for secret in (userinfo, parts.password, unquote(parts.password or ""), self.api_key, parts.query):
+            if secret and len(secret) >= 4:
+                text = text.replace(secret, "***")
+        return text
+
     def stream(self, history: list[dict], cancel: Cancel | None = None) -> Iterator[str]:
         headers = {"Accept": "text/event-stream"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
+        answered = False  # whether the server sent its response headers
         try:
             with requests.post(
                 self.url, json=self._payload(history), headers=headers,
                 stream=True, timeout=self.timeout,
             ) as response:
+                answered = True
                 if cancel is not None:
                     # A silent model would keep the read blocked for up to read_timeout:
                     # shutting the socket down wakes it, and the server sees the client go.
                     cancel.on_cancel(lambda: _shut_down(response))
                 if response.status_code >= 400:
                     raise BotError(
-                        f"the model server answered HTTP {response.status_code}: "
-                        f"{_error_detail(response)}"
+                        f"the model server answered with an error (HTTP {response.status_code}); "
+                        "try again later",
+                        self._detail(f"HTTP {response.status_code}: {_error_detail(response)}"),
                     )
-                yield from _parse_event_stream(response)
-        except requests.exceptions.ConnectTimeout:
-            raise BotError(f"could not connect to the model server at {self.url} in time") from None
-        except requests.exceptions.ReadTimeout:
-            raise BotError(self._silence_message()) from None
+                yield from self._parse_event_stream(response)
+        except requests.exceptions.ConnectTimeout as exc:
+            raise BotError(
+                "could not reach the model server in time; try again later", self._detail(exc)
+            ) from None
+        except requests.exceptions.ReadTimeout as exc:
+            raise BotError(self._silence_message(), self._detail(exc)) from None
         except requests.exceptions.ConnectionError as exc:
             # A read timeout while iterating the body arrives wrapped in a ConnectionError.
             if exc.args and isinstance(exc.args[0], urllib3.exceptions.ReadTimeoutError):
-                raise BotError(self._silence_message()) from None
-            raise BotError(f"lost the connection to the model server: {_short(exc)}") from None
+                raise BotError(self._silence_message(), self._detail(exc)) from None
+            if answered:
+                raise BotError(
+                    "lost the connection to the model server; regenerate to retry", self._detail(exc)
+                ) from None
+            raise BotError("could not reach the model server; try again later", self._detail(exc)) from None
         except requests.exceptions.RequestException as exc:
-            raise BotError(f"model server request failed: {_short(exc)}") from None
+            raise BotError("the request to the model server failed; try again later", self._detail(exc)) from None
+
+    def _parse_event_stream(self, response: requests.Response) -> Iterator[str]:
+        for raw in response.iter_lines(decode_unicode=False):
+            line = raw.decode("utf-8", errors="replace").strip()
+            if not line or line.startswith(":") or not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                raise self._malformed(data) from None
+            if not isinstance(chunk, dict):
+                raise self._malformed(data)
+            if "error" in chunk:
+                error = chunk["error"]
+                message = error.get("message") if isinstance(error, dict) else error
+                raise BotError(
+                    "the model server reported an error; try again later",
+                    self._detail(f"error in the stream: {str(message)[:300]}"),
+                )
+            try:
+                delta = chunk["choices"][0].get("delta") or {}
+            except (KeyError, IndexError, TypeError, AttributeError):
+                raise self._malformed(data) from None
+            text = delta.get("content") if isinstance(delta, dict) else None
+            if text:
+                yield str(text)
+        raise BotError(
+            "the model server closed the stream before it finished; regenerate to retry",
+            self._detail("the stream ended without [DONE]"),
+        )
+
+    def _malformed(self, data: str) -> BotError:
+        return BotError(
+            "the model server sent a malformed reply", self._detail(f"malformed chunk: {data[:200]!r}")
+        )
 
 
 def _shut_down(response: requests.Response) -> None:
@@ -135,8 +206,12 @@ def _shut_down(response: requests.Response) -> None:
     response.close()
 
 
-def _short(exc: Exception) -> str:
-    return str(exc)[:300]
+def masked_url(url: str) -> str:
+    """``url`` with its user info and query (where credentials go) replaced by ``***``."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"***@{host}" if "@" in parts.netloc else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
 
 
 def _error_detail(response: requests.Response) -> str:
@@ -148,34 +223,6 @@ def _error_detail(response: requests.Response) -> str:
         return str(detail)[:300]
     except ValueError:
         return response.text[:300] or response.reason
-
-
-def _parse_event_stream(response: requests.Response) -> Iterator[str]:
-    for raw in response.iter_lines(decode_unicode=False):
-        line = raw.decode("utf-8", errors="replace").strip()
-        if not line or line.startswith(":") or not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            raise BotError(f"the model server sent a malformed chunk: {data[:100]!r}") from None
-        if not isinstance(chunk, dict):
-            raise BotError(f"the model server sent a malformed chunk: {data[:100]!r}")
-        if "error" in chunk:
-            error = chunk["error"]
-            message = error.get("message") if isinstance(error, dict) else error
-            raise BotError(f"the model server reported an error: {str(message)[:300]}")
-        try:
-            delta = chunk["choices"][0].get("delta") or {}
-        except (KeyError, IndexError, TypeError, AttributeError):
-            raise BotError(f"the model server sent a malformed chunk: {data[:100]!r}") from None
-        text = delta.get("content") if isinstance(delta, dict) else None
-        if text:
-            yield str(text)
-    raise BotError("the model server closed the stream before it finished")
 
 
 def bot_from_config(config) -> Bot:

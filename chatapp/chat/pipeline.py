@@ -82,6 +82,12 @@ def _run_bot(app: Flask, writer: ReplyWriter, history: list[dict], cancel) -> st
             # Closing the bot's connection from the keeper thread ends its read with an error.
             return "stopped" if cancel.reason == "stopped" else "handed_over"
         if isinstance(exc, BotError):
+            # The user sees the general message; the operator's log gets what the model
+            # server said and where it is (credentials masked), with the reply it happened to.
+            log.warning(
+                "reply %s (attempt %s) failed: %s%s", writer.reply_id, writer.attempt, exc,
+                f" [{exc.detail}]" if exc.detail else "",
+            )
             writer.finish("".join(buffer), str(exc))
             return "failed"
         log.exception("reply %s failed", writer.reply_id)

@@ -13,6 +13,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from chatapp.chat.models import ACTIVE_STATUSES, Conversation, Message, Role, Status
 from chatapp.db import db, utcnow
 from chatapp.errors import Conflict, InvalidInput, NotFound
+from chatapp.security import parse_bounded_int
 
 TITLE_MAX = 200
 CONTENT_MAX = 32_000
@@ -33,15 +34,27 @@ def _encode_cursor(*parts: object) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def _bad_cursor() -> InvalidInput:
+    return InvalidInput("cursor is not valid; use next_cursor from a previous page", field="cursor")
+
+
 def _decode_cursor(cursor: str, count: int) -> list[str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidInput("cursor is not valid; use next_cursor from a previous page", field="cursor") from None
+        raise _bad_cursor() from None
     parts = raw.split("|")
     if len(parts) != count:
-        raise InvalidInput("cursor is not valid; use next_cursor from a previous page", field="cursor")
+        raise _bad_cursor()
     return parts
+
+
+def _cursor_id(text: str) -> int:
+    """The id in a cursor: ASCII digits an id column can hold (a larger one would overflow)."""
+    value = parse_bounded_int(text)
+    if value is None:
+        raise _bad_cursor()
+    return value
 
 
 # --- conversations ------------------------------------------------------------
@@ -140,9 +153,10 @@ def list_conversations(owner_id: int, limit: int, cursor: str | None = None) -> 
     if cursor:
         stamp, last_id = _decode_cursor(cursor, 2)
         try:
-            params["after_updated_at"], params["after_id"] = datetime.fromisoformat(stamp), int(last_id)
+            params["after_updated_at"] = datetime.fromisoformat(stamp)
         except ValueError:
-            raise InvalidInput("cursor is not valid; use next_cursor from a previous page", field="cursor") from None
+            raise _bad_cursor() from None
+        params["after_id"] = _cursor_id(last_id)
         query = _CONVERSATION_PAGE_AFTER
     rows = db.session.execute(query, params).all()
     next_cursor = None
@@ -181,9 +195,7 @@ def list_messages(conversation_id: int, limit: int, cursor: str | None = None) -
     query = _MESSAGE_PAGE
     if cursor:
         (last_id,) = _decode_cursor(cursor, 1)
-        if not last_id.isdigit():
-            raise InvalidInput("cursor is not valid; use next_cursor from a previous page", field="cursor")
-        params["after_id"] = int(last_id)
+        params["after_id"] = _cursor_id(last_id)
         query = _MESSAGE_PAGE_AFTER
     rows = db.session.execute(query, params).all()
     next_cursor = None

@@ -19,7 +19,9 @@ from chatapp import lifecycle
 from chatapp.chat import services
 from chatapp.chat.live_replies import LiveReply, get_live_replies
 from chatapp.db import unit_of_work
+from chatapp.errors import AppError
 from chatapp.ops.metrics import job
+from chatapp.security import MAX_ID, parse_bounded_int
 
 KEEPALIVE_SECONDS = 15.0
 # While a reply runs here the stream still reads the database this often: a change
@@ -32,23 +34,51 @@ FINAL_STATUSES = ("complete", "failed", "stopped")
 
 
 def _event(data: str, event: str | None = None, event_id: str | None = None) -> str:
+    """One server-sent event; ``data`` may hold any text, ``event`` and ``event_id`` no line break.
+
+    A client ends a line at CRLF, at a bare CR and at LF (the SSE spec's three line
+    terminators), so splitting on "\\n" alone would let a "\\r" in a reply (from a model, or
+    echoed) start lines of its own: a forged ``event: done``, or an ``id:`` that moves the
+    client's Last-Event-ID. Each line of the text is sent as its own ``data:`` line instead,
+    and the client rejoins them with "\\n": a CR or CRLF in a reply arrives as LF while it
+    streams, which is what the spec allows (data has no way to carry a bare CR). The stored
+    reply, and the page the browser swaps in on ``done``, keep the text as written.
+    """
     lines = []
     if event:
-        lines.append(f"event: {event}")
+        lines.append(f"event: {_single_line(event)}")
     if event_id:
-        lines.append(f"id: {event_id}")
-    lines.extend(f"data: {line}" for line in data.split("\n"))
+        lines.append(f"id: {_single_line(event_id)}")
+    text = data.replace("\r\n", "\n").replace("\r", "\n")
+    lines.extend(f"data: {line}" for line in text.split("\n"))
     return "\n".join(lines) + "\n\n"
 
 
+def _single_line(value: str) -> str:
+    """An event name or id as is; one with a line break (or a NUL, which voids an id) is a bug."""
+    if "\r" in value or "\n" in value or "\x00" in value:
+        raise ValueError(f"an SSE field cannot hold {value!r}")
+    return value
+
+
 def parse_last_event_id(value: str | None) -> tuple[int, int] | None:
-    """``attempt:offset`` from an EventSource reconnect, or None."""
+    """``attempt:offset`` from an EventSource reconnect, None without one; AppError (400) if bad.
+
+    Only ids this stream sent are valid: ASCII digits, an attempt an integer column holds, and
+    an offset whose SQL position (offset + 1) does too. Anything else would be a driver
+    overflow error (a 500), or a number read from other scripts' digits.
+    """
     if not value:
         return None
-    attempt, _, offset = value.partition(":")
-    if attempt.isdigit() and offset.isdigit():
-        return int(attempt), int(offset)
-    return None
+    attempt_text, colon, offset_text = value.partition(":")
+    attempt = parse_bounded_int(attempt_text)
+    offset = parse_bounded_int(offset_text, MAX_ID - 1)
+    if not colon or attempt is None or offset is None:
+        raise AppError(
+            "Last-Event-ID must be the id of an event from this stream (attempt:offset); "
+            "omit it to start from the beginning"
+        )
+    return attempt, offset
 
 
 def reply_events(

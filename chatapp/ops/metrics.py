@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import functools
 import hmac
+import ipaddress
 import logging
 import os
 import threading
@@ -33,7 +34,7 @@ from prometheus_client import (
 )
 from sqlalchemy import event
 
-from chatapp.errors import Unauthorized
+from chatapp.errors import Forbidden, Unauthorized
 
 log = logging.getLogger(__name__)
 bp = Blueprint("metrics", __name__)
@@ -239,6 +240,24 @@ def _registry() -> CollectorRegistry:
     return REGISTRY
 
 
+# Headers a proxy adds to name the client it forwards for. Behind a proxy on the same host
+# every client connects from loopback, so a request carrying one is never taken as local.
+_PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
+
+
+def _is_local_scrape() -> bool:
+    """A request straight from this host: a loopback address and no proxy's forwarding header."""
+    if any(name in request.headers for name in _PROXY_HEADERS):
+        return False
+    try:
+        address = ipaddress.ip_address(request.remote_addr or "")
+    except ValueError:
+        return False  # not an IP address (a Unix socket): nothing says who is calling
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 @bp.get("/metrics")
 def metrics():
     """Prometheus text format; reads counters only, never the database."""
@@ -250,6 +269,13 @@ def metrics():
         sent = request.headers.get("Authorization", "")
         if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
             raise Unauthorized("send 'Authorization: Bearer <METRICS_TOKEN>' to read metrics")
+    elif not config["METRICS_PUBLIC"] and not _is_local_scrape():
+        # Route names, request counts and pool sizes are for the operator, not for anyone
+        # who finds the URL.
+        raise Forbidden(
+            "metrics are served only to requests from this host; "
+            "set METRICS_TOKEN to scrape from elsewhere"
+        )
     return Response(generate_latest(_registry()), mimetype=CONTENT_TYPE_LATEST)
 
 

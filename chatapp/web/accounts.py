@@ -16,8 +16,15 @@ from chatapp.web.forms import LoginForm, RegisterForm, add_error
 
 
 def _next_url() -> str:
-    """Where to go after logging in: ``?next=`` if it stays on this site, else the chats."""
+    """Where to go after logging in: ``?next=`` if it stays on this site, else the chats.
+
+    A target with control characters is dropped: a line break cannot go in the Location
+    header (a 500), and browsers drop tabs and newlines from URLs, which can turn what
+    looks like a path here into another site there.
+    """
     target = request.args.get("next", "")
+    if not target.isprintable():
+        return url_for("web.index")
     parts = urlsplit(target)
     if target.startswith("/") and not target.startswith(("//", "/\\")) and not parts.netloc:
         return target

@@ -9,6 +9,7 @@ from chatapp.chat import services as chat
 from chatapp.chat.runner import commit_and_start_reply
 from chatapp.db import db
 from chatapp.errors import AppError
+from chatapp.security import parse_bounded_int
 from chatapp.web import bp, pages
 from chatapp.web.forms import MessageForm, RenameForm, add_error
 
@@ -18,13 +19,21 @@ def _sidebar(active_id: int | None = None) -> pages.Sidebar:
     return pages.sidebar(current_user.id, per_page, request.args.get("older"), active_id)
 
 
+def _before_arg() -> int | None:
+    """``?before=``, the id the "earlier messages" link gives; a bad one shows the newest page.
+
+    Not ``type=int``: int() takes "１２" and numbers no id column holds (an overflow, a 500).
+    """
+    return parse_bounded_int(request.args.get("before", ""))
+
+
 def _render_conversation(conversation_id: int, *, message_form=None, rename_form=None, status=200):
     conversation = chat.get_conversation(current_user.id, conversation_id)
     per_page = current_app.config["WEB_MESSAGES_PER_PAGE"]
     return render_template(
         "chat/conversation.html",
         conversation=pages.conversation_item(conversation),
-        history=pages.history(conversation.id, per_page, request.args.get("before", type=int)),
+        history=pages.history(conversation.id, per_page, _before_arg()),
         sidebar=_sidebar(conversation.id),
         message_form=message_form or MessageForm(formdata=None),
         rename_form=rename_form or RenameForm(formdata=None, title=conversation.title),
