@@ -2,6 +2,7 @@
 
 from flask import Response, current_app, request
 
+from chatapp import limits
 from chatapp.api.auth import current_user_id
 from chatapp.api.blueprint import api_blueprint
 from chatapp.api.docs import error_responses
@@ -15,6 +16,7 @@ from chatapp.api.schemas import (
     message_json,
 )
 from chatapp.chat import services as chat
+from chatapp.chat import stream_slots
 from chatapp.chat.models import Message
 from chatapp.chat.runner import commit_and_start_reply
 from chatapp.chat.stream import parse_last_event_id, reply_events
@@ -39,9 +41,10 @@ def list_messages(query, conversation_id):
 
 
 @blp.post("/conversations/<int:conversation_id>/messages")
+@limits.messages
 @blp.arguments(MessageIn())
 @blp.response(202, PostedMessage)
-@error_responses(blp, 400, 401, 404, 409, 413, 415, 422, 503)
+@error_responses(blp, 400, 401, 404, 409, 413, 415, 422, 429, 503)
 def post_message(body, conversation_id):
     """Send a message; the bot's reply starts as "pending" and can be streamed."""
     chat.check_conversation(current_user_id(), conversation_id)
@@ -51,8 +54,9 @@ def post_message(body, conversation_id):
 
 
 @blp.post("/conversations/<int:conversation_id>/messages/<int:reply_id>/regenerate")
+@limits.regenerations
 @blp.response(202, MessageOut)
-@error_responses(blp, 401, 404, 409, 503)
+@error_responses(blp, 401, 404, 409, 429, 503)
 def regenerate_reply(conversation_id, reply_id):
     """Restart a complete or failed reply from scratch."""
     conversation = chat.get_conversation(current_user_id(), conversation_id)
@@ -72,18 +76,28 @@ def regenerate_reply(conversation_id, reply_id):
         }
     }
 )
-@error_responses(blp, 401, 404, 503)
+@error_responses(blp, 401, 404, 429, 503)
 def stream_reply(conversation_id, reply_id):
     """Stream a reply's text as it is generated (stored text first)."""
     chat.check_conversation(current_user_id(), conversation_id)
-    resume = parse_last_event_id(request.headers.get("Last-Event-ID"))
-    # Read here, in the request's session, so the stream starts without a read of its own.
-    first = chat.get_reply_progress(conversation_id, reply_id, resume[1] if resume else 0)
-    # The request's session ends when this view returns; the generator holds nothing
-    # while it waits and reads in short units of work of its own.
-    db.session.commit()
-    return Response(
-        reply_events(current_app._get_current_object(), reply_id, resume, first),
-        mimetype="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    # An open stream holds a worker thread: one user may hold STREAMS_PER_USER of them.
+    slot = stream_slots.take(current_app, current_user_id())
+    try:
+        resume = parse_last_event_id(request.headers.get("Last-Event-ID"))
+        # Read here, in the request's session, so the stream starts without a read of its own.
+        first = chat.get_reply_progress(conversation_id, reply_id, resume[1] if resume else 0)
+        # The request's session ends when this view returns; the generator holds nothing
+        # while it waits and reads in short units of work of its own.
+        db.session.commit()
+        response = Response(
+            reply_events(current_app._get_current_object(), reply_id, resume, first),
+            mimetype="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    except BaseException:
+        slot.release()
+        raise
+    # The WSGI server closes the response however the stream ends (done, the client gone,
+    # an error, or the generator closed before its first event): the slot goes back then.
+    response.call_on_close(slot.release)
+    return response

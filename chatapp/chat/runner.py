@@ -3,6 +3,10 @@
 A runner receives reply ids only. A job queue (RQ, Celery, Dramatiq) can replace the
 pool by implementing ``submit`` to enqueue the id and calling ``generate_reply`` in its
 worker, which pushes its own app context.
+
+Before a view commits a pending reply it reserves the reply's place with ``reserve``
+(which refuses when the runner is full), so that a reply is never committed that no
+runner will take; a job queue's ``reserve`` may always succeed.
 """
 
 from __future__ import annotations
@@ -20,26 +24,57 @@ from chatapp.chat import live_replies, services
 from chatapp.chat.live_replies import LiveReply
 from chatapp.chat.pipeline import generate_reply
 from chatapp.db import db, is_transient, remove_session
+from chatapp.errors import ServiceBusy
 
 log = logging.getLogger(__name__)
 EXTENSION_KEY = "chatapp.reply_runner"
 
 
 class ReplyRunner(Protocol):
-    def submit(self, reply_id: int) -> None: ...
+    def reserve(self) -> Reservation: ...
+
+    def submit(self, reply_id: int, reservation: Reservation | None = None) -> None: ...
 
     def wait_idle(self, timeout: float | None = None) -> bool: ...
 
 
-class ThreadPoolReplyRunner:
-    """Runs replies on daemon threads of this process; created lazily, so it survives fork."""
+class Reservation:
+    """A place for one reply in a runner, held from before the view's commit until ``submit``.
 
-    def __init__(self, app: Flask, max_workers: int):
+    A context manager: leaving the block gives the place back unless ``submit`` used it
+    (the commit failed, or the view raised). ``release`` may be called more than once.
+    """
+
+    def __init__(self, release=None):
+        self._give_back = release
+        self.held = release is not None
+
+    def release(self) -> None:
+        if self._give_back is not None:
+            self._give_back(self)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+class ThreadPoolReplyRunner:
+    """Runs replies on daemon threads of this process; created lazily, so it survives fork.
+
+    At most ``max_workers`` replies run and ``queue_max`` more wait; ``reserve`` refuses
+    beyond that, so a flood of posts cannot queue unbounded work in one process.
+    """
+
+    def __init__(self, app: Flask, max_workers: int, queue_max: int):
         self.app = app
         self.max_workers = max_workers
+        self.queue_max = queue_max
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self._in_flight = 0
+        self._in_flight = 0  # submitted and not finished: running or waiting for a thread
+        self._reserved = 0  # places reserved by views that have not submitted yet
         self._executor: ThreadPoolExecutor | None = None
         self._pid: int | None = None
 
@@ -49,12 +84,36 @@ class ThreadPoolReplyRunner:
             self._executor = ThreadPoolExecutor(self.max_workers, thread_name_prefix="reply")
             self._pid = os.getpid()
             self._in_flight = 0
+            self._reserved = 0
         return self._executor
 
-    def submit(self, reply_id: int) -> None:
+    def reserve(self) -> Reservation:
+        """A place for one more reply, or ServiceBusy (503) if as many as can wait already do."""
+        with self._lock:
+            self._pool()
+            if self._in_flight + self._reserved >= self.max_workers + self.queue_max:
+                raise ServiceBusy(
+                    "too many replies are waiting for the bot; nothing was saved, retry in a moment",
+                    code="replies_busy",
+                )
+            self._reserved += 1
+        return Reservation(self._release)
+
+    def _release(self, reservation: Reservation) -> None:
+        with self._lock:
+            if reservation.held:
+                reservation.held = False
+                self._reserved -= 1
+
+    def submit(self, reply_id: int, reservation: Reservation | None = None) -> None:
         reply_id = int(reply_id)
         with self._lock:
             pool = self._pool()
+            if reservation is not None and reservation.held:
+                # The reserved place becomes the reply's, in one step: no other view can
+                # take it in between.
+                reservation.held = False
+                self._reserved -= 1
             self._in_flight += 1
         # Registered before the job starts, so a stream opened right after the 202
         # already waits on this process's notifications instead of polling.
@@ -90,7 +149,9 @@ class ThreadPoolReplyRunner:
 
 def init_app(app: Flask) -> None:
     live_replies.init_app(app)
-    app.extensions[EXTENSION_KEY] = ThreadPoolReplyRunner(app, app.config["REPLY_WORKERS"])
+    app.extensions[EXTENSION_KEY] = ThreadPoolReplyRunner(
+        app, app.config["REPLY_WORKERS"], app.config["REPLY_QUEUE_MAX"]
+    )
 
 
 def get_runner(app: Flask) -> ReplyRunner:
@@ -105,7 +166,15 @@ def commit_and_start_reply(app: Flask, reply_id: int, attempt: int) -> None:
     it (``REPLY_STALE_AFTER``), and its conversation would refuse new messages until
     then. So after a failed commit, look in a new short transaction: if the reply is
     stored at this attempt, start it; if not, or if the database is still down, raise.
+
+    The reply's place in the runner is reserved first: a full runner answers 503 before
+    anything is committed, and a committed reply always has its place.
     """
+    with get_runner(app).reserve() as reservation:
+        _commit_and_submit(app, reply_id, attempt, reservation)
+
+
+def _commit_and_submit(app: Flask, reply_id: int, attempt: int, reservation: Reservation) -> None:
     try:
         db.session.commit()
     except sa.exc.DBAPIError as error:
@@ -118,4 +187,4 @@ def commit_and_start_reply(app: Flask, reply_id: int, attempt: int) -> None:
             raise
         log.warning("a commit for reply %s failed in flight but landed; starting the reply", reply_id)
     # Only the id crosses into the runner's thread, after the commit made it visible.
-    get_runner(app).submit(reply_id)
+    get_runner(app).submit(reply_id, reservation)
