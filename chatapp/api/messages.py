@@ -1,5 +1,7 @@
 """Messages: list, post (starts a reply), regenerate a reply, stream a reply."""
 
+import weakref
+
 from flask import Response, current_app, request
 
 from chatapp import limits
@@ -80,24 +82,23 @@ def regenerate_reply(conversation_id, reply_id):
 def stream_reply(conversation_id, reply_id):
     """Stream a reply's text as it is generated (stored text first)."""
     chat.check_conversation(current_user_id(), conversation_id)
+    resume = parse_last_event_id(request.headers.get("Last-Event-ID"))
+    # Read here, in the request's session, so the stream starts without a read of its own.
+    first = chat.get_reply_progress(conversation_id, reply_id, resume[1] if resume else 0)
+    # The request's session ends when this view returns; the generator holds nothing
+    # while it waits and reads in short units of work of its own.
+    db.session.commit()
     # An open stream holds a worker thread: one user may hold STREAMS_PER_USER of them.
+    # Taken last, so a view that fails has none to give back.
     slot = stream_slots.take(current_app, current_user_id())
-    try:
-        resume = parse_last_event_id(request.headers.get("Last-Event-ID"))
-        # Read here, in the request's session, so the stream starts without a read of its own.
-        first = chat.get_reply_progress(conversation_id, reply_id, resume[1] if resume else 0)
-        # The request's session ends when this view returns; the generator holds nothing
-        # while it waits and reads in short units of work of its own.
-        db.session.commit()
-        response = Response(
-            reply_events(current_app._get_current_object(), reply_id, resume, first),
-            mimetype="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-    except BaseException:
-        slot.release()
-        raise
+    response = Response(
+        reply_events(current_app._get_current_object(), reply_id, resume, first),
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
     # The WSGI server closes the response however the stream ends (done, the client gone,
     # an error, or the generator closed before its first event): the slot goes back then.
+    # A response never served (an after_request hook failed) gives it back when collected.
     response.call_on_close(slot.release)
+    weakref.finalize(response, slot.release)
     return response

@@ -1,6 +1,8 @@
 """No one user takes a worker's capacity: open streams per user are capped, and the replies
 waiting for a reply thread are bounded (503, nothing stored, once full)."""
 
+import gc
+
 import pytest
 import sqlalchemy as sa
 
@@ -66,16 +68,22 @@ def test_a_user_may_hold_only_so_many_open_streams(client, app, auth, alice, con
     assert slots.open_streams(alice_id) == 0 == slots.open_streams(user_id(app, "bob"))
 
 
+def assert_full_after_three(client, url, headers):
+    """All three of the user's slots are free: three streams open, and only three."""
+    streams = [open_stream(client, url, headers) for _ in range(3)]
+    assert [s.status_code for s in streams] == [200, 200, 200]
+    assert client.get(url, headers=headers).status_code == 429
+    for stream in streams:
+        stream.close()
+
+
 @pytest.mark.parametrize("extra_config", [STREAM_CAP], indirect=True)
 def test_a_stream_refused_or_failing_in_its_view_holds_no_slot(client, app, alice, conversation_url):
     reply_id = post(client, alice, conversation_url, "hello")
     for _ in range(5):  # more than the cap: each 404 gave its slot back
         missing = client.get(f"{conversation_url}/messages/{reply_id + 100}/stream", headers=alice)
         assert missing.status_code == 404
-    streams = [open_stream(client, f"{conversation_url}/messages/{reply_id}/stream", alice) for _ in range(3)]
-    assert [s.status_code for s in streams] == [200, 200, 200]
-    for stream in streams:
-        stream.close()
+    assert_full_after_three(client, f"{conversation_url}/messages/{reply_id}/stream", alice)
     assert get_stream_slots(app).open_streams(user_id(app, "alice")) == 0
 
 
@@ -87,14 +95,38 @@ def test_a_stream_whose_generator_fails_gives_its_slot_back(client, app, alice, 
         yield "retry: 1000\n\n"
         raise RuntimeError("the stream broke")
 
-    monkeypatch.setattr("chatapp.api.messages.reply_events", broken_events)
-    stream = open_stream(client, f"{conversation_url}/messages/{reply_id}/stream", alice)
-    chunks = iter(stream.response)
-    assert next(chunks)
-    with pytest.raises(RuntimeError):
-        next(chunks)
-    stream.close()  # what the WSGI server does after an error, too
+    with monkeypatch.context() as patched:
+        patched.setattr("chatapp.api.messages.reply_events", broken_events)
+        stream = open_stream(client, f"{conversation_url}/messages/{reply_id}/stream", alice)
+        chunks = iter(stream.response)
+        assert next(chunks)
+        with pytest.raises(RuntimeError):
+            next(chunks)
+        stream.close()  # what the WSGI server does after an error, too
     assert get_stream_slots(app).open_streams(user_id(app, "alice")) == 0
+    assert_full_after_three(client, f"{conversation_url}/messages/{reply_id}/stream", alice)
+
+
+@pytest.mark.parametrize("extra_config", [STREAM_CAP], indirect=True)
+def test_a_stream_response_that_is_never_served_gives_its_slot_back(client, app, alice, conversation_url, monkeypatch):
+    reply_id = post(client, alice, conversation_url, "hello")
+    url = f"{conversation_url}/messages/{reply_id}/stream"
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    # The log record's traceback would keep the failed response alive in pytest's log capture.
+    monkeypatch.setattr(app, "log_exception", lambda exc_info: None)
+
+    def failing_hook(response):
+        if response.mimetype == "text/event-stream":
+            raise RuntimeError("an after_request hook failed")
+        return response
+
+    app.after_request_funcs.setdefault(None, []).append(failing_hook)
+    for _ in range(3):
+        assert client.get(url, headers=alice).status_code == 500
+    app.after_request_funcs[None].remove(failing_hook)
+    gc.collect()  # an exception's traceback can keep a dropped response alive until then
+    assert get_stream_slots(app).open_streams(user_id(app, "alice")) == 0
+    assert_full_after_three(client, url, alice)
 
 
 # --- replies waiting for a reply thread --------------------------------------------------------
