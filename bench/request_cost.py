@@ -58,7 +58,12 @@ def cpu_ms(fn, n: int, rounds: int = 5) -> float:
 class _NoRunner:
     """Stands in for the reply runner so that a POST's cost excludes the reply's."""
 
-    def submit(self, reply_id):
+    def reserve(self):
+        from chatapp.chat.runner import Reservation
+
+        return Reservation()  # nothing to bound: no reply runs
+
+    def submit(self, reply_id, reservation=None):
         pass
 
     def wait_idle(self, timeout=None):

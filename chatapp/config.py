@@ -52,10 +52,17 @@ class Defaults:
     OPENAI_CONNECT_TIMEOUT = 5.0
     OPENAI_READ_TIMEOUT = 60.0
     OPENAI_SYSTEM_PROMPT = ""
+    # Characters of a conversation's history sent to the bot with each reply (a simple
+    # stand-in for the model's token window): the newest messages that fit, and always the
+    # user message being answered. The system prompt is not counted.
+    BOT_HISTORY_MAX_CHARS = 100_000
 
     # Reply threads wait on the bot holding no connection, so they are cheap; the
     # database pool, not this number, bounds database concurrency.
     REPLY_WORKERS = 64
+    # Replies that may wait for a free reply thread; beyond that, posting a message or
+    # regenerating answers 503 (Retry-After) and stores nothing.
+    REPLY_QUEUE_MAX = 256
     # Each write costs a short transaction; streams see new text this often.
     REPLY_FLUSH_INTERVAL = 0.25
     # Leases (chatapp/chat/leases.py): a reply's process renews its lease this often, and
@@ -79,6 +86,9 @@ class Defaults:
     REPLY_WRITE_RETRY_SECONDS = 60.0
     STREAM_POLL_INTERVAL = 0.2
     STREAM_MAX_SECONDS = 3600.0
+    # An open stream holds one of a gunicorn worker's threads: one user may hold this many
+    # at once in one worker process; the next gets 429 until one ends.
+    STREAMS_PER_USER = 10
 
     # Operations (docs/deployment.md). With METRICS_TOKEN set, /metrics needs
     # "Authorization: Bearer <METRICS_TOKEN>"; without it, /metrics answers only requests
@@ -100,6 +110,12 @@ class Defaults:
     RATELIMIT_TOKENS = "10 per minute;100 per hour"
     RATELIMIT_REGISTER = "5 per minute;50 per hour"
     RATELIMIT_LOGIN = "10 per minute;100 per hour"
+    # Per user (API and browser share one count), on the work that costs: a message starts
+    # a bot reply, as does a regeneration. A person chatting sends a few a minute; these
+    # leave room for a script too, but not for one user taking the bot for everyone.
+    RATELIMIT_MESSAGES = "20 per minute;600 per hour"
+    RATELIMIT_REGENERATE = "10 per minute;300 per hour"
+    RATELIMIT_CONVERSATIONS = "20 per minute;600 per hour"
     # Number of proxies in front of the app that set X-Forwarded-For/-Proto (1 behind nginx).
     PROXY_FIX_X_FOR = 0
     PROXY_FIX_X_PROTO = 0
@@ -148,4 +164,16 @@ def check_secret_key(config) -> None:
         raise ConfigError(
             f"chatapp: SECRET_KEY is {size} bytes long; it must be at least {MIN_SECRET_KEY_BYTES} "
             f"bytes of random text, or anyone could guess it and forge a login. {_HOW_TO_SET_SECRET_KEY}"
+        )
+
+
+def check_history_budget(config) -> None:
+    """Refuse a history budget too small for the longest message a user may send."""
+    from chatapp.chat.services import CONTENT_MAX
+
+    budget = config.get("BOT_HISTORY_MAX_CHARS")
+    if not isinstance(budget, int) or budget < CONTENT_MAX:
+        raise ConfigError(
+            f"chatapp: BOT_HISTORY_MAX_CHARS must be a whole number of at least {CONTENT_MAX} "
+            f"(the longest message), so that the message a reply answers always fits; got {budget!r}"
         )

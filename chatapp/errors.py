@@ -8,6 +8,8 @@ class AppError(Exception):
 
     status = 400
     code = "bad_request"
+    # Seconds a client should wait before trying again (sent as Retry-After), if any.
+    retry_after: int | None = None
 
     def __init__(self, message: str, *, code: str | None = None, field: str | None = None):
         super().__init__(message)
@@ -40,3 +42,19 @@ class Unauthorized(AppError):
 class Forbidden(AppError):
     status = 403
     code = "forbidden"
+
+
+class TooManyRequests(AppError):
+    """One user holds as much of a resource as one user may; retry once some is freed."""
+
+    status = 429
+    code = "too_many_requests"
+    retry_after = 5
+
+
+class ServiceBusy(AppError):
+    """The server is at capacity for everyone; nothing was done, retry shortly."""
+
+    status = 503
+    code = "busy"
+    retry_after = 2

@@ -1,17 +1,20 @@
-"""Rate limits on the doors that guess passwords or create rows: tokens, registration, login.
+"""Rate limits: per client address on the doors that guess passwords or create accounts
+(tokens, registration, login), and per user on the work that costs (messages, which start
+a bot reply; regenerations; new conversations).
 
-Flask-Limiter counts per client address in RATELIMIT_STORAGE_URI (memory by default,
-Redis to share counts between hosts). The limit strings are read from the app's config
-on each request, so an operator changes them without touching code, and tests turn
-them on only where they test them. A request over its limit raises Flask-Limiter's
+Flask-Limiter counts in RATELIMIT_STORAGE_URI (memory by default, Redis to share counts
+between hosts). The limit strings are read from the app's config on each request, so an
+operator changes them without touching code, and tests turn them on only where they test
+them. A request over its limit raises Flask-Limiter's
 RateLimitExceeded (a 429), which chatapp.api.errors renders as JSON under /api.
 """
 
 from __future__ import annotations
 
-from flask import Flask, current_app
+from flask import Flask, current_app, g
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
+from flask_login import current_user
 
 # The client address, as ProxyFix (chatapp.security) sets it behind a trusted proxy.
 limiter = Limiter(key_func=get_remote_address)
@@ -25,6 +28,32 @@ def configured(key: str):
 tokens = configured("RATELIMIT_TOKENS")
 registration = configured("RATELIMIT_REGISTER")
 login = configured("RATELIMIT_LOGIN")
+
+
+def user_key() -> str:
+    """The signed-in user, whichever door they came through: the API sets g.user_id
+    (chatapp.api.auth.require_user, before the view), a browser form has current_user."""
+    user_id = g.get("user_id")
+    if user_id is None:
+        user_id = current_user.id  # the limit sits under @login_required
+    return f"user:{user_id}"
+
+
+def per_user(key: str, scope: str):
+    """A limit from config key ``key``, counted per user in one bucket named ``scope``.
+
+    Shared: the API view and the browser form doing the same thing draw on one count, so a
+    user gets the same allowance whichever they use. Decorate the view under the checks
+    that establish who the user is (the API's before_request, or @login_required).
+    """
+    return limiter.shared_limit(
+        lambda: current_app.config[key], scope, key_func=user_key, methods=["POST"]
+    )
+
+
+messages = per_user("RATELIMIT_MESSAGES", "user-messages")
+conversations = per_user("RATELIMIT_CONVERSATIONS", "user-conversations")
+regenerations = per_user("RATELIMIT_REGENERATE", "user-regenerations")
 
 
 def init_app(app: Flask) -> None:

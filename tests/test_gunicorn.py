@@ -242,3 +242,46 @@ def test_exhausted_pool_answers_503_with_retry_after_and_recovers(database_uri, 
         assert "database pool exhausted" in log and "Traceback" not in log
     waits = sorted(elapsed for _r, elapsed in answers)
     print(f"\npool exhausted: 12/12 answered 503 in {waits[0]:.2f}-{waits[-1]:.2f} s (pool_timeout=1)")
+
+
+# --- open streams per user ----------------------------------------------------------------------
+
+
+def test_a_stream_the_client_drops_gives_its_slot_back(database_uri, tmp_path):
+    """gunicorn closes a stream's response when its client goes away: the user's slot is freed."""
+    config = {"STREAMS_PER_USER": 1, "BOT_ECHO_DELAY": 6, "REPLY_FLUSH_INTERVAL": 0.05, "REPLY_REAP_INTERVAL": 0}
+    with GunicornServer(database_uri, workers=1, threads=4, config=config, instance_path=str(tmp_path)) as server:
+        headers = make_user(server)
+        conversation = requests.post(
+            server.url + "/api/v1/conversations", json={}, headers=headers, timeout=CLIENT_TIMEOUT
+        ).json()
+        words = " ".join(f"w{n}" for n in range(60))  # one word every 0.1 s for 6 s
+        posted = requests.post(
+            f"{server.url}/api/v1/conversations/{conversation['id']}/messages",
+            json={"content": words}, headers=headers, timeout=CLIENT_TIMEOUT,
+        ).json()
+        url = f"{server.url}/api/v1/conversations/{conversation['id']}/messages/{posted['reply']['id']}/stream"
+
+        first = requests.get(url, headers=headers, stream=True, timeout=CLIENT_TIMEOUT)
+        assert first.status_code == 200
+        assert next(first.iter_content(chunk_size=None))
+        refused = requests.get(url, headers=headers, timeout=CLIENT_TIMEOUT)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_streams"
+        first.close()  # the client goes away mid-stream
+
+        def open_again():
+            response = requests.get(url, headers=headers, stream=True, timeout=CLIENT_TIMEOUT)
+            if response.status_code == 200:
+                return response
+            response.close()
+            return None
+
+        # The server notices at the stream's next write (a word every 0.1 s here).
+        again = wait_for(open_again, "the dropped stream's slot to be given back", timeout=30)
+        again.close()
+        # Given back while the reply still streams: not by the stream's normal end.
+        messages = requests.get(
+            f"{server.url}/api/v1/conversations/{conversation['id']}/messages", headers=headers, timeout=CLIENT_TIMEOUT
+        ).json()["items"]
+        assert messages[-1]["status"] == "streaming"
+        assert "Traceback" not in full_log(server)

@@ -17,6 +17,7 @@ from chatapp.auth.models import ApiToken, User
 from chatapp.chat.models import Conversation, Message
 from chatapp.db import unit_of_work
 from chatapp.security import CONTENT_SECURITY_POLICY
+from tests.helpers import wait_for_background_work
 from tests.servers import GunicornServer, free_port
 
 PASSWORD = "correct horse"
@@ -230,6 +231,107 @@ def test_limits_hold_in_memory_while_redis_is_down(client, auth):
     assert statuses == [201, 201, 201, 429]
 
 
+# Per user, on the work that costs. The per-address limits stay at their defaults, loose
+# enough for the few registrations and log-ins these tests make from one address.
+USER_LIMITS = {
+    "RATELIMIT_ENABLED": True,
+    "RATELIMIT_MESSAGES": "3 per minute",
+    "RATELIMIT_CONVERSATIONS": "2 per minute",
+    "RATELIMIT_REGENERATE": "2 per minute",
+}
+
+
+def assert_limited_per_user(response, limit: str):
+    assert_429(response)
+    assert response.get_json() == {
+        "error": {
+            "code": "too_many_requests",
+            "message": f"too many requests (limit: {limit}); retry after Retry-After seconds",
+        }
+    }
+
+
+def assert_limited_page(response):
+    assert_429(response)
+    body = response.get_data(as_text=True).lower()
+    assert response.mimetype == "text/html" and "too many requests" in body and "traceback" not in body
+
+
+def reply_attempt(app, reply_id: int) -> int:
+    with unit_of_work(app, write=False) as session:
+        return session.scalar(sa.select(Message.attempt).where(Message.id == reply_id))
+
+
+def api_message(client, headers, conversation_id: int, content: str = "hello"):
+    response = client.post(
+        f"/api/v1/conversations/{conversation_id}/messages", json={"content": content}, headers=headers
+    )
+    wait_for_background_work(client.application)  # the reply ends before the next post
+    return response
+
+
+@pytest.mark.parametrize("extra_config", [USER_LIMITS])
+def test_messages_are_limited_per_user_through_the_api_and_the_browser_alike(app, client, auth):
+    headers = auth.headers("chatty")
+    conversation_id = client.post("/api/v1/conversations", json={}, headers=headers).get_json()["id"]
+    browser, _csrf = log_in(app, "chatty")
+    assert api_message(client, headers, conversation_id).status_code == 202
+    assert browser.post(f"/c/{conversation_id}/messages", data={"content": "from the form"}).status_code == 302
+    wait_for_background_work(app)
+    assert api_message(client, headers, conversation_id).status_code == 202
+    # Three messages, whichever way they came: the fourth is refused both ways.
+    before = count(app, Message)
+    assert_limited_per_user(api_message(client, headers, conversation_id), "3 per 1 minute")
+    assert_limited_page(browser.post(f"/c/{conversation_id}/messages", data={"content": "one more"}))
+    assert count(app, Message) == before  # the refused posts wrote nothing
+    # The count is the user's, not the address's: from elsewhere the user is still refused,
+    # and another user at the same address is not.
+    elsewhere = app.test_client()
+    elsewhere.environ_base["REMOTE_ADDR"] = "10.9.8.7"
+    assert api_message(elsewhere, headers, conversation_id).status_code == 429
+    other = auth.headers("quiet")
+    other_conversation = client.post("/api/v1/conversations", json={}, headers=other).get_json()["id"]
+    assert api_message(client, other, other_conversation).status_code == 202
+    # Reading is not limited.
+    for _ in range(5):
+        assert client.get(f"/api/v1/conversations/{conversation_id}/messages", headers=headers).status_code == 200
+
+
+@pytest.mark.parametrize("extra_config", [USER_LIMITS])
+def test_new_conversations_are_limited_per_user_through_the_api_and_the_browser_alike(app, client, auth):
+    headers = auth.headers("founder")
+    browser, _csrf = log_in(app, "founder")
+    assert client.post("/api/v1/conversations", json={}, headers=headers).status_code == 201
+    assert browser.post("/c").status_code == 302
+    assert_limited_per_user(client.post("/api/v1/conversations", json={}, headers=headers), "2 per 1 minute")
+    assert_limited_page(browser.post("/c"))
+    assert count(app, Conversation) == 2
+    # Renaming one is not limited.
+    conversation_id = client.get("/api/v1/conversations", headers=headers).get_json()["items"][0]["id"]
+    for n in range(4):
+        renamed = client.patch(f"/api/v1/conversations/{conversation_id}", json={"title": f"t{n}"}, headers=headers)
+        assert renamed.status_code == 200
+
+
+@pytest.mark.parametrize("extra_config", [USER_LIMITS])
+def test_regenerating_is_limited_per_user_through_the_api_and_the_browser_alike(app, client, auth):
+    headers = auth.headers("regen")
+    browser, _csrf = log_in(app, "regen")
+    conversation_id = client.post("/api/v1/conversations", json={}, headers=headers).get_json()["id"]
+    reply_id = api_message(client, headers, conversation_id).get_json()["reply"]["id"]
+    url = f"/api/v1/conversations/{conversation_id}/messages/{reply_id}/regenerate"
+    assert client.post(url, headers=headers).status_code == 202
+    wait_for_background_work(app)
+    assert browser.post(f"/c/{conversation_id}/messages/{reply_id}/regenerate").status_code == 302
+    wait_for_background_work(app)
+    before = reply_attempt(app, reply_id)
+    assert_limited_per_user(client.post(url, headers=headers), "2 per 1 minute")
+    assert_limited_page(browser.post(f"/c/{conversation_id}/messages/{reply_id}/regenerate"))
+    assert reply_attempt(app, reply_id) == before == 2  # not restarted again
+    # A regeneration is not a message: the user may still post.
+    assert api_message(client, headers, conversation_id).status_code == 202
+
+
 def _redis_or_skip(url: str):
     import redis
 
@@ -244,12 +346,14 @@ def _redis_or_skip(url: str):
 @pytest.mark.slow
 @pytest.mark.parametrize("storage", ["redis", "memory"])
 def test_two_hosts_share_limits_through_redis(database_uri, tmp_path, storage):
-    """Two servers (two hosts) on one database: Redis makes them one door, memory does not."""
+    """Two servers (two hosts) on one database: Redis makes them one door, memory does not,
+    for the per-address limits and the per-user ones alike."""
     redis_url = "redis://127.0.0.1:6379"
     prefix = f"chatapp-test-{secrets.token_hex(4)}"
     config = {
         "RATELIMIT_ENABLED": "true",
         "RATELIMIT_TOKENS": "3 per minute",
+        "RATELIMIT_CONVERSATIONS": "3 per minute",
         "RATELIMIT_KEY_PREFIX": prefix,
         "RATELIMIT_STORAGE_URI": redis_url if storage == "redis" else "memory://",
     }
@@ -259,8 +363,14 @@ def test_two_hosts_share_limits_through_redis(database_uri, tmp_path, storage):
                 GunicornServer(database_uri, workers=1, threads=2, config=config, instance_path=str(tmp_path)) as two:
             credentials = {"username": "two-hosts", "password": PASSWORD}
             assert requests.post(one.url + "/api/v1/users", json=credentials, timeout=30).status_code == 201
-            statuses = [
-                requests.post(server.url + "/api/v1/tokens", json=credentials, timeout=30).status_code
+            tokens = [
+                requests.post(server.url + "/api/v1/tokens", json=credentials, timeout=30)
+                for server in (one, one, two, two, one, one)
+            ]
+            statuses = [response.status_code for response in tokens]
+            headers = {"Authorization": f"Bearer {tokens[0].json()['token']}"}
+            user_statuses = [
+                requests.post(server.url + "/api/v1/conversations", json={}, headers=headers, timeout=30).status_code
                 for server in (one, one, two, two, one, one)
             ]
     finally:
@@ -270,9 +380,9 @@ def test_two_hosts_share_limits_through_redis(database_uri, tmp_path, storage):
                 redis_client.delete(*keys)
             redis_client.close()
     if storage == "redis":
-        assert statuses == [201, 201, 201, 429, 429, 429]
+        assert statuses == user_statuses == [201, 201, 201, 429, 429, 429]
     else:  # each host counts alone: the fourth request on host one is its first refusal
-        assert statuses == [201, 201, 201, 201, 201, 429]
+        assert statuses == user_statuses == [201, 201, 201, 201, 201, 429]
 
 
 # --- the URL-map walk: no id reaches another user's data -----------------------------------------------

@@ -1,5 +1,6 @@
 """Conversations: list, create, read, rename, delete."""
 
+from chatapp import limits
 from chatapp.api.auth import current_user_id
 from chatapp.api.blueprint import api_blueprint
 from chatapp.api.docs import error_responses
@@ -33,9 +34,10 @@ def list_conversations(query):
 
 
 @blp.post("/conversations")
+@limits.conversations
 @blp.arguments(ConversationIn)
 @blp.response(201, ConversationOut)
-@error_responses(blp, 400, 401, 413, 415, 422, 503)
+@error_responses(blp, 400, 401, 413, 415, 422, 429, 503)
 def create_conversation(body):
     """Start a conversation."""
     conversation = chat.create_conversation(current_user_id(), body.get("title"))

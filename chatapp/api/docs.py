@@ -13,8 +13,10 @@ DESCRIPTIONS = {
     413: "Body larger than 1 MB",
     415: "Body is not JSON",
     422: "A field is missing or invalid",
-    429: "Too many requests from this address; retry after Retry-After seconds",
-    503: "Database busy or unavailable; retry after Retry-After seconds",
+    429: "Too many requests from this address or user (or too many open streams); "
+    "retry after Retry-After seconds",
+    503: "Database busy or unavailable, or too many replies waiting; "
+    "retry after Retry-After seconds",
 }
 
 

@@ -84,7 +84,8 @@ def handle_http_exception(error: HTTPException):
 
 
 def handle_app_error(error: AppError):
-    return error_response(error.status, error.code, error.message)
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+    return error_response(error.status, error.code, error.message, headers)
 
 
 def handle_pool_timeout(error: sa.exc.TimeoutError):

@@ -1,7 +1,10 @@
 """Messages: list, post (starts a reply), regenerate, stop and stream a reply."""
 
+import weakref
+
 from flask import Response, current_app, request
 
+from chatapp import limits
 from chatapp.api.auth import current_user_id
 from chatapp.api.blueprint import api_blueprint
 from chatapp.api.docs import error_responses
@@ -15,6 +18,7 @@ from chatapp.api.schemas import (
     message_json,
 )
 from chatapp.chat import services as chat
+from chatapp.chat import stream_slots
 from chatapp.chat.runner import commit_and_start_reply, get_runner
 from chatapp.chat.stream import parse_last_event_id, reply_events
 from chatapp.db import db
@@ -63,10 +67,11 @@ def list_messages(query, conversation_id):
 
 
 @blp.post("/conversations/<int:conversation_id>/messages")
+@limits.messages
 @blp.arguments(MessageIn())
 @blp.response(202, PostedMessage)
 @blp.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
-@error_responses(blp, 400, 401, 404, 409, 413, 415, 422, 503)
+@error_responses(blp, 400, 401, 404, 409, 413, 415, 422, 429, 503)
 def post_message(body, conversation_id):
     """Send a message; the bot's reply starts as "pending" and can be streamed."""
     key = idempotency_key()
@@ -78,8 +83,9 @@ def post_message(body, conversation_id):
 
 
 @blp.post("/conversations/<int:conversation_id>/messages/<int:reply_id>/regenerate")
+@limits.regenerations
 @blp.response(202, MessageOut)
-@error_responses(blp, 401, 404, 409, 503)
+@error_responses(blp, 401, 404, 409, 429, 503)
 def regenerate_reply(conversation_id, reply_id):
     """Restart a complete or failed reply from scratch."""
     conversation = chat.get_conversation(current_user_id(), conversation_id)
@@ -114,7 +120,7 @@ def stop_reply(conversation_id, reply_id):
         }
     }
 )
-@error_responses(blp, 400, 401, 404, 503)
+@error_responses(blp, 400, 401, 404, 429, 503)
 def stream_reply(conversation_id, reply_id):
     """Stream a reply's text as it is generated (stored text first)."""
     chat.check_conversation(current_user_id(), conversation_id)
@@ -124,8 +130,17 @@ def stream_reply(conversation_id, reply_id):
     # The request's session ends when this view returns; the generator holds nothing
     # while it waits and reads in short units of work of its own.
     db.session.commit()
-    return Response(
+    # An open stream holds a worker thread: one user may hold STREAMS_PER_USER of them.
+    # Taken last, so a view that fails has none to give back.
+    slot = stream_slots.take(current_app, current_user_id())
+    response = Response(
         reply_events(current_app._get_current_object(), reply_id, resume, first),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+    # The WSGI server closes the response however the stream ends (done, the client gone,
+    # an error, or the generator closed before its first event): the slot goes back then.
+    # A response never served (an after_request hook failed) gives it back when collected.
+    response.call_on_close(slot.release)
+    weakref.finalize(response, slot.release)
+    return response

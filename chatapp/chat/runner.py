@@ -7,6 +7,10 @@ lease (chatapp.chat.leases) in the database, so a reply submitted twice, or re-c
 another process, still runs once at a time. A job queue can replace this pool by
 enqueueing the id in ``submit`` and calling ``generate_reply`` in its worker.
 
+Before a view commits a pending reply it reserves the reply's place with ``reserve``
+(which refuses when the runner is full), so that a reply is never committed that no
+runner will take; a job queue's ``reserve`` may always succeed.
+
 While this process runs replies, one keeper thread renews their leases every
 REPLY_LEASE_RENEW_SECONDS and checks every REPLY_STOP_CHECK_SECONDS that it still holds
 them: a reply stopped, deleted, regenerated or taken over elsewhere is cancelled here,
@@ -29,6 +33,7 @@ from chatapp.chat import leases, live_replies, services
 from chatapp.chat.live_replies import LiveReply
 from chatapp.chat.pipeline import generate_reply
 from chatapp.db import db, is_transient, remove_session, unit_of_work
+from chatapp.errors import ServiceBusy
 from chatapp.ops.metrics import job
 
 log = logging.getLogger(__name__)
@@ -76,7 +81,9 @@ class Cancellation:
 
 
 class ReplyRunner(Protocol):
-    def submit(self, reply_id: int) -> None: ...
+    def reserve(self) -> Reservation: ...
+
+    def submit(self, reply_id: int, reservation: Reservation | None = None) -> None: ...
 
     def cancel(self, reply_id: int) -> None: ...
 
@@ -85,17 +92,43 @@ class ReplyRunner(Protocol):
     def wait_idle(self, timeout: float | None = None) -> bool: ...
 
 
+class Reservation:
+    """A place for one reply in a runner, held from before the view's commit until ``submit``.
+
+    A context manager: leaving the block gives the place back unless ``submit`` used it
+    (the commit failed, or the view raised). ``release`` may be called more than once.
+    """
+
+    def __init__(self, release=None):
+        self._give_back = release
+        self.held = release is not None
+
+    def release(self) -> None:
+        if self._give_back is not None:
+            self._give_back(self)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
 class ThreadPoolReplyRunner:
     """Runs replies on daemon threads of this process; its state is made afresh after a fork.
 
     Daemon threads, not a ThreadPoolExecutor: an exiting interpreter joins an executor's
     threads, so a worker restarting (max_requests, HUP) would wait for its longest reply
     serving nothing. Here ``shutdown`` decides how long to wait, then hands over the rest.
+
+    At most ``max_workers`` replies run and ``queue_max`` more wait; ``reserve`` refuses
+    beyond that, so a flood of posts cannot queue unbounded work in one process.
     """
 
-    def __init__(self, app: Flask, max_workers: int):
+    def __init__(self, app: Flask, max_workers: int, queue_max: int):
         self.app = app
         self.max_workers = max_workers
+        self.queue_max = queue_max
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._pid: int | None = None
@@ -108,7 +141,8 @@ class ThreadPoolReplyRunner:
         self._threads = 0
         self._idle_threads = 0
         self._runs: dict[int, Cancellation] = {}
-        self._queued = 0
+        self._queued = 0  # submitted and not finished: running or waiting for a thread
+        self._reserved = 0  # places reserved by views that have not submitted yet
         self._accepting = True
         self._keeper: threading.Thread | None = None
 
@@ -120,10 +154,33 @@ class ThreadPoolReplyRunner:
     def live(self) -> live_replies.LiveReplies:
         return live_replies.get_live_replies(self.app)
 
-    def submit(self, reply_id: int) -> None:
+    def reserve(self) -> Reservation:
+        """A place for one more reply, or ServiceBusy (503) if as many as can wait already do."""
+        with self._lock:
+            self._state()
+            if self._queued + self._reserved >= self.max_workers + self.queue_max:
+                raise ServiceBusy(
+                    "too many replies are waiting for the bot; nothing was saved, retry in a moment",
+                    code="replies_busy",
+                )
+            self._reserved += 1
+        return Reservation(self._release)
+
+    def _release(self, reservation: Reservation) -> None:
+        with self._lock:
+            if reservation.held:
+                reservation.held = False
+                self._reserved -= 1
+
+    def submit(self, reply_id: int, reservation: Reservation | None = None) -> None:
         reply_id = int(reply_id)
         with self._lock:
             self._state()
+            if reservation is not None and reservation.held:
+                # The reserved place becomes the reply's, in one step: no other view can
+                # take it in between.
+                reservation.held = False
+                self._reserved -= 1
             if not self._accepting:
                 # Shutting down: the reply stays unclaimed, and another process's sweep
                 # claims it within REPLY_LEASE_SECONDS.
@@ -263,7 +320,9 @@ class ThreadPoolReplyRunner:
 
 def init_app(app: Flask) -> None:
     live_replies.init_app(app)
-    app.extensions[EXTENSION_KEY] = ThreadPoolReplyRunner(app, app.config["REPLY_WORKERS"])
+    app.extensions[EXTENSION_KEY] = ThreadPoolReplyRunner(
+        app, app.config["REPLY_WORKERS"], app.config["REPLY_QUEUE_MAX"]
+    )
 
 
 def get_runner(app: Flask) -> ThreadPoolReplyRunner:
@@ -277,7 +336,15 @@ def commit_and_start_reply(app: Flask, reply_id: int, attempt: int) -> None:
     reply that nobody starts would wait for another process's sweep. So after a failed
     commit, look in a new short transaction: if the reply is stored at this attempt,
     start it; if not, or if the database is still down, raise.
+
+    The reply's place in the runner is reserved first: a full runner answers 503 before
+    anything is committed, and a committed reply always has its place.
     """
+    with get_runner(app).reserve() as reservation:
+        _commit_and_submit(app, reply_id, attempt, reservation)
+
+
+def _commit_and_submit(app: Flask, reply_id: int, attempt: int, reservation: Reservation) -> None:
     try:
         db.session.commit()
     except sa.exc.DBAPIError as error:
@@ -290,4 +357,4 @@ def commit_and_start_reply(app: Flask, reply_id: int, attempt: int) -> None:
             raise
         log.warning("a commit for reply %s failed in flight but landed; starting the reply", reply_id)
     # Only the id crosses into the runner's thread, after the commit made it visible.
-    get_runner(app).submit(reply_id)
+    get_runner(app).submit(reply_id, reservation)

@@ -6,10 +6,13 @@ import base64
 import binascii
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Iterator
 
 import sqlalchemy as sa
+from flask import current_app
 from sqlalchemy.orm.attributes import set_committed_value
 
+from chatapp.chat.history import fit_history
 from chatapp.chat.models import ACTIVE_STATUSES, Conversation, Message, Role, Status
 from chatapp.db import db, utcnow
 from chatapp.errors import Conflict, InvalidInput, NotFound
@@ -414,24 +417,44 @@ def stop_reply(conversation: Conversation, reply: Message) -> Message:
 _REPLY_TO_CLAIM = sa.select(
     _messages.c.conversation_id, _messages.c.status, _messages.c.attempt
 ).where(_messages.c.id == sa.bindparam("reply_id"))
-_HISTORY = (
-    sa.select(_messages.c.role, _messages.c.content)
+# The history before a reply, newest first, a page at a time (keyset on id): a reply reads
+# only as far back as its budget reaches, not the whole conversation.
+HISTORY_PAGE_ROWS = 50
+_HISTORY_PAGE = (
+    sa.select(_messages.c.id, _messages.c.role, _messages.c.content)
     .where(
         _messages.c.conversation_id == sa.bindparam("conversation_id"),
-        _messages.c.id < sa.bindparam("reply_id"),
+        _messages.c.id < sa.bindparam("before_id"),
         _messages.c.status == Status.COMPLETE,
     )
-    .order_by(_messages.c.id)
+    .order_by(_messages.c.id.desc())
+    .limit(HISTORY_PAGE_ROWS)
 )
 
 
-def reply_history(reply_id: int) -> tuple[int, list[dict]] | None:
-    """Plain data the bot needs: the reply's attempt and the messages before it; None if not pending."""
+def _history_newest_first(conversation_id: int, reply_id: int) -> Iterator[dict]:
+    before_id = reply_id
+    while True:
+        rows = db.session.execute(
+            _HISTORY_PAGE, {"conversation_id": conversation_id, "before_id": before_id}
+        ).all()
+        for row in rows:
+            yield {"role": row.role.value, "content": row.content}
+        if len(rows) < HISTORY_PAGE_ROWS:
+            return
+        before_id = rows[-1].id
+
+
+def reply_history(reply_id: int, max_chars: int | None = None) -> tuple[int, list[dict]] | None:
+    """Plain data the bot needs: the reply's attempt and the newest messages before it that
+    fit in ``max_chars`` characters (default: BOT_HISTORY_MAX_CHARS), oldest first; None if
+    the reply is not pending."""
     reply = db.session.execute(_REPLY_TO_CLAIM, {"reply_id": reply_id}).first()
     if reply is None or reply.status is not Status.PENDING:
         return None
-    rows = db.session.execute(_HISTORY, {"conversation_id": reply.conversation_id, "reply_id": reply_id})
-    return reply.attempt, [{"role": role.value, "content": content} for role, content in rows]
+    if max_chars is None:
+        max_chars = current_app.config["BOT_HISTORY_MAX_CHARS"]
+    return reply.attempt, fit_history(_history_newest_first(reply.conversation_id, reply_id), max_chars)
 
 
 # Matches no row once the reply was restarted (attempt), stopped or finished (status),

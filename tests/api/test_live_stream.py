@@ -63,7 +63,7 @@ def test_a_stream_whose_reply_runs_elsewhere_polls(client, app, alice, conversat
     # As with a job queue, or a reply running in another gunicorn worker: no live state here.
     threads = []
 
-    def submit_elsewhere(reply_id):
+    def submit_elsewhere(reply_id, reservation=None):
         threads.append(threading.Thread(target=generate_reply, args=(app, reply_id)))
         threads[-1].start()
 
