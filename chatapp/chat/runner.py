@@ -34,7 +34,7 @@ from chatapp.chat.live_replies import LiveReply
 from chatapp.chat.pipeline import generate_reply
 from chatapp.db import db, is_transient, remove_session, unit_of_work
 from chatapp.errors import ServiceBusy
-from chatapp.ops.metrics import job
+from chatapp.ops.metrics import LEASE_STATEMENTS, job
 
 log = logging.getLogger(__name__)
 EXTENSION_KEY = "chatapp.reply_runner"
@@ -290,6 +290,7 @@ class ThreadPoolReplyRunner:
     @job("lease")
     def _check_leases(self, reply_ids: list[int], renew: bool) -> set[int]:
         lease_seconds = float(self.app.config["REPLY_LEASE_SECONDS"])
+        LEASE_STATEMENTS.labels("renew" if renew else "check").inc()
         with unit_of_work(self.app, write=renew):
             if renew:
                 return leases.renew(self.owner, reply_ids, lease_seconds)

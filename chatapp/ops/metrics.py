@@ -68,6 +68,12 @@ CONNECTION_HOLD_SECONDS = Histogram(
     ["holder"], buckets=_HOLD_BUCKETS,
 )
 REPLIES = Counter("chatapp_replies_total", "Replies that finished, by final status.", ["status"])
+LEASE_STATEMENTS = Counter(
+    "chatapp_reply_lease_statements_total",
+    "Statements of the lease keeper: 'renew' (an UPDATE for all of a process's replies) or "
+    "'check' (a read that notices stops).",
+    ["kind"],
+)
 BOT_FIRST_TOKEN_SECONDS = Histogram(
     "chatapp_bot_first_token_seconds", "From asking the bot to its first chunk of text.",
     buckets=_BOT_BUCKETS,
