@@ -145,7 +145,9 @@ class OpenAIBot:
                 ) from None
             raise BotError("could not reach the model server; try again later", self._detail(exc)) from None
         except requests.exceptions.RequestException as exc:
-            raise BotError("the request to the model server failed; try again later", self._detail(exc)) from None
+            raise BotError(
+                "the request to the model server failed; try again later", self._detail(exc)
+            ) from None
 
     def _parse_event_stream(self, response: requests.Response) -> Iterator[str]:
         for raw in response.iter_lines(decode_unicode=False):
