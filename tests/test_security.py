@@ -13,7 +13,7 @@ import requests
 import sqlalchemy as sa
 from flask import Blueprint
 
-from chatapp.auth.models import ApiToken, User
+from chatapp.auth.models import ApiToken, LoginSession, User
 from chatapp.chat.models import Conversation, Message
 from chatapp.db import unit_of_work
 from chatapp.security import CONTENT_SECURITY_POLICY
@@ -332,11 +332,18 @@ class Owner:
             json={"content": f"message {self.marker}"}, headers=self.headers,
         ).get_json()
         assert app.extensions["chatapp.reply_runner"].wait_idle(30)
+        # A browser login too, whose login session another user must not be able to end.
+        assert app.test_client().post("/login", data={"username": username, "password": PASSWORD}).status_code == 302
+        with unit_of_work(app, write=False) as session:
+            session_id = session.scalar(
+                sa.select(sa.func.max(LoginSession.id)).join(User).where(User.username == username)
+            )
         self.ids = {
             "conversation_id": conversation["id"],
             "message_id": posted["message"]["id"],
             "reply_id": posted["reply"]["id"],
             "token_id": token["id"],
+            "session_id": session_id,
         }
         self.username = username
 
@@ -352,7 +359,10 @@ class Owner:
             tokens = session.execute(
                 sa.select(ApiToken.id, ApiToken.revoked_at).where(ApiToken.user_id == user_id).order_by(ApiToken.id)
             ).all()
-        return [tuple(r) for r in rows] + [tuple(t) for t in tokens]
+            logins = session.execute(
+                sa.select(LoginSession.id).where(LoginSession.user_id == user_id).order_by(LoginSession.id)
+            ).all()
+        return [tuple(r) for r in rows] + [tuple(t) for t in tokens] + [tuple(s) for s in logins]
 
 
 def log_in(app, username: str):

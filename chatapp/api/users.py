@@ -1,4 +1,4 @@
-"""Accounts and tokens: POST /users, POST /tokens, DELETE /tokens/current."""
+"""Accounts and tokens: POST /users, POST /tokens, DELETE /tokens/current, DELETE /login-sessions."""
 
 from flask import current_app, g
 
@@ -6,7 +6,8 @@ from chatapp import limits
 from chatapp.api.docs import error_responses
 from chatapp.api.auth import require_user
 from chatapp.api.blueprint import api_blueprint
-from chatapp.api.schemas import Credentials, TokenOut, TokenRequest, UserOut
+from chatapp.api.schemas import Credentials, LoginSessionsEnded, TokenOut, TokenRequest, UserOut
+from chatapp.auth import login_sessions
 from chatapp.auth import services as auth
 from chatapp.db import begin_write, db
 from chatapp.errors import Forbidden, Unauthorized
@@ -64,3 +65,15 @@ def revoke_current_token():
     g.api_token = None
     return ""
 
+
+@blp.delete("/login-sessions")
+@blp.response(200, LoginSessionsEnded)
+@error_responses(blp, 401, 503)
+def end_login_sessions():
+    """Log out every browser logged in to your account (API tokens keep working)."""
+    begin_write()
+    require_user()
+    ended = login_sessions.end_other_sessions(g.user_id, keep=None)
+    db.session.commit()
+    g.pop("login_session", None)  # a cookie caller's own session ended too: nothing to stamp
+    return {"ended": ended}

@@ -10,14 +10,15 @@ from flask import Blueprint, request
 from flask_wtf.csrf import CSRFError
 
 from chatapp.api.errors import error_response
+from chatapp.auth import login_sessions
 from chatapp.db import begin_write
 from chatapp.web.forms import sentence
 
 bp = Blueprint("web", __name__)
 
-# Posts that write nothing, or that hash a password first and then begin their own
-# write (hashing is slow and must not hold the write lock).
-_NO_EARLY_WRITE_POSTS = frozenset({"web.login", "web.logout", "web.register"})
+# Posts that hash a password first and then begin their own write (hashing is slow
+# and must not hold the write lock).
+_NO_EARLY_WRITE_POSTS = frozenset({"web.login", "web.register"})
 
 
 @bp.record_once
@@ -33,6 +34,10 @@ def begin_write_for_forms() -> None:
     """A form that changes data takes the SQLite write lock before its first read."""
     if request.method == "POST" and request.endpoint not in _NO_EARLY_WRITE_POSTS:
         begin_write()
+
+
+# Every request a login cookie authenticated, pages and the API alike.
+bp.after_app_request(login_sessions.record_use)
 
 
 @bp.app_template_filter("sentence")
