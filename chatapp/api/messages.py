@@ -1,6 +1,6 @@
 """Messages: list, post (starts a reply), regenerate a reply, stream a reply."""
 
-from flask import Response, current_app, request
+from flask import Response, current_app, g, request
 
 from chatapp.api.auth import current_user_id
 from chatapp.api.blueprint import api_blueprint
@@ -67,7 +67,9 @@ def regenerate_reply(conversation_id, reply_id):
     responses={
         "200": {
             "description": "Server-sent events: text deltas, then one `done` event with "
-            "{status, error}.",
+            "{status, error}. If the token or browser login the stream was opened with is "
+            "revoked or logged out meanwhile, the stream ends within seconds with status "
+            "`unauthorized`.",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         }
     }
@@ -83,7 +85,8 @@ def stream_reply(conversation_id, reply_id):
     # while it waits and reads in short units of work of its own.
     db.session.commit()
     return Response(
-        reply_events(current_app._get_current_object(), reply_id, resume, first),
+        # g.credential is plain data (kind and id): the stream re-checks it as it reads.
+        reply_events(current_app._get_current_object(), reply_id, resume, first, g.credential),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

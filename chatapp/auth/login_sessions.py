@@ -5,7 +5,8 @@ still log in until its signature expires. So the cookie holds a random token (Fl
 "alternative token": ``User.get_id()`` returns it) and the ``login_sessions`` table holds its
 SHA-256. Each browser request looks the token up in one query joined to its user; deleting
 the row (logout, "log out everywhere", ending one session from the settings page) ends the
-login wherever the cookie was copied. A login session lasts at most ``PERMANENT_SESSION_LIFETIME`` (Flask's
+login wherever the cookie was copied, and ends the streams it opened within seconds
+(chatapp.chat.stream). A login session lasts at most ``PERMANENT_SESSION_LIFETIME`` (Flask's
 setting, 31 days) from login, as long as the cookie's signature is accepted.
 
 Services add and flush; the caller commits.

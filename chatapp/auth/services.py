@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Literal
 
 import sqlalchemy as sa
 from flask import current_app
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from chatapp.auth import login_sessions
 from chatapp.auth.models import ApiToken, User
 from chatapp.db import db, utcnow
 from chatapp.errors import Conflict, InvalidInput
@@ -167,6 +170,26 @@ def revoke_token(token: ApiToken | sa.Row) -> None:
         .where(ApiToken.id == token.id, ApiToken.revoked_at.is_(None))
         .values(revoked_at=utcnow())
     )
+
+
+@dataclass(frozen=True)
+class Credential:
+    """What a request authenticated with, as plain data: a stream re-checks it while it runs."""
+
+    kind: Literal["token", "login_session"]
+    id: int
+
+
+_UNREVOKED_TOKEN = sa.select(_tokens.c.id).where(
+    _tokens.c.id == sa.bindparam("token_id"), _tokens.c.revoked_at.is_(None)
+)
+
+
+def credential_is_active(credential: Credential) -> bool:
+    """Whether the token is unrevoked, or the login session not ended (one small query)."""
+    if credential.kind == "token":
+        return db.session.execute(_UNREVOKED_TOKEN, {"token_id": credential.id}).first() is not None
+    return login_sessions.is_active(credential.id)
 
 
 def list_tokens(user_id: int) -> list[ApiToken]:
