@@ -40,3 +40,8 @@ class Unauthorized(AppError):
 class Forbidden(AppError):
     status = 403
     code = "forbidden"
+
+
+class ServiceUnavailable(AppError):
+    status = 503
+    code = "unavailable"

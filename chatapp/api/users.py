@@ -44,7 +44,10 @@ def create_token(body):
     db.session.commit()  # end the read: no connection is held while the password is checked
     if not auth.password_matches(user, body["password"]):
         raise Unauthorized("wrong username or password", code="invalid_credentials")
+    new_hash = auth.upgraded_password_hash(user, body["password"])  # hashing: no connection held
     begin_write()
+    if new_hash is not None:
+        auth.replace_password_hash(user.id, user.password_hash, new_hash)
     row, token = auth.create_token(user.id, name=body["name"])
     db.session.commit()
     return {"token": token, "id": row.id, "prefix": row.prefix, "name": row.name,

@@ -84,7 +84,10 @@ def login():
         user = auth.find_login(form.username.data)
         db.session.commit()  # end the read: no connection is held while the password is checked
         if auth.password_matches(user, form.password.data):
+            new_hash = auth.upgraded_password_hash(user, form.password.data)  # no connection held
             begin_write()
+            if new_hash is not None:
+                auth.replace_password_hash(user.id, user.password_hash, new_hash)
             login_sessions.start(user)
             db.session.commit()
             return _log_in(user, _next_url())
