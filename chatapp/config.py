@@ -89,6 +89,9 @@ class Defaults:
     RATELIMIT_TOKENS = "10 per minute;100 per hour"
     RATELIMIT_REGISTER = "5 per minute;50 per hour"
     RATELIMIT_LOGIN = "10 per minute;100 per hour"
+    # Per username, whichever address it comes from, shared by the login form and
+    # POST /api/v1/tokens: guesses spread over many addresses still meet a limit.
+    RATELIMIT_LOGIN_USERNAME = "10 per minute;100 per hour"
     # Number of proxies in front of the app that set X-Forwarded-For/-Proto (1 behind nginx).
     PROXY_FIX_X_FOR = 0
     PROXY_FIX_X_PROTO = 0

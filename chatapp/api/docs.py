@@ -13,7 +13,8 @@ DESCRIPTIONS = {
     413: "Body larger than 1 MB",
     415: "Body is not JSON",
     422: "A field is missing or invalid",
-    429: "Too many requests from this address; retry after Retry-After seconds",
+    429: "Too many requests from this address (or, to log in, for this username); "
+    "retry after Retry-After seconds",
     503: "Database busy or unavailable; retry after Retry-After seconds",
 }
 

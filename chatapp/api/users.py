@@ -35,6 +35,7 @@ def register(body):
 
 @blp.post("/tokens")
 @limits.tokens
+@limits.login_per_username
 @blp.arguments(TokenRequest)
 @blp.response(201, TokenOut)
 @error_responses(blp, 400, 401, 413, 415, 422, 429, 503, authenticated=False)

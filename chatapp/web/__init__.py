@@ -9,7 +9,7 @@ from __future__ import annotations
 from flask import Blueprint, request
 from flask_wtf.csrf import CSRFError
 
-from chatapp.api.errors import error_response
+from chatapp.api.errors import error_response, handle_http_exception
 from chatapp.auth import login_sessions
 from chatapp.db import begin_write
 from chatapp.web.forms import sentence
@@ -38,6 +38,14 @@ def begin_write_for_forms() -> None:
 
 # Every request a login cookie authenticated, pages and the API alike.
 bp.after_app_request(login_sessions.record_use)
+
+
+@bp.errorhandler(429)
+def too_many_requests(error):
+    """Over a rate limit: the login form says so on the login page, other forms on the error page."""
+    if request.endpoint == "web.login":
+        return accounts.too_many_logins(error)
+    return handle_http_exception(error)
 
 
 @bp.app_template_filter("sentence")

@@ -74,6 +74,7 @@ def register():
 
 @bp.route("/login", methods=("GET", "POST"))
 @limits.login
+@limits.login_per_username
 def login():
     """Log in with a username and password."""
     if current_user.is_authenticated:
@@ -94,6 +95,15 @@ def login():
         form.form_errors.append("Wrong username or password.")
         status = 401
     return render_template("auth/login.html", form=form), status
+
+
+def too_many_logins(error):
+    """The login page again, saying to wait, for a login over its rate limit."""
+    form = LoginForm()
+    form.form_errors.append(
+        f"Too many requests to log in (limit: {error.description}). Wait a minute, then try again."
+    )
+    return render_template("auth/login.html", form=form), 429
 
 
 @bp.post("/logout")
