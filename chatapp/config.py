@@ -30,7 +30,13 @@ class Defaults:
     MAX_CONTENT_LENGTH = 1024 * 1024
     PASSWORD_MIN_LENGTH = 8
     PASSWORD_MAX_LENGTH = 200
-    PASSWORD_HASH_METHOD = "scrypt"
+    # Werkzeug's method and parameters for new hashes: scrypt with n=2**17 (Werkzeug's
+    # default is 2**15), r=8, p=1, which needs 128 MiB for each hash. A login whose stored
+    # hash used another method stores a new hash made with this one.
+    PASSWORD_HASH_METHOD = "scrypt:131072:8:1"
+    # Password hashes computed at once per process; more logins wait (holding no database
+    # connection), so a burst cannot take 128 MiB per login.
+    PASSWORD_HASH_CONCURRENCY = 2
     REGISTRATION_OPEN = True
 
     # The browser's login cookie: never readable by scripts, not sent on cross-site
@@ -116,6 +122,9 @@ class Defaults:
     RATELIMIT_MESSAGES = "20 per minute;600 per hour"
     RATELIMIT_REGENERATE = "10 per minute;300 per hour"
     RATELIMIT_CONVERSATIONS = "20 per minute;600 per hour"
+    # Per username, whichever address it comes from, shared by the login form and
+    # POST /api/v1/tokens: guesses spread over many addresses still meet a limit.
+    RATELIMIT_LOGIN_USERNAME = "10 per minute;100 per hour"
     # Number of proxies in front of the app that set X-Forwarded-For/-Proto (1 behind nginx).
     PROXY_FIX_X_FOR = 0
     PROXY_FIX_X_PROTO = 0

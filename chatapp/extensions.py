@@ -8,9 +8,12 @@ csrf = CSRFProtect()
 
 
 @login_manager.user_loader
-def load_user(user_id: str):
-    """The logged-in browser user, read in the request's own session."""
-    from chatapp.auth.models import User
-    from chatapp.db import db
+def load_user(login_token: str):
+    """The logged-in browser user: the cookie names a login session, read with its user in one query.
 
-    return db.session.get(User, int(user_id)) if user_id.isdigit() else None
+    Flask-Login also calls this for its remember-me cookie, which holds the same token
+    (get_id()), so that cookie ends with its login session too.
+    """
+    from chatapp.auth import login_sessions
+
+    return login_sessions.load_user(login_token)

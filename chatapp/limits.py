@@ -3,15 +3,18 @@
 a bot reply; regenerations; new conversations).
 
 Flask-Limiter counts in RATELIMIT_STORAGE_URI (memory by default, Redis to share counts
-between hosts). The limit strings are read from the app's config on each request, so an
-operator changes them without touching code, and tests turn them on only where they test
-them. A request over its limit raises Flask-Limiter's
+between hosts); password guesses are also counted per username they name, whatever
+address they come from. The limit strings are read from the app's config on each request,
+so an operator changes them without touching code, and tests turn them on only where they
+test them. A request over its limit raises Flask-Limiter's
 RateLimitExceeded (a 429), which chatapp.api.errors renders as JSON under /api.
 """
 
 from __future__ import annotations
 
-from flask import Flask, current_app, g
+import hashlib
+
+from flask import Flask, current_app, g, request
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_login import current_user
@@ -25,9 +28,33 @@ def configured(key: str):
     return limiter.limit(lambda: current_app.config[key], methods=["POST"])
 
 
+def login_username() -> str:
+    """The username a login attempt names (form or JSON body), case-folded; else the address.
+
+    Hashed, so that the limit's storage (Redis) holds no usernames; a body that names
+    none, or not as a string, is counted by its client address.
+    """
+    if request.is_json:
+        body = request.get_json(silent=True)
+        username = body.get("username") if isinstance(body, dict) else None
+    else:
+        username = request.form.get("username")
+    if isinstance(username, str) and username:
+        return "username:" + hashlib.sha256(username.casefold().encode()).hexdigest()
+    return get_remote_address()
+
+
 tokens = configured("RATELIMIT_TOKENS")
 registration = configured("RATELIMIT_REGISTER")
 login = configured("RATELIMIT_LOGIN")
+# One count per username for the login form and POST /api/v1/tokens together, so that
+# guesses cannot double their allowance by using both doors.
+login_per_username = limiter.shared_limit(
+    lambda: current_app.config["RATELIMIT_LOGIN_USERNAME"],
+    scope="login-username",
+    key_func=login_username,
+    methods=["POST"],
+)
 
 
 def user_key() -> str:

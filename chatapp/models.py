@@ -1,6 +1,6 @@
 """Every model, importable from one place (the shell, migrations, tests)."""
 
-from chatapp.auth.models import ApiToken, User
+from chatapp.auth.models import ApiToken, LoginSession, User
 from chatapp.chat.models import Conversation, Message, Role, Status
 
-__all__ = ["ApiToken", "Conversation", "Message", "Role", "Status", "User"]
+__all__ = ["ApiToken", "Conversation", "LoginSession", "Message", "Role", "Status", "User"]

@@ -1,13 +1,15 @@
 """Migrations, models and database-level rules."""
 
+import flask_migrate
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from chatapp.auth.models import User
+from chatapp.auth.models import ApiToken, LoginSession, User
 from chatapp.chat.models import Conversation, Message, Role, Status
 from chatapp.db import Base, db, unit_of_work
+from chatapp.migrations import MIGRATIONS_DIR, upgrade_to_latest
 
 
 def test_migrations_and_models_agree(app):
@@ -25,6 +27,30 @@ def test_init_db_is_idempotent(runner, app):
         result = runner.invoke(args=["init-db"])
         assert result.exit_code == 0, result.output
         assert "latest schema" in result.output
+
+
+def test_login_sessions_migration_keeps_existing_data(app, client):
+    """0002 on a database in use: accounts, tokens and chats from before it survive, and work."""
+    with app.app_context():
+        flask_migrate.downgrade(directory=MIGRATIONS_DIR, revision="0001")
+        assert "login_sessions" not in sa.inspect(db.engine).get_table_names()
+        db.session.remove()
+    # Written with the tables as 0001 left them: a user (who can log in), a token, a chat.
+    client.post("/api/v1/users", json={"username": "before", "password": "correct horse"})
+    token = client.post("/api/v1/tokens", json={"username": "before", "password": "correct horse"}).get_json()
+    headers = {"Authorization": f"Bearer {token['token']}"}
+    assert client.post("/api/v1/conversations", json={"title": "kept"}, headers=headers).status_code == 201
+    with app.app_context():
+        upgrade_to_latest()
+        db.session.remove()
+
+    assert [c["title"] for c in client.get("/api/v1/conversations", headers=headers).get_json()["items"]] == ["kept"]
+    assert client.post("/login", data={"username": "before", "password": "correct horse"}).status_code == 302
+    assert client.get("/settings").status_code == 200
+    with unit_of_work(app, write=False) as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(User)) == 1
+        assert session.scalar(sa.select(sa.func.count()).select_from(ApiToken)) == 1
+        assert session.scalar(sa.select(sa.func.count()).select_from(LoginSession)) == 1
 
 
 def seed_conversation(app) -> int:

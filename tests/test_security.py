@@ -13,7 +13,7 @@ import requests
 import sqlalchemy as sa
 from flask import Blueprint
 
-from chatapp.auth.models import ApiToken, User
+from chatapp.auth.models import ApiToken, LoginSession, User
 from chatapp.chat.models import Conversation, Message
 from chatapp.db import unit_of_work
 from chatapp.security import CONTENT_SECURITY_POLICY
@@ -196,6 +196,49 @@ def test_browser_login_is_limited_with_a_page_not_json(app, client, auth):
     assert client.get("/").status_code == 302
 
 
+def from_address(app, address: str):
+    client = app.test_client()
+    client.environ_base["REMOTE_ADDR"] = address
+    return client
+
+
+@pytest.mark.parametrize("extra_config", [{"RATELIMIT_ENABLED": True, "RATELIMIT_LOGIN_USERNAME": "3 per minute"}])
+def test_login_guesses_are_limited_per_username_from_any_address(app, client, auth):
+    """Guesses at one account spread over many addresses (each far below its own limit) and
+    over both doors, the login form and POST /api/v1/tokens, share one count."""
+    auth.register("victim")
+    auth.register("bystander")
+    wrong = {"username": "victim", "password": "wrong-pass"}
+    assert from_address(app, "203.0.113.1").post("/api/v1/tokens", json=wrong).status_code == 401
+    assert from_address(app, "203.0.113.2").post("/login", data=wrong).status_code == 401
+    # Case does not make another username for the count.
+    assert from_address(app, "203.0.113.3").post("/api/v1/tokens", json={**wrong, "username": "VICTIM"}).status_code == 401
+
+    refused = assert_429(from_address(app, "203.0.113.4").post(
+        "/api/v1/tokens", json={"username": "victim", "password": PASSWORD}))
+    assert refused.get_json() == {
+        "error": {
+            "code": "too_many_requests",
+            "message": "too many requests (limit: 3 per 1 minute); retry after Retry-After seconds",
+        }
+    }
+    page = assert_429(from_address(app, "203.0.113.5").post("/login", data={"username": "Victim", "password": PASSWORD}))
+    html = page.get_data(as_text=True)
+    assert page.mimetype == "text/html" and '<form method="post" class="stack">' in html  # the login page
+    assert "Too many requests to log in (limit: 3 per 1 minute). Wait a minute, then try again." in html
+    assert count(app, ApiToken) == 0 and count(app, LoginSession) == 0  # refused: nothing written
+
+    # Another username is not held back, even from an address that took part.
+    bystander = {"username": "bystander", "password": PASSWORD}
+    assert from_address(app, "203.0.113.1").post("/api/v1/tokens", json=bystander).status_code == 201
+    assert from_address(app, "203.0.113.2").post("/login", data=bystander).status_code == 302
+    # A body naming no username is counted by its address instead.
+    nameless = from_address(app, "203.0.113.9")
+    statuses = [nameless.post("/api/v1/tokens", json={"password": "x"}).status_code for _ in range(4)]
+    assert statuses == [422, 422, 422, 429]
+    assert from_address(app, "203.0.113.10").post("/api/v1/tokens", json={"password": "x"}).status_code == 422
+
+
 def test_limits_are_off_when_disabled(client, auth):
     """The base test config turns them off (conftest); nothing is counted then."""
     auth.register("unlimited")
@@ -344,15 +387,17 @@ def _redis_or_skip(url: str):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("limit", ["address", "username"])
 @pytest.mark.parametrize("storage", ["redis", "memory"])
-def test_two_hosts_share_limits_through_redis(database_uri, tmp_path, storage):
+def test_two_hosts_share_limits_through_redis(database_uri, tmp_path, storage, limit):
     """Two servers (two hosts) on one database: Redis makes them one door, memory does not,
-    for the per-address limits and the per-user ones alike."""
+    for the limit per address, the one per username and the per-user ones alike."""
     redis_url = "redis://127.0.0.1:6379"
     prefix = f"chatapp-test-{secrets.token_hex(4)}"
     config = {
         "RATELIMIT_ENABLED": "true",
-        "RATELIMIT_TOKENS": "3 per minute",
+        "RATELIMIT_TOKENS": "3 per minute" if limit == "address" else "100 per minute",
+        "RATELIMIT_LOGIN_USERNAME": "3 per minute" if limit == "username" else "100 per minute",
         "RATELIMIT_CONVERSATIONS": "3 per minute",
         "RATELIMIT_KEY_PREFIX": prefix,
         "RATELIMIT_STORAGE_URI": redis_url if storage == "redis" else "memory://",
@@ -373,6 +418,10 @@ def test_two_hosts_share_limits_through_redis(database_uri, tmp_path, storage):
                 requests.post(server.url + "/api/v1/conversations", json={}, headers=headers, timeout=30).status_code
                 for server in (one, one, two, two, one, one)
             ]
+            if limit == "username":  # the same address, another username: not held back
+                other = {"username": "other-user", "password": PASSWORD}
+                assert requests.post(two.url + "/api/v1/users", json=other, timeout=30).status_code == 201
+                assert requests.post(two.url + "/api/v1/tokens", json=other, timeout=30).status_code == 201
     finally:
         if redis_client is not None:
             keys = list(redis_client.scan_iter(match=f"*{prefix}*"))
@@ -442,11 +491,18 @@ class Owner:
             json={"content": f"message {self.marker}"}, headers=self.headers,
         ).get_json()
         assert app.extensions["chatapp.reply_runner"].wait_idle(30)
+        # A browser login too, whose login session another user must not be able to end.
+        assert app.test_client().post("/login", data={"username": username, "password": PASSWORD}).status_code == 302
+        with unit_of_work(app, write=False) as session:
+            session_id = session.scalar(
+                sa.select(sa.func.max(LoginSession.id)).join(User).where(User.username == username)
+            )
         self.ids = {
             "conversation_id": conversation["id"],
             "message_id": posted["message"]["id"],
             "reply_id": posted["reply"]["id"],
             "token_id": token["id"],
+            "session_id": session_id,
         }
         self.username = username
 
@@ -462,7 +518,10 @@ class Owner:
             tokens = session.execute(
                 sa.select(ApiToken.id, ApiToken.revoked_at).where(ApiToken.user_id == user_id).order_by(ApiToken.id)
             ).all()
-        return [tuple(r) for r in rows] + [tuple(t) for t in tokens]
+            logins = session.execute(
+                sa.select(LoginSession.id).where(LoginSession.user_id == user_id).order_by(LoginSession.id)
+            ).all()
+        return [tuple(r) for r in rows] + [tuple(t) for t in tokens] + [tuple(s) for s in logins]
 
 
 def log_in(app, username: str):

@@ -7,6 +7,7 @@ import logging
 from flask import Response, g, request
 from flask_login import current_user
 
+from chatapp.auth import login_sessions
 from chatapp.auth import services as auth
 from chatapp.db import begin_write, db
 from chatapp.errors import Unauthorized
@@ -27,10 +28,12 @@ def require_user() -> None:
     """Set g.user_id from the Bearer token or the login cookie, or answer 401.
 
     A Bearer request reads only plain columns (no ORM object): g.api_token is that row
-    (id, user_id, last_used_at); views need only the id.
+    (id, user_id, last_used_at); views need only the id. g.credential names the token or
+    the login session as plain data, for a stream to re-check while it runs.
     """
     header = request.headers.get("Authorization")
     g.api_token = None
+    g.credential = None
     if header is not None:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -42,12 +45,14 @@ def require_user() -> None:
             raise Unauthorized(INVALID_TOKEN, code="invalid_token")
         g.user_id = row.user_id
         g.api_token = row
+        g.credential = auth.Credential("token", row.id)
         return
     if current_user.is_authenticated:
         if request.method not in SAFE_METHODS:
             # Cookies ride along on cross-site requests; the CSRF token does not.
             csrf.protect()
         g.user_id = current_user.id
+        g.credential = auth.Credential("login_session", login_sessions.current_session_id())
         return
     raise Unauthorized(
         "authentication required: send 'Authorization: Bearer <token>' "

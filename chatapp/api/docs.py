@@ -13,9 +13,9 @@ DESCRIPTIONS = {
     413: "Body larger than 1 MB",
     415: "Body is not JSON",
     422: "A field is missing or invalid",
-    429: "Too many requests from this address or user (or too many open streams); "
-    "retry after Retry-After seconds",
-    503: "Database busy or unavailable, or too many replies waiting; "
+    429: "Too many requests from this address or user (to log in, for this username), or "
+    "too many open streams; retry after Retry-After seconds",
+    503: "Database busy or unavailable, or too many replies or password checks waiting; "
     "retry after Retry-After seconds",
 }
 

@@ -2,7 +2,7 @@
 
 import weakref
 
-from flask import Response, current_app, request
+from flask import Response, current_app, g, request
 
 from chatapp import limits
 from chatapp.api.auth import current_user_id
@@ -115,7 +115,9 @@ def stop_reply(conversation_id, reply_id):
     responses={
         "200": {
             "description": "Server-sent events: text deltas, then one `done` event with "
-            "{status, error}.",
+            "{status, error}. If the token or browser login the stream was opened with is "
+            "revoked or logged out meanwhile, the stream ends within seconds with status "
+            "`unauthorized`.",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         }
     }
@@ -134,7 +136,8 @@ def stream_reply(conversation_id, reply_id):
     # Taken last, so a view that fails has none to give back.
     slot = stream_slots.take(current_app, current_user_id())
     response = Response(
-        reply_events(current_app._get_current_object(), reply_id, resume, first),
+        # g.credential is plain data (kind and id): the stream re-checks it as it reads.
+        reply_events(current_app._get_current_object(), reply_id, resume, first, g.credential),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

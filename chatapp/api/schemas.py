@@ -73,6 +73,10 @@ class TokenOut(Schema):
     created_at = fields.DateTime(required=True)
 
 
+class LoginSessionsEnded(Schema):
+    ended = fields.Integer(required=True, metadata={"description": "How many browser logins ended."})
+
+
 class PageQuery(Schema):
     limit = fields.Integer(load_default=20, validate=validate.Range(1, 100))
     cursor = fields.String(load_default=None, validate=validate.Length(1, 200))

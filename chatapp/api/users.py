@@ -1,4 +1,4 @@
-"""Accounts and tokens: POST /users, POST /tokens, DELETE /tokens/current."""
+"""Accounts and tokens: POST /users, POST /tokens, DELETE /tokens/current, DELETE /login-sessions."""
 
 from flask import current_app, g
 
@@ -6,7 +6,8 @@ from chatapp import limits
 from chatapp.api.docs import error_responses
 from chatapp.api.auth import require_user
 from chatapp.api.blueprint import api_blueprint
-from chatapp.api.schemas import Credentials, TokenOut, TokenRequest, UserOut
+from chatapp.api.schemas import Credentials, LoginSessionsEnded, TokenOut, TokenRequest, UserOut
+from chatapp.auth import login_sessions
 from chatapp.auth import services as auth
 from chatapp.db import begin_write, db
 from chatapp.errors import Forbidden, Unauthorized
@@ -34,6 +35,7 @@ def register(body):
 
 @blp.post("/tokens")
 @limits.tokens
+@limits.login_per_username
 @blp.arguments(TokenRequest)
 @blp.response(201, TokenOut)
 @error_responses(blp, 400, 401, 413, 415, 422, 429, 503, authenticated=False)
@@ -43,7 +45,10 @@ def create_token(body):
     db.session.commit()  # end the read: no connection is held while the password is checked
     if not auth.password_matches(user, body["password"]):
         raise Unauthorized("wrong username or password", code="invalid_credentials")
+    new_hash = auth.upgraded_password_hash(user, body["password"])  # hashing: no connection held
     begin_write()
+    if new_hash is not None:
+        auth.replace_password_hash(user.id, user.password_hash, new_hash)
     row, token = auth.create_token(user.id, name=body["name"])
     db.session.commit()
     return {"token": token, "id": row.id, "prefix": row.prefix, "name": row.name,
@@ -64,3 +69,15 @@ def revoke_current_token():
     g.api_token = None
     return ""
 
+
+@blp.delete("/login-sessions")
+@blp.response(200, LoginSessionsEnded)
+@error_responses(blp, 401, 503)
+def end_login_sessions():
+    """Log out every browser logged in to your account (API tokens keep working)."""
+    begin_write()
+    require_user()
+    ended = login_sessions.end_other_sessions(g.user_id, keep=None)
+    db.session.commit()
+    g.pop("login_session", None)  # a cookie caller's own session ended too: nothing to stamp
+    return {"ended": ended}

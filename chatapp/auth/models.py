@@ -1,4 +1,4 @@
-"""Accounts and the API tokens that act for them."""
+"""Accounts, the API tokens that act for them, and the browsers logged in to them."""
 
 from __future__ import annotations
 
@@ -25,14 +25,24 @@ class User(db.Model):
     conversations: WriteOnlyMapped["Conversation"] = relationship(  # noqa: F821
         back_populates="owner", passive_deletes=True
     )
+    login_sessions: WriteOnlyMapped["LoginSession"] = relationship(
+        back_populates="user", passive_deletes=True
+    )
 
     # Flask-Login's user protocol, without its mixin's extra surface.
     is_authenticated = True
     is_active = True
     is_anonymous = False
+    # Not a column: the token of the login session this object was logged in or loaded
+    # with (chatapp.auth.login_sessions). Flask-Login keeps get_id() in the session cookie,
+    # so the cookie names a login session, which logging out deletes, not the user, whose
+    # id would let any copy of the cookie in for as long as its signature is valid.
+    login_token = None
 
     def get_id(self) -> str:
-        return str(self.id)
+        if self.login_token is None:
+            raise RuntimeError("log in through chatapp.auth.login_sessions.start(), never by user id")
+        return self.login_token
 
     def __repr__(self) -> str:
         return f"<User {self.id} {self.username!r}>"
@@ -58,3 +68,27 @@ class ApiToken(db.Model):
 
     def __repr__(self) -> str:
         return f"<ApiToken {self.id} {self.prefix}… user={self.user_id}>"
+
+
+class LoginSession(db.Model):
+    """One browser's login. Its cookie holds a random token; only the token's SHA-256 is stored,
+    and deleting the row (logout, "log out everywhere") ends the login wherever the cookie is."""
+
+    __tablename__ = "login_sessions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    token_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # A hint for people, written at most every few minutes (login_sessions.TOUCH_INTERVAL).
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # What the settings page shows so that people can tell their browsers apart.
+    user_agent: Mapped[str] = mapped_column(sa.String(200), default="")
+    ip_address: Mapped[str] = mapped_column(sa.String(45), default="")
+
+    user: Mapped[User] = relationship(back_populates="login_sessions")
+
+    def __repr__(self) -> str:
+        return f"<LoginSession {self.id} user={self.user_id}>"

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import secrets
+import threading
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Iterator, Literal
 
 import sqlalchemy as sa
 from flask import current_app
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from chatapp.auth import login_sessions
 from chatapp.auth.models import ApiToken, User
 from chatapp.db import db, utcnow
-from chatapp.errors import Conflict, InvalidInput
+from chatapp.errors import Conflict, InvalidInput, ServiceBusy
 
 USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{3,40}")
 USERNAME_RULE = "3-40 characters: letters, digits, '_', '.' or '-'"
@@ -24,6 +29,11 @@ TOKEN_TOUCH_INTERVAL = timedelta(seconds=60)
 # Verifying against this hash when the user does not exist keeps the response time
 # of a wrong username close to that of a wrong password.
 _DUMMY_HASH: dict[str, str] = {}
+# app.extensions key of the semaphore that bounds concurrent password hashes.
+_HASH_SLOTS = "chatapp.password_hash_slots"
+# A login that waits longer than this for a hashing slot answers 503 rather than
+# keeping its worker thread queued behind a burst.
+HASH_WAIT_SECONDS = 20.0
 
 
 def validate_username(username: object) -> str:
@@ -40,8 +50,45 @@ def validate_password(password: object) -> str:
     return password
 
 
+@contextlib.contextmanager
+def _hashing_slot() -> Iterator[None]:
+    """Hold one of this process's PASSWORD_HASH_CONCURRENCY slots while hashing.
+
+    scrypt at n=2**17, r=8 takes 128 MiB per hash: a burst of logins must queue, not
+    exhaust memory. Callers wait here holding no database connection (they end their
+    transaction before hashing, see find_login), so the queue costs no pool slots.
+    """
+    slots = current_app.extensions.get(_HASH_SLOTS)
+    if slots is None:
+        # setdefault is atomic: threads racing here all get the same semaphore.
+        slots = current_app.extensions.setdefault(
+            _HASH_SLOTS, threading.BoundedSemaphore(int(current_app.config["PASSWORD_HASH_CONCURRENCY"]))
+        )
+    if not slots.acquire(timeout=HASH_WAIT_SECONDS):
+        raise ServiceBusy("the server is busy checking passwords; retry in a moment", code="busy")
+    try:
+        yield
+    finally:
+        slots.release()
+
+
 def hash_password(password: str) -> str:
-    return generate_password_hash(password, method=current_app.config["PASSWORD_HASH_METHOD"])
+    with _hashing_slot():
+        return generate_password_hash(password, method=current_app.config["PASSWORD_HASH_METHOD"])
+
+
+def _dummy_hash() -> str:
+    """A hash of a random password made with the configured method (made once per method)."""
+    method = current_app.config["PASSWORD_HASH_METHOD"]
+    if method not in _DUMMY_HASH:
+        with _hashing_slot():
+            _DUMMY_HASH[method] = generate_password_hash(secrets.token_hex(8), method=method)
+    return _DUMMY_HASH[method]
+
+
+def _method_of(password_hash: str) -> str:
+    """The method with its parameters a Werkzeug hash was made with, e.g. "scrypt:131072:8:1"."""
+    return password_hash.split("$", 1)[0]
 
 
 def find_user(username: str) -> User | None:
@@ -87,18 +134,44 @@ def find_login(username: object) -> User | None:
 
 
 def password_matches(user: User | None, password: object) -> bool:
-    """Check a password against find_login()'s user; touches no database, takes ~100 ms.
+    """Check a password against find_login()'s user; touches no database, and is slow on
+    purpose (scrypt: a fraction of a second, after waiting for a hashing slot).
 
     When there is no such user a dummy hash is checked, so that a wrong username takes
     as long as a wrong password and names cannot be probed by timing.
     """
     if user is None:
-        method = current_app.config["PASSWORD_HASH_METHOD"]
-        if method not in _DUMMY_HASH:
-            _DUMMY_HASH[method] = generate_password_hash(secrets.token_hex(8), method=method)
-        check_password_hash(_DUMMY_HASH[method], str(password))
+        dummy = _dummy_hash()
+        with _hashing_slot():
+            check_password_hash(dummy, str(password))
         return False
-    return isinstance(password, str) and check_password_hash(user.password_hash, password)
+    if not isinstance(password, str):
+        return False
+    with _hashing_slot():
+        return check_password_hash(user.password_hash, password)
+
+
+def upgraded_password_hash(user: User, password: str) -> str | None:
+    """After a login that password_matches() accepted: a new hash of the password if the
+    stored one was made with another method than PASSWORD_HASH_METHOD (an older default,
+    weaker parameters), else None. Touches no database (hashing; call it outside any
+    transaction), then store the hash with replace_password_hash() in the login's write.
+
+    The configured method's full form ("scrypt" means "scrypt:32768:8:1") is read from
+    the dummy hash Werkzeug made with it, not guessed here.
+    """
+    if _method_of(user.password_hash) == _method_of(_dummy_hash()):
+        return None
+    return hash_password(password)
+
+
+def replace_password_hash(user_id: int, old_hash: str, new_hash: str) -> None:
+    """Store a rehashed password, unless the password changed since ``old_hash`` was read."""
+    db.session.execute(
+        sa.update(User)
+        .where(User.id == user_id, User.password_hash == old_hash)
+        .values(password_hash=new_hash)
+    )
 
 
 def hash_token(token: str) -> str:
@@ -167,6 +240,26 @@ def revoke_token(token: ApiToken | sa.Row) -> None:
         .where(ApiToken.id == token.id, ApiToken.revoked_at.is_(None))
         .values(revoked_at=utcnow())
     )
+
+
+@dataclass(frozen=True)
+class Credential:
+    """What a request authenticated with, as plain data: a stream re-checks it while it runs."""
+
+    kind: Literal["token", "login_session"]
+    id: int
+
+
+_UNREVOKED_TOKEN = sa.select(_tokens.c.id).where(
+    _tokens.c.id == sa.bindparam("token_id"), _tokens.c.revoked_at.is_(None)
+)
+
+
+def credential_is_active(credential: Credential) -> bool:
+    """Whether the token is unrevoked, or the login session not ended (one small query)."""
+    if credential.kind == "token":
+        return db.session.execute(_UNREVOKED_TOKEN, {"token_id": credential.id}).first() is not None
+    return login_sessions.is_active(credential.id)
 
 
 def list_tokens(user_id: int) -> list[ApiToken]:

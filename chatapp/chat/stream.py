@@ -5,6 +5,11 @@ gone. When the reply runs in this process, the stream waits on the writer's
 notifications (chatapp.chat.live_replies) and takes the committed text from memory;
 otherwise it polls, each poll one short unit of work ended before sleeping. Either way a
 client that disconnects, or a generator that is closed at any yield, holds nothing.
+
+A stream outlives the request that authenticated it, so it re-checks that credential (the
+API token, or the browser's login session) in its periodic read, at least every
+LIVE_RECHECK_SECONDS: once the token is revoked or the login session ended, it ends with
+a ``done`` event of status ``unauthorized``, and an EventSource that reconnects gets 401.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Iterator
 from flask import Flask
 
 from chatapp import lifecycle
+from chatapp.auth.services import Credential, credential_is_active
 from chatapp.chat import services
 from chatapp.chat.live_replies import LiveReply, get_live_replies
 from chatapp.db import unit_of_work
@@ -31,6 +37,10 @@ LIVE_RECHECK_SECONDS = 5.0
 # A waiting stream wakes at least this often to notice that its worker is shutting down.
 DRAIN_CHECK_SECONDS = 1.0
 FINAL_STATUSES = ("complete", "failed", "stopped")
+UNAUTHORIZED = json.dumps({
+    "status": "unauthorized",
+    "error": "the token or login this stream was opened with was revoked or logged out",
+})
 
 
 def _event(data: str, event: str | None = None, event_id: str | None = None) -> str:
@@ -82,12 +92,18 @@ def parse_last_event_id(value: str | None) -> tuple[int, int] | None:
 
 
 def reply_events(
-    app: Flask, reply_id: int, resume: tuple[int, int] | None = None, first: dict | None = None
+    app: Flask,
+    reply_id: int,
+    resume: tuple[int, int] | None = None,
+    first: dict | None = None,
+    credential: Credential | None = None,
 ) -> Iterator[str]:
     """Yield the reply's stored text, then its new text as it arrives, then one ``done`` event.
 
     ``first`` is the reply's progress from the resume offset, if the caller has just
     read it (plain data from ``services.read_reply_progress``), saving one read.
+    ``credential`` is what the request authenticated with (plain data, checked by the
+    caller just now); the stream ends, ``unauthorized``, once it is no longer valid.
     """
     poll = app.config["STREAM_POLL_INTERVAL"]
     deadline = time.monotonic() + app.config["STREAM_MAX_SECONDS"]
@@ -95,6 +111,8 @@ def reply_events(
     last_sent = time.monotonic()
     live: LiveReply | None = None
     read_database_at = float("-inf")
+    # The view has just authenticated the request.
+    checked_credential_at = time.monotonic()
     yield "retry: 1000\n\n"
     while True:
         if live is None or live.ended:
@@ -115,10 +133,24 @@ def reply_events(
             live.wait(version, DRAIN_CHECK_SECONDS)
             continue
         if progress is None or recheck_due:
+            # Polling reads every STREAM_POLL_INTERVAL; the credential needs no more than
+            # the live stream's pace, one small query every LIVE_RECHECK_SECONDS.
+            check_credential = (
+                credential is not None
+                and time.monotonic() - checked_credential_at >= LIVE_RECHECK_SECONDS
+            )
+            authorized = True
             with job("stream"), unit_of_work(app, write=False):
                 progress = services.read_reply_progress(reply_id, offset)
+                if check_credential:
+                    authorized = credential_is_active(credential)
             # No session or connection is held past this point until the next read.
             read_database_at = time.monotonic()
+            if check_credential:
+                checked_credential_at = read_database_at
+            if not authorized:
+                yield _event(UNAUTHORIZED, "done")
+                return
         if progress is None:
             yield _event(json.dumps({"status": "deleted", "error": "the reply was deleted"}), "done")
             return

@@ -151,6 +151,14 @@
         } catch (_) {
           result = {};
         }
+        if (result.status === "unauthorized") {
+          // This browser was logged out (here or from another one): the reply goes on
+          // without us, and the page's forms would fail too.
+          markFailed(item, "You were logged out. Log in again to see this reply.");
+          status.textContent = "You were logged out.";
+          setBusy(false);
+          return;
+        }
         await finish(item, replyId, result);
         status.textContent = result.status === "complete" ? "The reply is complete." : "The reply failed.";
         setBusy(false);

@@ -1,14 +1,16 @@
-"""Register, log in, log out."""
+"""Register, log in, log out: each login is a row in login_sessions (chatapp.auth.login_sessions)."""
 
 from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from flask import current_app, flash, redirect, render_template, request, url_for
+from flask import current_app, flash, g, redirect, render_template, request, session, url_for
 from flask_login import current_user, login_required, login_user, logout_user
 
 from chatapp import limits
+from chatapp.auth import login_sessions
 from chatapp.auth import services as auth
+from chatapp.auth.models import User
 from chatapp.db import begin_write, db
 from chatapp.errors import AppError
 from chatapp.web import bp
@@ -31,6 +33,25 @@ def _next_url() -> str:
     return url_for("web.index")
 
 
+def _log_in(user: User, target: str):
+    """Log in a user whose login session (login_sessions.start) is committed; redirect to ``target``.
+
+    The Flask session is cleared first: nothing planted in it before the login (a fixated
+    value, the old CSRF token) survives into the logged-in session, and the cookie changes.
+    ``target`` is worked out before, so where to go next is all that is kept.
+    """
+    session.clear()
+    login_user(user)
+    return redirect(target)
+
+
+def log_out() -> None:
+    """Forget the login in this browser: Flask-Login's keys, the CSRF token, everything."""
+    logout_user()
+    session.clear()
+    g.pop("login_session", None)  # ended: nothing left for login_sessions.record_use to stamp
+
+
 @bp.route("/register", methods=("GET", "POST"))
 @limits.registration
 def register():
@@ -46,19 +67,21 @@ def register():
             user = auth.new_user(form.username.data, form.password.data)  # no connection held
             begin_write()
             auth.add_user(user)
+            login_sessions.start(user)
         except AppError as error:
             add_error(form, error, "username")
             status = error.status
         else:
             db.session.commit()
-            login_user(user)
+            response = _log_in(user, url_for("web.index"))
             flash(f"Welcome, {user.username}! Start a conversation.", "success")
-            return redirect(url_for("web.index"))
+            return response
     return render_template("auth/register.html", form=form), status if form.errors else 200
 
 
 @bp.route("/login", methods=("GET", "POST"))
 @limits.login
+@limits.login_per_username
 def login():
     """Log in with a username and password."""
     if current_user.is_authenticated:
@@ -69,17 +92,33 @@ def login():
         user = auth.find_login(form.username.data)
         db.session.commit()  # end the read: no connection is held while the password is checked
         if auth.password_matches(user, form.password.data):
-            login_user(user)
-            return redirect(_next_url())
+            new_hash = auth.upgraded_password_hash(user, form.password.data)  # no connection held
+            begin_write()
+            if new_hash is not None:
+                auth.replace_password_hash(user.id, user.password_hash, new_hash)
+            login_sessions.start(user)
+            db.session.commit()
+            return _log_in(user, _next_url())
         form.form_errors.append("Wrong username or password.")
         status = 401
     return render_template("auth/login.html", form=form), status
 
 
+def too_many_logins(error):
+    """The login page again, saying to wait, for a login over its rate limit."""
+    form = LoginForm()
+    form.form_errors.append(
+        f"Too many requests to log in (limit: {error.description}). Wait a minute, then try again."
+    )
+    return render_template("auth/login.html", form=form), 429
+
+
 @bp.post("/logout")
 @login_required
 def logout():
-    """Log out and forget the login cookie."""
-    logout_user()
+    """Log out: end this browser's login session on the server and forget the cookie."""
+    login_sessions.end(current_user.id, login_sessions.current_session_id())
+    db.session.commit()
+    log_out()
     flash("You are logged out.", "info")
     return redirect(url_for("web.login"))

@@ -12,6 +12,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from markupsafe import Markup
 
+from chatapp.auth import login_sessions as sessions
 from chatapp.auth import services as auth
 from chatapp.chat import services as chat
 from chatapp.chat.models import ACTIVE_STATUSES, Conversation, Message, Role
@@ -63,6 +64,16 @@ class TokenItem:
     prefix: str
     created_at: datetime
     last_used_at: datetime | None
+
+
+@dataclass(frozen=True)
+class LoginSessionItem:
+    id: int
+    created_at: datetime
+    last_seen_at: datetime
+    user_agent: str
+    ip_address: str
+    is_current: bool
 
 
 def conversation_item(conversation: Conversation) -> ConversationItem:
@@ -121,3 +132,13 @@ def tokens(user_id: int) -> list[TokenItem]:
         TokenItem(row.id, row.name, row.prefix, row.created_at, row.last_used_at)
         for row in auth.list_tokens(user_id)
     ]
+
+
+def login_sessions(user_id: int, current_id: int | None) -> list[LoginSessionItem]:
+    """The user's browser logins, this browser's first, then the most recently seen."""
+    items = [
+        LoginSessionItem(row.id, row.created_at, row.last_seen_at, row.user_agent, row.ip_address,
+                         row.id == current_id)
+        for row in sessions.list_sessions(user_id)
+    ]
+    return sorted(items, key=lambda item: not item.is_current)  # stable: keeps the rest in order

@@ -1,14 +1,16 @@
-"""The settings page: API tokens, created (shown once) and revoked."""
+"""The settings page: API tokens, created (shown once) and revoked; browser login sessions, ended."""
 
 from __future__ import annotations
 
 from flask import current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 
+from chatapp.auth import login_sessions
 from chatapp.auth import services as auth
 from chatapp.db import db
 from chatapp.errors import NotFound
 from chatapp.web import bp, pages
+from chatapp.web.accounts import log_out
 from chatapp.web.forms import TokenForm
 
 
@@ -18,6 +20,7 @@ def _render_settings(form: TokenForm, new_token: str | None = None, status: int 
         form=form,
         new_token=new_token,
         tokens=pages.tokens(current_user.id),
+        browser_sessions=pages.login_sessions(current_user.id, login_sessions.current_session_id()),
         sidebar=pages.sidebar(
             current_user.id, current_app.config["WEB_CONVERSATIONS_PER_PAGE"], request.args.get("older")
         ),
@@ -27,7 +30,7 @@ def _render_settings(form: TokenForm, new_token: str | None = None, status: int 
 @bp.get("/settings")
 @login_required
 def settings():
-    """Your API tokens."""
+    """Your API tokens and the browsers logged in to your account."""
     return _render_settings(TokenForm(formdata=None))
 
 
@@ -56,3 +59,31 @@ def revoke_token(token_id: int):
     db.session.commit()
     flash(f"Token {row.prefix}… revoked.", "success")
     return redirect(url_for("web.settings"))
+
+
+@bp.post("/settings/sessions/<int:session_id>/end")
+@login_required
+def end_login_session(session_id: int):
+    """Log one of your browsers out (this one too, if it is this one)."""
+    if not login_sessions.end(current_user.id, session_id):
+        raise NotFound("browser session not found", code="session_not_found")
+    db.session.commit()
+    if session_id == login_sessions.current_session_id():
+        log_out()
+        flash("You are logged out.", "info")
+        return redirect(url_for("web.login"))
+    flash("That browser is logged out.", "success")
+    return redirect(url_for("web.settings"))
+
+
+@bp.post("/settings/sessions/end-all")
+@login_required
+def end_all_login_sessions():
+    """Log out everywhere: end every browser login of your account, this one included."""
+    ended = login_sessions.end_other_sessions(current_user.id, keep=None)
+    db.session.commit()
+    log_out()
+    browsers = "1 browser was" if ended == 1 else f"{ended} browsers were"
+    flash(f"You are logged out everywhere: {browsers} logged out. API tokens still work; "
+          "revoke them in Settings after you log in.", "info")
+    return redirect(url_for("web.login"))

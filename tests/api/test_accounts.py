@@ -1,10 +1,15 @@
-"""POST /users, POST /tokens, DELETE /tokens/current, and Bearer authentication."""
+"""POST /users, POST /tokens, DELETE /tokens/current, Bearer authentication, and password hashing."""
+
+import threading
+import time
 
 import pytest
 import sqlalchemy as sa
+from werkzeug.security import check_password_hash, generate_password_hash
 
 from chatapp.auth.models import ApiToken, User
 from chatapp.auth.services import hash_token
+from chatapp.config import Defaults
 from chatapp.db import unit_of_work
 
 
@@ -177,3 +182,107 @@ def test_passwords_are_hashed_and_checked_holding_no_connection(client, app, has
     assert client.post("/login", data={"username": "bob", "password": "correct horse"}).status_code == 302
     assert len(hashing_watch) >= 6
     assert set(hashing_watch) == {0}
+
+
+# --- password hashing: cost, concurrency, upgrades ---------------------------------------------
+
+
+def test_the_default_password_hash_is_scrypt_at_2_to_the_17():
+    """Werkzeug's own default is n=2**15; this one costs 128 MiB and about four times the time."""
+    assert Defaults.PASSWORD_HASH_METHOD == "scrypt:131072:8:1"
+    hashed = generate_password_hash("correct horse", Defaults.PASSWORD_HASH_METHOD)
+    assert hashed.startswith("scrypt:131072:8:1$")
+    assert check_password_hash(hashed, "correct horse")
+    assert Defaults.PASSWORD_HASH_CONCURRENCY >= 1
+
+
+def stored_hash(app, username: str) -> str:
+    with unit_of_work(app, write=False) as session:
+        return session.scalar(sa.select(User.password_hash).where(User.username == username))
+
+
+def test_a_login_rehashes_a_password_stored_with_another_method(client, app, hashing_watch):
+    body = {"username": "alice", "password": "correct horse"}
+    assert client.post("/api/v1/users", json=body).status_code == 201
+    assert client.post("/api/v1/users", json={**body, "username": "bob"}).status_code == 201
+    assert stored_hash(app, "alice").startswith("pbkdf2:sha256:1000$")
+    # An upgrade changes the configured method (small scrypt parameters keep the test quick).
+    app.config["PASSWORD_HASH_METHOD"] = "scrypt:16384:8:1"
+
+    assert client.post("/api/v1/tokens", json={**body, "password": "wrong password"}).status_code == 401
+    assert stored_hash(app, "alice").startswith("pbkdf2:sha256:1000$")  # only a right password
+    assert client.post("/api/v1/tokens", json=body).status_code == 201
+    upgraded = stored_hash(app, "alice")
+    assert upgraded.startswith("scrypt:16384:8:1$")
+    assert client.post("/api/v1/tokens", json=body).status_code == 201  # the new hash works
+    assert stored_hash(app, "alice") == upgraded  # and is not made again
+
+    assert client.post("/login", data={**body, "username": "bob"}).status_code == 302
+    assert stored_hash(app, "bob").startswith("scrypt:16384:8:1$")
+    assert set(hashing_watch) == {0}  # the rehashes too held no connection
+
+
+@pytest.mark.parametrize("extra_config", [{"PASSWORD_HASH_CONCURRENCY": 2}], indirect=True)
+def test_concurrent_password_hashes_are_bounded_and_wait_holding_no_connection(app, client, monkeypatch):
+    """Four logins at once: two hash, two wait for a slot, and none of them holds a connection."""
+    from chatapp.auth import services
+    from tests.helpers import checked_out
+
+    body = {"username": "alice", "password": "correct horse"}
+    assert client.post("/api/v1/users", json=body).status_code == 201
+    lock = threading.Lock()
+    state = {"arrived": 0, "hashing": 0, "most": 0}
+    release = threading.Event()
+
+    def arrive(function):
+        def counted(*args):
+            with lock:
+                state["arrived"] += 1
+            return function(*args)
+        return counted
+
+    def slow_check(*args):
+        with lock:
+            state["hashing"] += 1
+            state["most"] = max(state["most"], state["hashing"])
+        try:
+            assert release.wait(20), "the test never released the hashes"
+            return check_password_hash(*args)
+        finally:
+            with lock:
+                state["hashing"] -= 1
+
+    monkeypatch.setattr(services, "password_matches", arrive(services.password_matches))
+    monkeypatch.setattr(services, "check_password_hash", slow_check)
+    statuses = []
+    logins = [
+        threading.Thread(target=lambda: statuses.append(app.test_client().post("/api/v1/tokens", json=body).status_code))
+        for _ in range(4)
+    ]
+    for login in logins:
+        login.start()
+    deadline = time.monotonic() + 10
+    while (state["arrived"] < 4 or state["hashing"] < 2) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # room for a third hash to start, if anything let it
+    assert state["arrived"] == 4 and state["hashing"] == 2
+    assert checked_out(app) == 0
+    release.set()
+    for login in logins:
+        login.join(20)
+    assert statuses == [201] * 4
+    assert state["most"] == 2
+
+
+@pytest.mark.parametrize("extra_config", [{"PASSWORD_HASH_CONCURRENCY": 1}], indirect=True)
+def test_a_login_that_waits_too_long_for_a_hashing_slot_is_a_503(app, client, monkeypatch):
+    from chatapp.auth import services
+
+    body = {"username": "alice", "password": "correct horse"}
+    assert client.post("/api/v1/users", json=body).status_code == 201
+    monkeypatch.setattr(services, "HASH_WAIT_SECONDS", 0.05)
+    with app.app_context(), services._hashing_slot():  # the only slot, busy
+        refused = client.post("/api/v1/tokens", json=body)
+    assert_error(refused, 503, "busy")
+    assert count(app, ApiToken) == 0
+    assert client.post("/api/v1/tokens", json=body).status_code == 201

@@ -44,6 +44,8 @@ def test_every_logged_in_form_refuses_a_missing_or_wrong_token(client, app, logg
         (f"/c/{conversation_id}/messages", {"content": "forged"}),
         (f"/c/{conversation_id}/messages/{reply_id}/regenerate", {}),
         ("/settings/tokens", {"name": "forged"}),
+        ("/settings/sessions/1/end", {}),
+        ("/settings/sessions/end-all", {}),
         ("/logout", {}),
     ]
     for path, form in forms:
@@ -56,6 +58,10 @@ def test_every_logged_in_form_refuses_a_missing_or_wrong_token(client, app, logg
     assert count(app, Message) == 2
     assert count(app, ApiToken) == 0
     assert client.get("/").status_code == 200  # still logged in: logout was refused too
+    # The API's way to log out everywhere, called with the cookie, needs the header too.
+    refused = client.delete("/api/v1/login-sessions")
+    assert refused.status_code == 400 and refused.get_json()["error"]["code"] == "bad_request"
+    assert client.get("/").status_code == 200
 
 
 def test_page_fetches_to_the_api_need_the_header(client, app, logged_in):
