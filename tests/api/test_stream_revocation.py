@@ -29,7 +29,7 @@ def where_the_reply_runs(request, app, monkeypatch):
     if request.param == "polling":
         threads = []
 
-        def submit_elsewhere(reply_id):
+        def submit_elsewhere(reply_id, reservation=None):  # the reservation is given back on exit
             threads.append(threading.Thread(target=generate_reply, args=(app, reply_id)))
             threads[-1].start()
 
