@@ -62,6 +62,11 @@ STREAMED = (
     "and the database session is released between every poll while the bot keeps writing."
 )
 
+STOPPED = (
+    "A reply that goes the wrong way can be stopped at once with the Stop button or the "
+    "Escape key; it keeps what was written so far and can be regenerated."
+)
+
 
 def seed(database_uri: str) -> int:
     """The user and a few finished conversations; returns the id of the one to show."""
@@ -129,6 +134,18 @@ def shoot(browser, url: str, lisbon: int) -> None:
     )
     page.screenshot(path=OUT / "streaming.png")
     expect(reply).to_have_attribute("data-status", "complete", timeout=30_000)
+
+    # Stopped part-way (the Send button is Stop while a reply is written): the text so far stays.
+    page.get_by_label("Message", exact=True).fill(STOPPED)
+    page.get_by_label("Message", exact=True).press("Enter")
+    reply = page.locator("li.message.assistant").last
+    page.wait_for_function(
+        "() => document.querySelector('li.message.assistant:last-child .text').textContent.length > 40"
+    )
+    page.get_by_role("button", name="Stop", exact=True).click()
+    expect(reply).to_have_attribute("data-status", "stopped", timeout=15_000)
+    page.mouse.move(0, 0)  # no hover colour on Send
+    page.screenshot(path=OUT / "stop.png")
     light.close()
 
     dark = browser.new_context(viewport={"width": 1280, "height": 800}, color_scheme="dark")

@@ -6,8 +6,8 @@
   const csrfMeta = document.querySelector('meta[name="csrf-token"]');
   const csrfToken = csrfMeta ? csrfMeta.content : "";
 
-  function apiPost(url, body) {
-    const headers = { Accept: "application/json", "X-CSRFToken": csrfToken };
+  function apiPost(url, body, extraHeaders) {
+    const headers = { Accept: "application/json", "X-CSRFToken": csrfToken, ...extraHeaders };
     const options = { method: "POST", credentials: "same-origin", headers };
     if (body !== undefined) {
       headers["Content-Type"] = "application/json";
@@ -29,6 +29,23 @@
     }
   }
 
+  // A new key per message: the server stores a message once however often it is sent
+  // with the same key. randomUUID only exists on https and localhost pages.
+  function newIdempotencyKey() {
+    if (typeof crypto.randomUUID === "function") return crypto.randomUUID();
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    return Array.from(bytes, (byte) => byte.toString(16).padStart(2, "0")).join("");
+  }
+
+  function pause(milliseconds) {
+    return new Promise((resolve) => setTimeout(resolve, milliseconds));
+  }
+
+  const ENDED = {
+    complete: "The reply is complete.",
+    stopped: "The reply was stopped.",
+  };
+
   function setUpChat(chat) {
     const apiBase = chat.dataset.apiMessagesUrl;
     const pageBase = chat.dataset.pageMessagesUrl;
@@ -39,22 +56,44 @@
     const sendButton = form.querySelector('button[type="submit"]');
     const errorBox = document.getElementById("composer-error");
     const status = document.getElementById("chat-status");
+    const hint = document.getElementById("composer-hint");
+    const sendHint = hint.textContent;
 
     function showError(text) {
       errorBox.textContent = text;
     }
 
-    // Disabled while a message is sent and its reply written: the server takes one at a time.
+    // The box is disabled while a message is sent and its reply written: the server takes
+    // one at a time. While the reply is written, Send becomes Stop.
+    const state = { posting: false, running: null, stopping: false };
     let refocus = false;
-    function setBusy(busy) {
-      if (busy) refocus = refocus || form.contains(document.activeElement);
+    function update() {
+      const busy = state.posting || state.running !== null;
+      const stop = state.running !== null;
       input.disabled = busy;
-      sendButton.disabled = busy;
-      form.setAttribute("aria-busy", String(busy));
+      sendButton.type = stop ? "button" : "submit";
+      sendButton.textContent = stop ? "Stop" : "Send";
+      sendButton.classList.toggle("stop", stop);
+      sendButton.disabled = state.posting || state.stopping;
+      // Busy while a request is out; the reply being written carries its own aria-busy.
+      form.setAttribute("aria-busy", String(state.posting || state.stopping));
+      hint.textContent = stop ? "Escape stops the reply." : sendHint;
       if (!busy && refocus) {
         refocus = false;
         input.focus();
       }
+    }
+
+    function setPosting(posting) {
+      if (posting) refocus = refocus || form.contains(document.activeElement);
+      state.posting = posting;
+      update();
+    }
+
+    function setRunning(replyId) {
+      state.running = replyId;
+      state.stopping = false;
+      update();
     }
 
     function nearBottom() {
@@ -96,6 +135,13 @@
       item.querySelector(".bubble").append(note);
     }
 
+    function markStopped(item) {
+      const note = document.createElement("p");
+      note.className = "message-note";
+      note.textContent = "Stopped";
+      item.querySelector(".bubble").append(note);
+    }
+
     // When a reply ends, swap in the server's rendering: sanitized Markdown, error, Regenerate.
     async function finish(item, replyId, result) {
       const stick = nearBottom();
@@ -113,13 +159,16 @@
       } catch (_) {
         item.dataset.status = result.status || "complete";
         item.removeAttribute("aria-busy");
+        item.querySelector(".thinking")?.setAttribute("hidden", "");
         if (result.error) markFailed(item, "The reply failed: " + result.error);
+        if (result.status === "stopped") markStopped(item);
       }
       if (stick) scrollToBottom();
     }
 
     function stream(item, replyId) {
-      setBusy(true);
+      state.posting = false;
+      setRunning(replyId);
       const text = item.querySelector(".text");
       const thinking = item.querySelector(".thinking");
       // The stream sends the stored text first, so a reloaded page starts from empty.
@@ -160,39 +209,97 @@
           return;
         }
         await finish(item, replyId, result);
-        status.textContent = result.status === "complete" ? "The reply is complete." : "The reply failed.";
-        setBusy(false);
+        status.textContent = ENDED[result.status] || "The reply failed.";
+        setRunning(null);
       });
       source.addEventListener("error", () => {
         // While the connection is open or reconnecting, the browser resumes by itself
         // (Last-Event-ID). CLOSED means the server refused it: logged out, or deleted.
         if (source.readyState === EventSource.CLOSED) {
           markFailed(item, "Lost the connection to this reply. Reload the page to see it.");
-          setBusy(false);
+          setRunning(null);
         }
       });
     }
 
+    // Stop the reply being written. Its stream then ends with "done" (status "stopped"),
+    // which swaps in the stored reply; if it finished meanwhile (409), "done" says so too.
+    async function stopReply() {
+      const replyId = state.running;
+      if (replyId === null || state.stopping) return;
+      refocus = refocus || form.contains(document.activeElement);
+      state.stopping = true;
+      update();
+      let response = null;
+      try {
+        response = await apiPost(apiBase + "/" + replyId + "/stop");
+      } catch (_) {
+        response = null;
+      }
+      if (state.running !== replyId) return; // already ended
+      if (response && (response.ok || response.status === 409)) return;
+      state.stopping = false;
+      update();
+      showError(response ? await errorMessage(response) : "Could not reach the server to stop the reply. Try again.");
+    }
+
+    sendButton.addEventListener("click", (event) => {
+      if (state.running === null) return; // Send: the form's submit handles it
+      // The second click of a double click on Send is not a Stop.
+      if (event.detail > 1) return;
+      stopReply();
+    });
+
+    // Escape stops the reply from anywhere on the page, unless it closes a menu or dialog.
+    document.addEventListener("keydown", (event) => {
+      if (event.key !== "Escape" || event.defaultPrevented || event.isComposing) return;
+      if (state.running === null || document.querySelector("details[open], dialog[open]")) return;
+      event.preventDefault();
+      stopReply();
+    });
+
+    // A failed try of a new message is retried with the same key and content (and so is
+    // sending the same text again by hand): the server never stores it twice.
+    let draft = null;
+    async function postMessage(content) {
+      if (!draft || draft.content !== content) draft = { content, key: newIdempotencyKey() };
+      const headers = { "Idempotency-Key": draft.key };
+      for (let tries = 1; ; tries++) {
+        let response = null;
+        try {
+          response = await apiPost(apiBase, { content }, headers);
+        } catch (_) {
+          response = null; // no answer: the message may or may not have been stored
+        }
+        // No answer, or the database briefly unavailable: once more, after a second.
+        if (tries === 1 && (response === null || response.status === 503)) {
+          await pause(1000);
+          continue;
+        }
+        if (response && response.status === 202) draft = null;
+        return response;
+      }
+    }
+
     form.addEventListener("submit", async (event) => {
       event.preventDefault();
+      if (state.posting || state.running !== null) return;
       const content = input.value;
       if (!content.trim()) {
         showError("Write a message first.");
         return;
       }
       showError("");
-      setBusy(true);
-      let response;
-      try {
-        response = await apiPost(apiBase, { content });
-      } catch (_) {
+      setPosting(true);
+      const response = await postMessage(content);
+      if (response === null) {
         showError("Could not reach the server. Check your connection and try again.");
-        setBusy(false);
+        setPosting(false);
         return;
       }
       if (response.status !== 202) {
         showError(await errorMessage(response));
-        setBusy(false);
+        setPosting(false);
         return;
       }
       const posted = await response.json();
@@ -218,8 +325,9 @@
       event.preventDefault();
       const item = regenerate.closest("li.message");
       const replyId = item.dataset.messageId;
+      if (state.posting || state.running !== null) return;
       showError("");
-      setBusy(true);
+      setPosting(true);
       let response;
       try {
         response = await apiPost(apiBase + "/" + replyId + "/regenerate");
@@ -228,7 +336,7 @@
       }
       if (!response || response.status !== 202) {
         showError(response ? await errorMessage(response) : "Could not reach the server. Try again.");
-        setBusy(false);
+        setPosting(false);
         return;
       }
       const fresh = fromTemplate("assistant-message-template");
@@ -254,7 +362,8 @@
       if (menu.open) menu.querySelector("input[name=title]").select();
     });
     menu.addEventListener("keydown", (event) => {
-      if (event.key === "Escape") {
+      if (event.key === "Escape" && menu.open) {
+        event.preventDefault(); // closing the menu is all this Escape does
         menu.open = false;
         menu.querySelector("summary").focus();
       }

@@ -7,9 +7,9 @@ from flask_login import current_user, login_required
 
 from chatapp import limits
 from chatapp.chat import services as chat
-from chatapp.chat.runner import commit_and_start_reply
+from chatapp.chat.runner import commit_and_start_reply, get_runner
 from chatapp.db import db
-from chatapp.errors import AppError
+from chatapp.errors import AppError, Conflict
 from chatapp.security import parse_bounded_int
 from chatapp.web import bp, pages
 from chatapp.web.forms import MessageForm, RenameForm, add_error
@@ -136,6 +136,22 @@ def regenerate(conversation_id: int, reply_id: int):
     conversation = chat.get_conversation(current_user.id, conversation_id)
     reply = chat.restart_reply(conversation, chat.get_reply(conversation, reply_id))
     commit_and_start_reply(current_app, reply.id, reply.attempt)
+    return redirect(url_for("web.conversation", conversation_id=conversation_id))
+
+
+@bp.post("/c/<int:conversation_id>/messages/<int:reply_id>/stop")
+@login_required
+def stop_reply(conversation_id: int, reply_id: int):
+    """Stop a reply being generated, without JavaScript; it keeps its text so far."""
+    conversation = chat.get_conversation(current_user.id, conversation_id)
+    try:
+        chat.stop_reply(conversation, chat.get_reply(conversation, reply_id))
+    except Conflict:
+        flash("That reply had already finished.", "info")
+    else:
+        db.session.commit()
+        # At once if it runs in this process; elsewhere its process notices within a second.
+        get_runner(current_app).cancel(reply_id)
     return redirect(url_for("web.conversation", conversation_id=conversation_id))
 
 

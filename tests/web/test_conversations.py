@@ -1,6 +1,7 @@
 """Conversations in the browser: list, new, open, rename, delete, send, regenerate; someone else's is a 404."""
 
 import re
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -37,6 +38,7 @@ LOGGED_IN_ROUTES = [
     ("post", "/c/1/messages"),
     ("get", "/c/1/messages/2"),
     ("post", "/c/1/messages/2/regenerate"),
+    ("post", "/c/1/messages/2/stop"),
     ("get", "/settings"),
     ("post", "/settings/tokens"),
     ("post", "/settings/tokens/1/revoke"),
@@ -226,6 +228,91 @@ def test_only_the_latest_reply_regenerates(client, app, alice):
     assert "Only the latest reply in a conversation can be regenerated" in response.get_data(as_text=True)
     with unit_of_work(app, write=False) as session:
         assert session.get(Message, first_reply).attempt == 0
+
+
+# --- stop a reply without JavaScript --------------------------------------------------------------
+
+SLOW_BOT = {"BOT_ECHO_DELAY": 30, "REPLY_FLUSH_INTERVAL": 0.05, "REPLY_STOP_CHECK_SECONDS": 0.1}
+WORDS = " ".join(f"word{n}" for n in range(60))
+
+
+def stored_reply(app, reply_id) -> tuple[Status, str, str | None]:
+    with unit_of_work(app, write=False) as session:
+        reply = session.get(Message, reply_id)
+        return reply.status, reply.content, reply.error
+
+
+def wait_until_it_has_text(app, reply_id, timeout=10.0) -> None:
+    deadline = time.monotonic() + timeout  # a bound on a loaded machine, not a speed target
+    while not stored_reply(app, reply_id)[1]:
+        assert time.monotonic() < deadline, "the reply stored no text"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("extra_config", [SLOW_BOT], indirect=True)
+def test_stop_a_running_reply_without_javascript(client, app, alice):
+    conversation_id = alice.new_conversation()
+    assert client.post(f"/c/{conversation_id}/messages", data={"content": WORDS}).status_code == 302
+    reply_id = 2
+    wait_until_it_has_text(app, reply_id)
+    html = client.get(f"/c/{conversation_id}").get_data(as_text=True)
+    # While it runs the page offers Stop (in <noscript>: with a script, the composer's button does it).
+    stop_form = f'action="/c/{conversation_id}/messages/{reply_id}/stop"'
+    assert re.search(rf'<noscript>.*?{re.escape(stop_form)}.*?>Stop</button>.*?</noscript>', html, re.S)
+
+    response = client.post(f"/c/{conversation_id}/messages/{reply_id}/stop")
+    assert response.status_code == 302
+    assert response.headers["Location"] == f"/c/{conversation_id}"
+    # The run ends at once (the echo bot would talk for 30 s) and writes nothing more.
+    wait_for_background_work(app, timeout=5)
+    status, content, error = stored_reply(app, reply_id)
+    assert (status, error) == (Status.STOPPED, None)
+    assert content and WORDS.startswith(content) and content != WORDS
+
+    # The page shows the text so far, says it stopped, and offers Regenerate instead of Stop.
+    html = client.get(f"/c/{conversation_id}").get_data(as_text=True)
+    assert re.search(rf'id="message-{reply_id}"\s+data-message-id="{reply_id}" data-status="stopped"', html)
+    assert f'<div class="text markdown"><p>{content.strip()}</p>' in html
+    assert '<p class="message-note">Stopped</p>' in html
+    assert f'action="/c/{conversation_id}/messages/{reply_id}/regenerate"' in html
+    assert stop_form not in html and "That reply had already finished." not in html
+
+
+def test_stopping_a_finished_reply_says_so_and_changes_nothing(client, app, alice):
+    conversation_id, reply_id = seed_reply(app, "alice", "q", "the whole answer")
+    response = client.post(f"/c/{conversation_id}/messages/{reply_id}/stop")
+    assert response.status_code == 302
+    assert response.headers["Location"] == f"/c/{conversation_id}"
+    html = client.get(f"/c/{conversation_id}").get_data(as_text=True)
+    assert "That reply had already finished." in html
+    assert "message-note" not in html
+    assert stored_reply(app, reply_id) == (Status.COMPLETE, "the whole answer", None)
+    # A user's message is not a reply.
+    assert client.post(f"/c/{conversation_id}/messages/{reply_id - 1}/stop").status_code == 404
+
+
+@pytest.mark.parametrize("extra_config", [{"WTF_CSRF_ENABLED": True}], indirect=True)
+def test_the_stop_form_needs_the_pages_csrf_token(client, app, web):
+    web.register("alice")
+    conversation_id, reply_id = seed_reply(app, "alice", "q", "", finish=False)
+    url = f"/c/{conversation_id}/messages/{reply_id}/stop"
+    for data in ({}, {"csrf_token": "not-the-token"}):
+        assert client.post(url, data=data).status_code == 400
+    assert stored_reply(app, reply_id) == (Status.PENDING, "", None)
+    html = client.get(f"/c/{conversation_id}").get_data(as_text=True)
+    token = re.search(rf'action="{url}">\s*<input type="hidden" name="csrf_token" value="([^"]+)">', html).group(1)
+    assert client.post(url, data={"csrf_token": token}).status_code == 302
+    assert stored_reply(app, reply_id) == (Status.STOPPED, "", None)
+
+
+def test_stopping_someone_elses_reply_is_a_404(client, app, web):
+    web.register("alice")
+    conversation_id, reply_id = seed_reply(app, "alice", "private", "", finish=False)
+    web.logout()
+    web.register("bob")
+    response = client.post(f"/c/{conversation_id}/messages/{reply_id}/stop")
+    assert response.status_code == 404
+    assert stored_reply(app, reply_id) == (Status.PENDING, "", None)
 
 
 def test_reply_fragment_is_the_rendered_reply(client, app, alice):

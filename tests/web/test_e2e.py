@@ -1,4 +1,4 @@
-"""End to end in Debian's Chromium (Playwright) against gunicorn: register, chat with live replies, reload mid-reply, XSS, rename, delete.
+"""End to end in Debian's Chromium (Playwright) against gunicorn: register, chat with live replies, reload mid-reply, XSS, rename, delete, stop, retry.
 
 No timed assertions: the page itself records every state the reply goes through (a
 MutationObserver), and the test checks the sequence after the reply has finished.
@@ -9,10 +9,12 @@ from __future__ import annotations
 import re
 
 import pytest
+import sqlalchemy as sa
 
 from chatapp import create_app
 from chatapp.auth import services as auth_services
 from chatapp.chat import services as chat_services
+from chatapp.chat.models import Message, Status
 from chatapp.db import db, unit_of_work
 from tests.conftest import base_test_config
 from tests.servers import GunicornServer
@@ -293,4 +295,168 @@ def test_phone_width_and_dark_mode(browser, database_uri, seeder, tmp_path):
         light = page.evaluate("getComputedStyle(document.body).backgroundColor")
         assert (dark, light) == ("rgb(21, 23, 27)", "rgb(255, 255, 255)")
         assert problems == []
+        context.close()
+
+
+# --- stop a reply, and a lost answer retried ---------------------------------------------------
+
+# A reply of 40 words over 20 s: clearly mid-reply when the test stops it.
+SLOW_BOT = {"BOT_ECHO_DELAY": 20, "REPLY_FLUSH_INTERVAL": 0.05, "REPLY_STOP_CHECK_SECONDS": 0.1}
+WORDS = " ".join(f"word{n}" for n in range(40))
+
+NEWEST_REPLY_HAS_THREE_WORDS = """() => {
+  const replies = document.querySelectorAll("li.message.assistant");
+  const reply = replies[replies.length - 1];
+  return reply && reply.querySelector(".text").textContent.trim().split(/\\s+/).length >= 3;
+}"""
+
+
+def log_in(page, url: str) -> None:
+    page.goto(url + "/login")
+    page.get_by_label("Username").fill(USERNAME)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url(url + "/")
+
+
+def open_new_conversation(page, seeder, url: str) -> int:
+    """A fresh conversation of the seeded user, open and ready to send (its script has run)."""
+    with unit_of_work(seeder):
+        conversation_id = chat_services.create_conversation(auth_services.find_user(USERNAME).id).id
+    page.goto(f"{url}/c/{conversation_id}")
+    page.wait_for_load_state("load")
+    return conversation_id
+
+
+def stored_reply(app, reply_id: int) -> tuple[Status, str]:
+    with unit_of_work(app, write=False) as session:
+        reply = session.get(Message, reply_id)
+        return reply.status, reply.content
+
+
+@pytest.mark.parametrize("how", ["button", "escape"])
+def test_stop_a_reply_in_a_real_browser(browser, database_uri, seeder, tmp_path, how):
+    from playwright.sync_api import expect
+
+    with GunicornServer(database_uri, workers=2, threads=8, config=SLOW_BOT,
+                        instance_path=str(tmp_path)) as server:
+        with unit_of_work(seeder):
+            auth_services.create_user(USERNAME, PASSWORD)
+        context = browser.new_context(viewport={"width": 1280, "height": 800})
+        context.set_default_timeout(TIMEOUT_MS)
+        context.add_init_script(RECORDER)
+        page = context.new_page()
+        problems = watch_for_problems(page)
+        stops: list[str] = []
+        page.on("request", lambda request: request.url.endswith("/stop") and stops.append(request.method))
+        log_in(page, server.url)
+        open_new_conversation(page, seeder, server.url)
+
+        # While the reply is written, Send is Stop (same place) and the box is disabled.
+        send(page, WORDS)
+        stop = page.get_by_role("button", name="Stop", exact=True)
+        expect(stop).to_be_enabled()
+        expect(page.get_by_role("button", name="Send", exact=True)).to_have_count(0)
+        box = page.get_by_label("Message", exact=True)
+        expect(box).to_be_disabled()
+        page.wait_for_function(NEWEST_REPLY_HAS_THREE_WORDS)
+        if how == "button":
+            stop.click()
+        else:
+            # Escape first closes an open menu, and only that...
+            page.get_by_text("Rename", exact=True).click()
+            expect(page.get_by_label("Title")).to_be_focused()
+            page.keyboard.press("Escape")
+            expect(page.locator("details.rename")).not_to_have_attribute("open", "")
+            # (Stopping disables the button at once, before the request goes out.)
+            expect(stop).to_be_enabled()
+            expect(newest_reply(page)).to_have_attribute("data-status", "streaming")
+            # ...then, with nothing open, it stops the reply (focus on the menu's button).
+            page.keyboard.press("Escape")
+
+        # The reply ends as the server stored it: the text so far, a note, Regenerate.
+        reply = newest_reply(page)
+        expect(reply).to_have_attribute("data-status", "stopped", timeout=TIMEOUT_MS)
+        expect(reply.locator(".message-note")).to_have_text("Stopped")
+        expect(reply.get_by_role("button", name="Regenerate")).to_be_visible()
+        expect(page.get_by_role("button", name="Send", exact=True)).to_be_enabled()
+        expect(stop).to_have_count(0)
+        expect(box).to_be_enabled()
+        expect(box).to_be_focused()
+        expect(page.locator("#chat-status")).to_have_text("The reply was stopped.")  # for screen readers
+        status, content = stored_reply(seeder, int(reply.get_attribute("data-message-id")))
+        assert status is Status.STOPPED
+        assert content and WORDS.startswith(content) and content != WORDS, content
+        expect(reply.locator(".text")).to_have_text(content.strip())
+        # Only ever growing prefixes of the echo, the box disabled throughout.
+        thinking_then_words(page.evaluate("window.__states"), WORDS)
+        assert stops == ["POST"]
+        assert problems == []
+        context.close()
+
+
+# Page logic only: one database is enough.
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_a_lost_answer_is_sent_again_once_with_the_same_key(browser, database_uri, seeder, tmp_path):
+    from playwright.sync_api import expect
+
+    with GunicornServer(database_uri, workers=1, threads=8, instance_path=str(tmp_path)) as server:
+        with unit_of_work(seeder):
+            auth_services.create_user(USERNAME, PASSWORD)
+        context = browser.new_context(viewport={"width": 1280, "height": 800})
+        context.set_default_timeout(TIMEOUT_MS)
+        page = context.new_page()
+        log_in(page, server.url)
+        conversation_id = open_new_conversation(page, seeder, server.url)
+        posts: list[dict] = []
+        # How each POST of a message fares, in turn: "lost" reaches the server but its
+        # answer does not reach the page; "503" and "down" never reach the server.
+        fates: list[str] = []
+
+        def on_post(route):
+            request = route.request
+            if request.method != "POST":
+                return route.fallback()
+            posts.append({"key": request.headers.get("idempotency-key"), "body": request.post_data})
+            fate = fates.pop(0) if fates else "ok"
+            if fate == "503":
+                return route.fulfill(status=503, json={"error": {"code": "database_unavailable",
+                                                                "message": "retry in a moment"}})
+            if fate == "down":
+                return route.abort("connectionrefused")
+            response = route.fetch()
+            return route.abort("connectionreset") if fate == "lost" else route.fulfill(response=response)
+
+        page.route(f"**/api/v1/conversations/{conversation_id}/messages", on_post)
+
+        # Stored, but the answer was lost: the retry gets the same message back, not a copy.
+        fates[:] = ["lost"]
+        send(page, "first try")
+        expect_finished(page, expect, "first try")
+        # Then the database was briefly unavailable: the retry sends it.
+        fates[:] = ["503"]
+        send(page, "second try")
+        expect_finished(page, expect, "second try")
+        expect(page.locator("li.message")).to_have_count(4)
+        first, retried, second, second_retried = posts
+        assert first == retried and second == second_retried, posts
+        assert first["key"] != second["key"] and all(len(post["key"]) == 36 for post in posts)
+        page.reload()
+        expect(page.locator("li.message.user .text")).to_have_text(["first try", "second try"])
+
+        # Still no answer on the second try: one retry only, then the error, draft kept.
+        fates[:] = ["down", "down"]
+        send(page, "third try")
+        expect(page.locator("#composer-error")).to_have_text(
+            "Could not reach the server. Check your connection and try again.")
+        assert len(posts) == 6 and posts[4] == posts[5]
+        box = page.get_by_label("Message", exact=True)
+        expect(box).to_have_value("third try")
+        expect(box).to_be_enabled()
+        # Sending the same draft again reuses its key (it may have been stored after all).
+        box.press("Enter")
+        expect_finished(page, expect, "third try")
+        assert len(posts) == 7 and posts[6] == posts[5]
+        with unit_of_work(seeder, write=False) as session:
+            assert session.scalar(sa.select(sa.func.count()).select_from(Message)) == 6
         context.close()
