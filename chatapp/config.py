@@ -111,6 +111,10 @@ class Defaults:
     RATELIMIT_ENABLED = True
     RATELIMIT_STORAGE_URI = "memory://"
     RATELIMIT_HEADERS_ENABLED = True
+    # A moving window counts the requests of the last minute (or hour) exactly; a fixed
+    # window would let a client send twice its limit across a window's edge, and its count
+    # restarting on the minute would let through a request a limit has just refused.
+    RATELIMIT_STRATEGY = "moving-window"
     # If Redis is unreachable, count in this process's memory meanwhile rather than fail requests.
     RATELIMIT_IN_MEMORY_FALLBACK_ENABLED = True
     RATELIMIT_TOKENS = "10 per minute;100 per hour"

@@ -245,9 +245,17 @@ class ThreadPoolReplyRunner:
             run.cancel(reason)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no reply runs or waits here, and the keeper has stopped."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             self._state()
-            return self._idle.wait_for(lambda: self._queued == 0, timeout)
+            if not self._idle.wait_for(lambda: self._queued == 0, timeout):
+                return False
+            keeper = self._keeper
+        if keeper is not None:
+            keeper.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            return not keeper.is_alive()
+        return True
 
     # --- the keeper: leases renewed, stops noticed --------------------------------------
 
@@ -263,8 +271,10 @@ class ThreadPoolReplyRunner:
         renew_every = float(config["REPLY_LEASE_RENEW_SECONDS"])
         renewed_at = time.monotonic()
         while True:
-            time.sleep(check_every)
             with self._lock:
+                # Woken early when the last run ends (_done), so the keeper is gone as
+                # soon as the process is idle, never left mid-check behind its runs.
+                self._idle.wait_for(lambda: not self._runs, check_every)
                 if not self._runs:
                     self._keeper = None
                     return

@@ -277,6 +277,11 @@ def post_message_to(
         if earlier is not None:
             return (*earlier, False)
     if _reply_in_progress(conversation_id):
+        if idempotency_key is not None:
+            # The first send with this key may have committed since the look above.
+            earlier = _sent_with_key(conversation_id, idempotency_key, content)
+            if earlier is not None:
+                return (*earlier, False)
         raise _reply_in_progress_error()
     now = utcnow()
     try:
