@@ -11,7 +11,6 @@ import pytest
 import sqlalchemy as sa
 
 from chatapp import create_app
-from chatapp.auth import services as auth_services
 from chatapp.chat import leases
 from chatapp.chat import services as chat_services
 from chatapp.chat.models import Message, Role, Status
@@ -22,6 +21,7 @@ from tests.api.test_messages import parse_events
 from tests.conftest import base_test_config
 from tests.fake_openai import FakeOpenAIServer
 from tests.helpers import wait_for_background_work
+from tests.test_faults import pending_reply
 
 SLOW = {"BOT_ECHO_DELAY": 30, "REPLY_FLUSH_INTERVAL": 0.05, "REPLY_STOP_CHECK_SECONDS": 0.1}
 WORDS = " ".join(f"word{n}" for n in range(60))
@@ -265,14 +265,6 @@ def test_the_openapi_document_describes_stop_and_the_idempotency_key(client):
 # --- leases ------------------------------------------------------------------------------------
 
 
-def unclaimed_reply(app, content: str = "alpha beta gamma") -> int:
-    with unit_of_work(app):
-        user = auth_services.create_user("bob", "correct horse")
-        conversation = chat_services.create_conversation(user.id)
-        _message, reply = chat_services.post_message(conversation, content)
-    return reply.id
-
-
 def expire_lease(app, reply_id: int) -> None:
     with unit_of_work(app) as session:
         session.execute(sa.update(Message).where(Message.id == reply_id)
@@ -280,7 +272,7 @@ def expire_lease(app, reply_id: int) -> None:
 
 
 def test_a_claim_is_exclusive_and_an_expired_lease_is_taken_over_as_a_new_attempt(app):
-    reply_id = unclaimed_reply(app)
+    reply_id = pending_reply(app, "alpha beta gamma")
     with unit_of_work(app):
         assert leases.claim(reply_id, "host:1:a", 10, 3) == 0
     with unit_of_work(app):
@@ -303,7 +295,7 @@ def test_a_claim_is_exclusive_and_an_expired_lease_is_taken_over_as_a_new_attemp
 
 @pytest.mark.parametrize("extra_config", [{"REPLY_MAX_RUNS": 2, "REPLY_LEASE_SECONDS": 10}], indirect=True)
 def test_a_reply_interrupted_too_often_fails_saying_why(app):
-    reply_id = unclaimed_reply(app)
+    reply_id = pending_reply(app, "alpha beta gamma")
     for owner in ("p:1:a", "p:2:b"):
         with unit_of_work(app):
             assert leases.claim(reply_id, owner, 10, 2) is not None
@@ -317,7 +309,7 @@ def test_a_reply_interrupted_too_often_fails_saying_why(app):
 
 
 def test_a_handed_over_run_does_not_count_and_restarts_the_text(app):
-    reply_id = unclaimed_reply(app)
+    reply_id = pending_reply(app, "alpha beta gamma")
     with unit_of_work(app):
         leases.claim(reply_id, "p:1:a", 10, 3)
         chat_services.append_to_reply(reply_id, 0, "alpha ", owner="p:1:a")
@@ -352,7 +344,7 @@ def test_the_lease_is_renewed_while_the_bot_is_silent(client, app, alice, conver
 @pytest.mark.parametrize("extra_config", [{"REPLY_LEASE_SECONDS": 0}], indirect=True)
 def test_the_sweep_runs_a_reply_that_no_runner_started(app):
     # Committed, but its process died before handing it to a runner.
-    reply_id = unclaimed_reply(app, "lost start")
+    reply_id = pending_reply(app, "lost start")
     assert sweep_once(app) == [reply_id]
     wait_for_background_work(app)
     reply = reply_of(app, reply_id)
