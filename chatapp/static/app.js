@@ -205,7 +205,7 @@
           // without us, and the page's forms would fail too.
           markFailed(item, "You were logged out. Log in again to see this reply.");
           status.textContent = "You were logged out.";
-          setBusy(false);
+          setRunning(null);
           return;
         }
         await finish(item, replyId, result);
