@@ -397,6 +397,41 @@ def test_stop_a_reply_in_a_real_browser(browser, database_uri, seeder, tmp_path,
 
 # Page logic only: one database is enough.
 @pytest.mark.parametrize("backend", ["sqlite"])
+def test_a_reply_page_logged_out_from_another_browser_says_so(browser, database_uri, seeder, tmp_path):
+    from playwright.sync_api import expect
+
+    with GunicornServer(database_uri, workers=2, threads=8, config=SLOW_BOT,
+                        instance_path=str(tmp_path)) as server:
+        with unit_of_work(seeder):
+            auth_services.create_user(USERNAME, PASSWORD)
+        chatting = browser.new_context(viewport={"width": 1280, "height": 800})
+        chatting.set_default_timeout(TIMEOUT_MS)
+        page = chatting.new_page()
+        problems = watch_for_problems(page)
+        log_in(page, server.url)
+        open_new_conversation(page, seeder, server.url)
+        send(page, WORDS)
+        page.wait_for_function(NEWEST_REPLY_HAS_THREE_WORDS)
+        # Another browser of the same user logs out everywhere while the reply streams.
+        other = browser.new_context()
+        other.set_default_timeout(TIMEOUT_MS)
+        settings = other.new_page()
+        log_in(settings, server.url)
+        settings.goto(server.url + "/settings")
+        settings.get_by_role("button", name="Log out everywhere").click()
+        other.close()
+        # The stream ends within seconds, and the page says why instead of hanging busy.
+        expect(page.locator("#chat-status")).to_have_text("You were logged out.")
+        expect(newest_reply(page).locator(".message-error")).to_have_text(
+            "You were logged out. Log in again to see this reply."
+        )
+        expect(page.get_by_role("button", name="Stop", exact=True)).to_have_count(0)
+        assert problems == []
+        chatting.close()
+
+
+# Page logic only: one database is enough.
+@pytest.mark.parametrize("backend", ["sqlite"])
 def test_a_lost_answer_is_sent_again_once_with_the_same_key(browser, database_uri, seeder, tmp_path):
     from playwright.sync_api import expect
 
