@@ -27,10 +27,10 @@ timeout = int(os.environ.get("CHATAPP_WORKER_TIMEOUT", "60"))
 # On HUP, max_requests or TERM, a worker stops accepting and gets this long to finish
 # the requests it has (streams included) before it is killed.
 graceful_timeout = int(os.environ.get("CHATAPP_GRACEFUL_TIMEOUT", "30"))
-# Within that, replies still running get graceful_timeout minus a margin to finish before
-# they are handed over to other workers (chatapp.lifecycle), so the master's SIGKILL at
-# graceful_timeout never lands on a reply.
-os.environ.setdefault("CHATAPP_REPLY_HANDOVER_SECONDS", str(max(0, graceful_timeout - 5)))
+# Within that, replies still running get REPLY_HANDOVER_SECONDS, at most graceful_timeout
+# minus a margin, to finish before they are handed over to other workers (worker_exit
+# below), so the master's SIGKILL at graceful_timeout never lands on a reply.
+HANDOVER_MARGIN = 5
 keepalive = 5
 # gunicorn 25+ opens a control socket for gunicornc at one path per user, which two
 # instances on a host (or parallel test servers) would fight over. Signals (HUP, TERM,
@@ -94,7 +94,7 @@ def worker_exit(server, worker):
     if app is not None:
         from chatapp import lifecycle
 
-        lifecycle.worker_exiting(app)
+        lifecycle.worker_exiting(app, limit=max(0, worker.cfg.graceful_timeout - HANDOVER_MARGIN))
 
 
 def child_exit(server, worker):

@@ -84,8 +84,8 @@ class Defaults:
     # Runs of one reply (an interrupted run counts, a handed-over one does not) before it
     # is failed with an error saying why, rather than crash-looping.
     REPLY_MAX_RUNS = 3
-    # A worker shutting down lets its replies finish this long, then hands the rest over.
-    # gunicorn.conf.py sets it to graceful_timeout minus a margin.
+    # A worker shutting down lets its replies finish this long, then hands the rest over;
+    # gunicorn.conf.py caps it at graceful_timeout minus a margin.
     REPLY_HANDOVER_SECONDS = 25.0
     # A reply's writes retry through a database outage this long; past the lease, another
     # process has taken the reply over anyway.

@@ -59,8 +59,10 @@ def defer_restart(app: Flask) -> bool:
     return now - _restart_deferred_since < float(app.config["REPLY_HANDOVER_SECONDS"])
 
 
-def worker_exiting(app: Flask) -> None:
-    """Let running replies finish for REPLY_HANDOVER_SECONDS, then hand the rest over."""
+def worker_exiting(app: Flask, limit: float | None = None) -> None:
+    """Let running replies finish for REPLY_HANDOVER_SECONDS (at most ``limit``, what the
+    server allows an exiting worker), then hand the rest over."""
     from chatapp.chat.runner import get_runner
 
-    get_runner(app).shutdown(float(app.config["REPLY_HANDOVER_SECONDS"]))
+    grace = float(app.config["REPLY_HANDOVER_SECONDS"])
+    get_runner(app).shutdown(grace if limit is None else min(grace, limit))
