@@ -81,11 +81,9 @@ def post_worker_init(worker):
 
 def pre_request(worker, req):
     """Defer a max_requests restart while this worker's replies run (chatapp.lifecycle)."""
-    if worker.nr + 1 >= worker.max_requests:
-        from chatapp import lifecycle
+    from chatapp import lifecycle
 
-        if lifecycle.defer_restart(worker.wsgi):
-            worker.max_requests = worker.nr + 2
+    lifecycle.pace_restart(worker)
 
 
 def worker_exit(server, worker):
@@ -94,7 +92,10 @@ def worker_exit(server, worker):
     if app is not None:
         from chatapp import lifecycle
 
-        lifecycle.worker_exiting(app, limit=max(0, worker.cfg.graceful_timeout - HANDOVER_MARGIN))
+        # Past graceful_timeout the master kills a worker it is stopping, and past timeout
+        # one that has stopped sending heartbeats, as an exiting worker has.
+        limit = min(worker.cfg.graceful_timeout, worker.cfg.timeout) - HANDOVER_MARGIN
+        lifecycle.worker_exiting(app, limit=max(0, limit))
 
 
 def child_exit(server, worker):

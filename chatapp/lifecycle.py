@@ -10,6 +10,7 @@ than holding the worker for as long as a reply lasts. Outside gunicorn nothing d
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 from flask import Flask
@@ -17,6 +18,7 @@ from flask import Flask
 log = logging.getLogger(__name__)
 _worker = None  # the gunicorn worker object of this process, if any
 _restart_deferred_since: float | None = None
+_max_requests: int | None = None  # the worker's own limit, while a restart is deferred
 
 
 def watch_worker(worker) -> None:
@@ -57,6 +59,25 @@ def defer_restart(app: Flask) -> bool:
         _restart_deferred_since = now
         log.info("restart due, deferred while this worker's replies run")
     return now - _restart_deferred_since < float(app.config["REPLY_HANDOVER_SECONDS"])
+
+
+def pace_restart(worker) -> None:
+    """Before each request (gunicorn's pre_request): defer a due max_requests restart while
+    replies run here (defer_restart), and let it happen once they are done.
+
+    Deferring sets the worker's limit out of reach rather than one request further, since
+    gthread counts requests on several threads at once.
+    """
+    global _max_requests
+    limit = worker.max_requests if _max_requests is None else _max_requests
+    if worker.nr + 1 < limit:
+        return
+    if defer_restart(worker.wsgi):
+        if _max_requests is None:
+            _max_requests = worker.max_requests
+            worker.max_requests = sys.maxsize
+    elif _max_requests is not None:
+        worker.max_requests, _max_requests = _max_requests, None  # due: this request restarts it
 
 
 def worker_exiting(app: Flask, limit: float | None = None) -> None:

@@ -8,8 +8,10 @@ from alembic.migration import MigrationContext
 
 from chatapp.auth.models import ApiToken, LoginSession, User
 from chatapp.chat.models import Conversation, Message, Role, Status
-from chatapp.db import Base, db, unit_of_work
+from chatapp.chat.sweeper import sweep_once
+from chatapp.db import Base, db, unit_of_work, utcnow
 from chatapp.migrations import MIGRATIONS_DIR, upgrade_to_latest
+from tests.helpers import wait_for_background_work
 
 
 def test_migrations_and_models_agree(app):
@@ -51,6 +53,46 @@ def test_login_sessions_migration_keeps_existing_data(app, client):
         assert session.scalar(sa.select(sa.func.count()).select_from(User)) == 1
         assert session.scalar(sa.select(sa.func.count()).select_from(ApiToken)) == 1
         assert session.scalar(sa.select(sa.func.count()).select_from(LoginSession)) == 1
+
+
+@pytest.mark.parametrize("extra_config", [{"REPLY_LEASE_SECONDS": 0}], indirect=True)
+def test_reply_leases_migration_restarts_replies_that_were_in_progress(app, auth):
+    """0003 on a database with replies mid-way: each is run again from the start, once."""
+    auth.register("before")
+    with app.app_context():
+        flask_migrate.downgrade(directory=MIGRATIONS_DIR, revision="0002")
+        db.session.remove()
+    now = utcnow()
+    with unit_of_work(app) as session:
+        user_id = session.scalar(sa.select(User.id))
+        conversation_id = session.execute(
+            sa.text("INSERT INTO conversations (owner_id, title, created_at, updated_at) "
+                    "VALUES (:owner, 't', :now, :now) RETURNING id"), {"owner": user_id, "now": now}
+        ).scalar()
+        rows = [("user", "hello there", "complete"), ("assistant", "", "pending"),
+                ("user", "hello again", "complete"), ("assistant", "hello ag", "streaming")]
+        for role, content, status in rows:
+            # As the old read-then-insert race could leave it: two replies in progress.
+            session.execute(
+                sa.text("INSERT INTO messages (conversation_id, role, content, status, attempt, "
+                        "created_at, updated_at) VALUES (:c, :role, :content, :status, 0, :now, :now)"),
+                {"c": conversation_id, "role": role, "content": content, "status": status, "now": now},
+            )
+    with app.app_context():
+        upgrade_to_latest()
+        db.session.remove()
+    with unit_of_work(app, write=False) as session:
+        older, newest = session.scalars(
+            sa.select(Message).where(Message.role == Role.ASSISTANT).order_by(Message.id)
+        ).all()
+        assert (older.status, older.error) == (Status.FAILED, "interrupted; regenerate to retry")
+        assert (newest.status, newest.lease_owner) == (Status.STREAMING, "released")
+    assert sweep_once(app) == [newest.id]
+    wait_for_background_work(app)
+    with unit_of_work(app, write=False) as session:
+        reply = session.get(Message, newest.id)
+        # Not "hello ag" + "hello again": the partial text of the old run is gone.
+        assert (reply.status, reply.content, reply.attempt) == (Status.COMPLETE, "hello again", 1)
 
 
 def seed_conversation(app) -> int:

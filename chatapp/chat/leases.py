@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
-from chatapp.chat.models import ACTIVE_STATUSES, Message, Status
+from chatapp.chat.models import ACTIVE_SQL, ACTIVE_STATUSES, Message, Status
 from chatapp.db import db, utcnow
 
 # Set on a reply whose owner handed it over (a worker shutting down): not the name of any
@@ -128,28 +128,29 @@ def release(owner: str, reply_ids: list[int]) -> int:
     return result.rowcount
 
 
-def orphans(unclaimed_after: float, limit: int = 50) -> list[int]:
+def orphans(unclaimed_after: float, exclude: set[int] | frozenset[int] = frozenset(),
+            limit: int = 50) -> list[int]:
     """Replies in progress that no live process holds: expired leases, and pending replies
     no runner claimed within ``unclaimed_after`` seconds (their process died between the
-    commit and the start, or the start was lost)."""
+    commit and the start, or the start was lost). ``exclude``: ids this process already has.
+
+    The status test is the partial indexes' own predicate, as literal SQL, so the read
+    scans the few replies in progress, not the messages table.
+    """
     now = utcnow()
-    return list(
-        db.session.scalars(
-            sa.select(_messages.c.id)
-            .where(
-                _active,
-                sa.or_(
-                    _messages.c.lease_expires_at < now,
-                    sa.and_(
-                        _messages.c.lease_owner.is_(None),
-                        _messages.c.updated_at < now - timedelta(seconds=unclaimed_after),
-                    ),
-                ),
-            )
-            .order_by(_messages.c.id)
-            .limit(limit)
-        )
+    query = sa.select(_messages.c.id).where(
+        ACTIVE_SQL,
+        sa.or_(
+            _messages.c.lease_expires_at < now,
+            sa.and_(
+                _messages.c.lease_owner.is_(None),
+                _messages.c.updated_at < now - timedelta(seconds=unclaimed_after),
+            ),
+        ),
     )
+    if exclude:
+        query = query.where(_messages.c.id.not_in(sorted(exclude)))
+    return sorted(db.session.scalars(query.limit(limit)))
 
 
 def fail_exhausted(max_runs: int) -> int:
@@ -157,7 +158,7 @@ def fail_exhausted(max_runs: int) -> int:
     now = utcnow()
     result = db.session.execute(
         sa.update(_messages)
-        .where(_active, _messages.c.lease_expires_at < now, _messages.c.runs >= max_runs)
+        .where(ACTIVE_SQL, _messages.c.lease_expires_at < now, _messages.c.runs >= max_runs)
         .values(
             status=Status.FAILED,
             error=interrupted_error(max_runs),

@@ -28,9 +28,9 @@ class Status(str, enum.Enum):
 
 
 ACTIVE_STATUSES = (Status.PENDING, Status.STREAMING)
-FINAL_STATUSES = (Status.COMPLETE, Status.FAILED, Status.STOPPED)
-# The same predicate as SQL text, for the partial indexes below (both dialects read it).
-_ACTIVE_SQL = sa.text("status IN ('pending', 'streaming')")
+# The same predicate as literal SQL, for the partial indexes below (both dialects read it)
+# and for queries that must match their predicate to use them.
+ACTIVE_SQL = sa.text("status IN ('pending', 'streaming')")
 
 
 def _enum_column(enum_cls: type[enum.Enum], name: str) -> sa.Enum:
@@ -81,7 +81,7 @@ class Message(db.Model):
         # that the lease sweep scans.
         sa.Index(
             "uq_messages_one_active_reply", "conversation_id", unique=True,
-            sqlite_where=_ACTIVE_SQL, postgresql_where=_ACTIVE_SQL,
+            sqlite_where=ACTIVE_SQL, postgresql_where=ACTIVE_SQL,
         ),
         # A client's retry of a message it may already have sent (Idempotency-Key).
         sa.Index("uq_messages_idempotency_key", "conversation_id", "idempotency_key", unique=True),

@@ -19,6 +19,7 @@ which closes the bot's request. Both are one statement for all of this process's
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -137,10 +138,13 @@ class ThreadPoolReplyRunner:
         # Called with the lock held, in a new process (or the first time).
         self._pid = os.getpid()
         self.owner = leases.process_owner()
-        self._jobs: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[int, LiveReply]] = queue.SimpleQueue()
         self._threads = 0
         self._idle_threads = 0
-        self._runs: dict[int, Cancellation] = {}
+        # Runs in progress, by reply id: a list, as a regenerated reply's new run may start
+        # while its old, cancelled run is still winding down.
+        self._runs: dict[int, list[Cancellation]] = {}
+        self._waiting: collections.Counter[int] = collections.Counter()  # queued, not started
         self._queued = 0  # submitted and not finished: running or waiting for a thread
         self._reserved = 0  # places reserved by views that have not submitted yet
         self._accepting = True
@@ -154,11 +158,15 @@ class ThreadPoolReplyRunner:
     def live(self) -> live_replies.LiveReplies:
         return live_replies.get_live_replies(self.app)
 
+    def _full(self) -> bool:
+        # With the lock held.
+        return self._queued + self._reserved >= self.max_workers + self.queue_max
+
     def reserve(self) -> Reservation:
         """A place for one more reply, or ServiceBusy (503) if as many as can wait already do."""
         with self._lock:
             self._state()
-            if self._queued + self._reserved >= self.max_workers + self.queue_max:
+            if self._full():
                 raise ServiceBusy(
                     "too many replies are waiting for the bot; nothing was saved, retry in a moment",
                     code="replies_busy",
@@ -186,16 +194,40 @@ class ThreadPoolReplyRunner:
                 # claims it within REPLY_LEASE_SECONDS.
                 log.info("not starting reply %s: this process is shutting down", reply_id)
                 return
-            # Registered before the job starts, so a stream opened right after the 202
-            # already waits on this process's notifications instead of polling.
-            self.live.start(reply_id)
-            self._queued += 1
-            # Put under the lock: an idle thread about to time out sees it and stays.
-            self._jobs.put(reply_id)
-            start_thread = self._idle_threads == 0 and self._threads < self.max_workers
-            if start_thread:
-                self._threads += 1
-        if start_thread:
+            self._enqueue(reply_id)
+
+    def adopt(self, reply_ids: list[int]) -> list[int]:
+        """Take orphaned replies a sweep found, skipping those already queued or running
+        here and any beyond this runner's room; returns the ids taken."""
+        taken = []
+        with self._lock:
+            self._state()
+            for reply_id in reply_ids:
+                if not self._accepting or self._full():
+                    break
+                if self._waiting[reply_id] or self._runs.get(reply_id):
+                    continue
+                self._enqueue(reply_id)
+                taken.append(reply_id)
+        return taken
+
+    def busy_with(self) -> set[int]:
+        """Reply ids queued or running here: a sweep leaves them to this runner."""
+        with self._lock:
+            self._state()
+            return {reply_id for reply_id, n in self._waiting.items() if n} | set(self._runs)
+
+    def _enqueue(self, reply_id: int) -> None:
+        # With the lock held. Registered before the job starts, so a stream opened right
+        # after the 202 already waits on this process's notifications instead of polling.
+        live = self.live.start(reply_id)
+        self._queued += 1
+        self._waiting[reply_id] += 1
+        # Put under the lock: an idle thread about to time out sees it and stays.
+        self._jobs.put((reply_id, live))
+        # A thread for every job beyond those already idle, up to max_workers.
+        if self._jobs.qsize() > self._idle_threads and self._threads < self.max_workers:
+            self._threads += 1
             threading.Thread(target=self._work, name="reply", daemon=True).start()
 
     def _work(self) -> None:
@@ -203,7 +235,7 @@ class ThreadPoolReplyRunner:
             with self._lock:
                 self._idle_threads += 1
             try:
-                reply_id = self._jobs.get(timeout=60)
+                reply_id, live = self._jobs.get(timeout=60)
             except queue.Empty:
                 with self._lock:
                     self._idle_threads -= 1
@@ -213,26 +245,34 @@ class ThreadPoolReplyRunner:
                 continue
             with self._lock:
                 self._idle_threads -= 1
-                cancel = Cancellation()
-                self._runs[reply_id] = cancel
-                self._ensure_keeper()
-            live = self.live.get(reply_id) or self.live.start(reply_id)
+                self._waiting[reply_id] -= 1
+                if self._accepting:
+                    cancel: Cancellation | None = Cancellation()
+                    self._runs.setdefault(reply_id, []).append(cancel)
+                    self._ensure_keeper()
+                else:
+                    cancel = None  # shutting down: left unclaimed, for another process
             try:
-                generate_reply(self.app, reply_id, owner=self.owner, cancel=cancel, live=live)
+                if cancel is not None:
+                    generate_reply(self.app, reply_id, owner=self.owner, cancel=cancel, live=live)
             except Exception:  # the lease expires and another run takes over; keep the thread
                 log.exception("reply runner crashed on reply %s", reply_id)
             finally:
                 self._done(reply_id, cancel, live)
 
-    def _done(self, reply_id: int, cancel: Cancellation, live: LiveReply) -> None:
+    def _done(self, reply_id: int, cancel: Cancellation | None, live: LiveReply) -> None:
         self.live.finish(reply_id, live)
         with self._lock:
-            if self._runs.get(reply_id) is cancel:
-                del self._runs[reply_id]
+            runs = self._runs.get(reply_id, [])
+            if cancel in runs:
+                runs.remove(cancel)
+            if not runs:
+                self._runs.pop(reply_id, None)
             self._queued -= 1
             self._idle.notify_all()
 
     def running(self) -> list[int]:
+        """Reply ids with a run in progress here."""
         with self._lock:
             self._state()
             return list(self._runs)
@@ -240,8 +280,8 @@ class ThreadPoolReplyRunner:
     def cancel(self, reply_id: int, reason: str = "stopped") -> None:
         with self._lock:
             self._state()
-            run = self._runs.get(int(reply_id))
-        if run is not None:
+            runs = list(self._runs.get(int(reply_id), []))
+        for run in runs:
             run.cancel(reason)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -278,12 +318,13 @@ class ThreadPoolReplyRunner:
                 if not self._runs:
                     self._keeper = None
                     return
-                runs = {reply_id: run for reply_id, run in self._runs.items() if run.claimed}
+                runs = [(reply_id, run) for reply_id, runs in self._runs.items()
+                        for run in runs if run.claimed]
             if not runs:
                 continue
             renew = time.monotonic() - renewed_at >= renew_every
             try:
-                held = self._check_leases(list(runs), renew)
+                held = self._check_leases(sorted({reply_id for reply_id, _run in runs}), renew)
             except Exception as exc:
                 # The database is unreachable: keep the runs going (their writes retry);
                 # if this lasts past the lease, another process takes the replies over
@@ -293,9 +334,9 @@ class ThreadPoolReplyRunner:
                 continue
             if renew:
                 renewed_at = time.monotonic()
-            for reply_id, cancel in runs.items():
+            for reply_id, run in runs:
                 if reply_id not in held:
-                    cancel.cancel("stopped")
+                    run.cancel("stopped")
 
     @job("lease")
     def _check_leases(self, reply_ids: list[int], renew: bool) -> set[int]:

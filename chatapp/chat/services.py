@@ -423,14 +423,16 @@ _REPLY_TO_CLAIM = sa.select(
     _messages.c.conversation_id, _messages.c.status, _messages.c.attempt
 ).where(_messages.c.id == sa.bindparam("reply_id"))
 # The history before a reply, newest first, a page at a time (keyset on id): a reply reads
-# only as far back as its budget reaches, not the whole conversation.
+# only as far back as its budget reaches, not the whole conversation. A stopped reply's
+# text is what its user saw, so the bot sees it too; a failed one is left out.
 HISTORY_PAGE_ROWS = 50
 _HISTORY_PAGE = (
     sa.select(_messages.c.id, _messages.c.role, _messages.c.content)
     .where(
         _messages.c.conversation_id == sa.bindparam("conversation_id"),
         _messages.c.id < sa.bindparam("before_id"),
-        _messages.c.status == Status.COMPLETE,
+        _messages.c.status.in_((Status.COMPLETE, Status.STOPPED)),
+        _messages.c.content != "",
     )
     .order_by(_messages.c.id.desc())
     .limit(HISTORY_PAGE_ROWS)

@@ -28,11 +28,13 @@ EXTENSION_KEY = "chatapp.sweeper"
 
 @job("sweeper")
 def sweep_once(app: Flask) -> list[int]:
-    """Submit every orphaned reply to this process's runner; returns their ids."""
+    """Hand every orphaned reply to this process's runner; returns the ids it took."""
     config = app.config
+    runner = get_runner(app)
     with unit_of_work(app, write=False):
-        # A plain read in the common case (nothing orphaned): no write lock taken.
-        found = leases.orphans(unclaimed_after=float(config["REPLY_LEASE_SECONDS"]))
+        # A plain read in the common case (nothing orphaned): no write lock taken. Replies
+        # queued or running here are this runner's already.
+        found = leases.orphans(float(config["REPLY_LEASE_SECONDS"]), exclude=runner.busy_with())
     if not found:
         return []
     with unit_of_work(app):
@@ -40,12 +42,12 @@ def sweep_once(app: Flask) -> list[int]:
     if failed:
         log.warning("failed %d repl%s interrupted %d times", failed,
                     "y" if failed == 1 else "ies", config["REPLY_MAX_RUNS"])
-    runner = get_runner(app)
-    for reply_id in found:
-        runner.submit(reply_id)  # the claim decides: one process runs it, the others skip
-    log.warning("taking over %d orphaned repl%s: %s", len(found),
-                "y" if len(found) == 1 else "ies", found)
-    return found
+    # The claim decides: of several processes taking the same orphan, one runs it.
+    taken = runner.adopt(found)
+    if taken:
+        log.warning("taking over %d orphaned repl%s: %s", len(taken),
+                    "y" if len(taken) == 1 else "ies", taken)
+    return taken
 
 
 class Sweeper:

@@ -97,7 +97,7 @@ def _child(metric, *labels):
     return child
 
 
-# What is running outside a request: "reply", "stream", "reaper"; "cli" is detected.
+# What is running outside a request: "reply", "stream", "lease", "sweeper"; "cli" is detected.
 _job: contextvars.ContextVar[str | None] = contextvars.ContextVar("chatapp_job", default=None)
 
 

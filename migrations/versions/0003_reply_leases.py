@@ -5,6 +5,8 @@ Revises: 0002
 Create Date: 2026-11-28 06:20:00
 
 """
+from datetime import datetime, timezone
+
 from alembic import op
 import sqlalchemy as sa
 
@@ -44,6 +46,18 @@ def upgrade():
         batch_op.create_index(
             'uq_messages_idempotency_key', ['conversation_id', 'idempotency_key'], unique=True
         )
+    # Replies in progress when the server was upgraded belong to no process now: handed
+    # over, so the first sweep runs each again as a new attempt (text restarted, streams
+    # reset) instead of appending a new answer to the old partial text.
+    messages = sa.table(
+        'messages', sa.column('status', sa.String), sa.column('lease_owner', sa.String),
+        sa.column('lease_expires_at', sa.DateTime(timezone=True)),
+    )
+    op.execute(
+        messages.update()
+        .where(messages.c.status.in_(['pending', 'streaming']))
+        .values(lease_owner='released', lease_expires_at=datetime(2000, 1, 1, tzinfo=timezone.utc))
+    )
 
 
 def downgrade():

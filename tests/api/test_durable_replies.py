@@ -381,3 +381,20 @@ def test_bot_output_the_database_refuses_is_cleaned_not_stuck(client, app, alice
         wait_for_background_work(app)
     reply = reply_of(app, reply_id)
     assert (reply.status, reply.content) == (Status.COMPLETE, "nulhere lone \ufffd surrogate end")
+
+
+@pytest.mark.parametrize("extra_config", [SLOW], indirect=True)
+def test_the_bot_sees_what_a_stopped_reply_had_said(client, app, alice, conversation_url):
+    reply_id = post(client, alice, conversation_url).get_json()["reply"]["id"]
+    assert wait_for(lambda: len(stored_text(app, reply_id)) > 0)
+    kept = client.post(f"{conversation_url}/messages/{reply_id}/stop", headers=alice).get_json()["content"]
+    assert get_runner(app).wait_idle(15)
+    with FakeOpenAIServer("ok") as model:
+        app.config.update(BOT_ENGINE="openai", OPENAI_BASE_URL=model.base_url)
+        assert post(client, alice, conversation_url, "go on").status_code == 202
+        wait_for_background_work(app)
+    assert model.requests[0]["body"]["messages"] == [
+        {"role": "user", "content": WORDS},
+        {"role": "assistant", "content": kept},
+        {"role": "user", "content": "go on"},
+    ]
