@@ -54,6 +54,9 @@ login_per_username = limiter.shared_limit(
     scope="login-username",
     key_func=login_username,
     methods=["POST"],
+    # Failed attempts only: someone guessing at an account cannot also use up its owner's
+    # successful logins (the owner is still held back once the guesses reach the limit).
+    deduct_when=lambda response: response.status_code >= 400,
 )
 
 

@@ -228,10 +228,14 @@ def test_login_guesses_are_limited_per_username_from_any_address(app, client, au
     assert "Too many requests to log in (limit: 3 per 1 minute). Wait a minute, then try again." in html
     assert count(app, ApiToken) == 0 and count(app, LoginSession) == 0  # refused: nothing written
 
-    # Another username is not held back, even from an address that took part.
+    # Another username is not held back, even from an address that took part; and its own
+    # successful logins do not count: only failures use up a username's allowance.
     bystander = {"username": "bystander", "password": PASSWORD}
-    assert from_address(app, "203.0.113.1").post("/api/v1/tokens", json=bystander).status_code == 201
+    for address in ("203.0.113.1", "203.0.113.6", "203.0.113.7"):
+        assert from_address(app, address).post("/api/v1/tokens", json=bystander).status_code == 201
     assert from_address(app, "203.0.113.2").post("/login", data=bystander).status_code == 302
+    assert from_address(app, "203.0.113.8").post(
+        "/api/v1/tokens", json={**bystander, "password": "wrong-pass"}).status_code == 401
     # A body naming no username is counted by its address instead.
     nameless = from_address(app, "203.0.113.9")
     statuses = [nameless.post("/api/v1/tokens", json={"password": "x"}).status_code for _ in range(4)]

@@ -222,6 +222,25 @@ def test_a_login_rehashes_a_password_stored_with_another_method(client, app, has
     assert set(hashing_watch) == {0}  # the rehashes too held no connection
 
 
+def test_a_wrong_password_against_an_older_hash_costs_the_configured_method_too(client, app, monkeypatch):
+    """Timing must not tell an old account from a name that does not exist: a failed check
+    against a hash of a cheaper, older method also runs the configured method's check."""
+    from chatapp.auth import services
+
+    body = {"username": "alice", "password": "correct horse"}
+    assert client.post("/api/v1/users", json=body).status_code == 201  # pbkdf2:sha256:1000
+    app.config["PASSWORD_HASH_METHOD"] = "scrypt:16384:8:1"
+    checked = []
+    real = services.check_password_hash
+    monkeypatch.setattr(services, "check_password_hash",
+                        lambda stored, password: checked.append(stored.split("$")[0]) or real(stored, password))
+    assert client.post("/api/v1/tokens", json={**body, "password": "wrong password"}).status_code == 401
+    assert checked == ["pbkdf2:sha256:1000", "scrypt:16384:8:1"]
+    checked.clear()
+    assert client.post("/api/v1/tokens", json={**body, "username": "nobody"}).status_code == 401
+    assert checked == ["scrypt:16384:8:1"]
+
+
 @pytest.mark.parametrize("extra_config", [{"PASSWORD_HASH_CONCURRENCY": 2}], indirect=True)
 def test_concurrent_password_hashes_are_bounded_and_wait_holding_no_connection(app, client, monkeypatch):
     """Four logins at once: two hash, two wait for a slot, and none of them holds a connection."""
