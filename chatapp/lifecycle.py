@@ -31,12 +31,20 @@ def draining() -> bool:
     return _worker is not None and not _worker.alive
 
 
+def _runs_chatapp(app) -> bool:
+    # gunicorn.conf.py may serve another WSGI app (the benchmarks' comparison apps).
+    from chatapp.chat.runner import EXTENSION_KEY
+
+    return EXTENSION_KEY in getattr(app, "extensions", {})
+
+
 def worker_started(app: Flask) -> None:
     """Begin background work at once, not at the first request: orphaned replies are
     taken over by a fresh worker straight away."""
     from chatapp.chat.sweeper import get_sweeper
 
-    get_sweeper(app).ensure_started()
+    if _runs_chatapp(app):
+        get_sweeper(app).ensure_started()
 
 
 def defer_restart(app: Flask) -> bool:
@@ -70,7 +78,7 @@ def pace_restart(worker) -> None:
     """
     global _max_requests
     limit = worker.max_requests if _max_requests is None else _max_requests
-    if worker.nr + 1 < limit:
+    if worker.nr + 1 < limit or not _runs_chatapp(worker.wsgi):
         return
     if defer_restart(worker.wsgi):
         if _max_requests is None:
@@ -85,5 +93,7 @@ def worker_exiting(app: Flask, limit: float | None = None) -> None:
     server allows an exiting worker), then hand the rest over."""
     from chatapp.chat.runner import get_runner
 
+    if not _runs_chatapp(app):
+        return
     grace = float(app.config["REPLY_HANDOVER_SECONDS"])
     get_runner(app).shutdown(grace if limit is None else min(grace, limit))

@@ -285,3 +285,20 @@ def test_a_stream_the_client_drops_gives_its_slot_back(database_uri, tmp_path):
         ).json()["items"]
         assert messages[-1]["status"] == "streaming"
         assert "Traceback" not in full_log(server)
+
+
+def test_the_worker_hooks_leave_another_wsgi_app_alone():
+    """gunicorn.conf.py also serves the benchmarks' comparison apps: its chatapp hooks must
+    do nothing for an app that is not chatapp (a plain Flask app, a bare WSGI callable)."""
+    from types import SimpleNamespace
+
+    from flask import Flask
+
+    from chatapp import lifecycle
+
+    for other in (Flask("plain"), lambda environ, start_response: []):
+        worker = SimpleNamespace(wsgi=other, nr=9, max_requests=10, alive=True)
+        lifecycle.worker_started(other)
+        lifecycle.pace_restart(worker)
+        lifecycle.worker_exiting(other, limit=5)
+        assert worker.max_requests == 10
