@@ -89,6 +89,14 @@ regenerations = per_user("RATELIMIT_REGENERATE", "user-regenerations")
 def init_app(app: Flask) -> None:
     # Flask-Limiter keeps one storage per extension object: every app this process
     # creates (one in production, one per test) starts it afresh from its own config.
+    # ...except for what init_app keeps from an earlier app (private names, hence the upper
+    # bound on flask-limiter). The strategy and key prefix would stay the first app's. And
+    # "the storage is down, count in memory", left set by an app whose Redis was down, would
+    # split the next app's counts between a throwaway memory store and its own storage
+    # (whichever a backed-off health check picks), letting through more than the limit.
+    limiter._strategy = None
+    limiter._key_prefix = ""
+    limiter._storage_dead = False
     limiter.init_app(app)
     if limiter.enabled and not _limits_beyond_decorators():
         # Flask-Limiter's before_request hook works out, on every request, which

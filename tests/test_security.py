@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import re
 import secrets
+import time
 
 import pytest
 import requests
@@ -15,9 +16,9 @@ from flask import Blueprint
 
 from chatapp.auth.models import ApiToken, LoginSession, User
 from chatapp.chat.models import Conversation, Message
-from chatapp.db import unit_of_work
+from chatapp.db import db, unit_of_work
 from chatapp.security import CONTENT_SECURITY_POLICY
-from tests.helpers import wait_for_background_work
+from tests.helpers import AuthActions, wait_for_background_work
 from tests.servers import GunicornServer, free_port
 
 PASSWORD = "correct horse"
@@ -275,6 +276,42 @@ def test_limits_hold_in_memory_while_redis_is_down(client, auth):
     auth.register("no-redis")
     good = {"username": "no-redis", "password": PASSWORD}
     statuses = [client.post("/api/v1/tokens", json=good).status_code for _ in range(4)]
+    assert statuses == [201, 201, 201, 429]
+
+
+def test_a_new_app_counts_in_its_own_storage_after_another_fell_back_to_memory(database_uri, tmp_path):
+    """One process can create several apps (tests do; so does a factory called twice).
+
+    An app whose Redis was down left Flask-Limiter's shared extension object "falling back":
+    the next app then counted its first requests in a throwaway memory store and the rest,
+    after the backend check a second or two later, in its own, so its limit let more through.
+    """
+    from chatapp import create_app
+    from tests.conftest import base_test_config
+
+    def make_app(config: dict):
+        app = create_app({**base_test_config(database_uri), **LIMITS, **config})
+        app.instance_path = str(tmp_path / "instance")
+        return app
+
+    def dispose(app):
+        with app.app_context():
+            for engine in db.engines.values():
+                engine.dispose()
+
+    unreachable = make_app({"RATELIMIT_STORAGE_URI": f"redis://127.0.0.1:{free_port()}"})
+    AuthActions(unreachable.test_client()).register("fell-back")
+    for _ in range(2):  # the first falls back to memory, the second finds Redis still down
+        unreachable.test_client().post("/api/v1/tokens", json={"username": "fell-back", "password": PASSWORD})
+    dispose(unreachable)
+
+    app = make_app({"RATELIMIT_STORAGE_URI": "memory://"})
+    client = app.test_client()
+    good = {"username": "fell-back", "password": PASSWORD}
+    statuses = [client.post("/api/v1/tokens", json=good).status_code for _ in range(2)]
+    time.sleep(2.2)  # past Flask-Limiter's first backoffs before it checks a dead storage again
+    statuses += [client.post("/api/v1/tokens", json=good).status_code for _ in range(2)]
+    dispose(app)
     assert statuses == [201, 201, 201, 429]
 
 
