@@ -24,21 +24,24 @@ def create_app(test_config: dict | None = None) -> Flask:
     # Owner-only when created here: it holds the secret key (config.py) and the SQLite file.
     os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
 
-    from chatapp import api, cli, db, health, limits, migrations, ops, security
+    from chatapp import api, cli, db, health, ops, rate_limits, security
     from chatapp.chat import runner, sweeper
+    from chatapp.db import schema
+    from chatapp.errors import handlers
     from chatapp.extensions import csrf, login_manager
     from chatapp.web import bp as web_bp
 
     db.init_app(app)
     ops.init_app(app)
     security.init_app(app)
-    limits.init_app(app)
-    migrations.init_app(app)
+    rate_limits.init_app(app)
+    schema.init_app(app)
     login_manager.init_app(app)
     csrf.init_app(app)
     runner.init_app(app)
     sweeper.init_app(app)
     api.init_app(app)
+    handlers.init_app(app)  # after api: its handlers replace flask-smorest's
     app.register_blueprint(health.bp)
     app.register_blueprint(web_bp)
     cli.init_app(app)

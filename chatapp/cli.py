@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
-from chatapp import migrations
+from chatapp.db import schema
 from chatapp.auth import services as auth
 from chatapp.db import db, unit_of_work
 from chatapp.errors import AppError
@@ -33,7 +33,7 @@ def shell_context() -> dict:
 
 def _require_schema() -> None:
     try:
-        current = migrations.schema_is_current()
+        current = schema.schema_is_current()
     except sa.exc.OperationalError as exc:
         raise click.ClickException(f"cannot reach the database: {exc.orig}") from None
     if not current:
@@ -82,7 +82,7 @@ def init_db_command() -> None:
     for path in sqlite_files:
         _create_owner_only(path)
     try:
-        migrations.upgrade_to_latest()
+        schema.upgrade_to_latest()
     except sa.exc.OperationalError as exc:
         raise click.ClickException(f"cannot reach the database: {exc.orig}") from None
     finally:

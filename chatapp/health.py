@@ -7,7 +7,7 @@ import concurrent.futures
 import sqlalchemy as sa
 from flask import Blueprint, Flask, current_app
 
-from chatapp.api.errors import error_response
+from chatapp.errors.handlers import error_response
 from chatapp.db import unit_of_work
 
 bp = Blueprint("health", __name__)

@@ -36,7 +36,7 @@ def base_test_config(uri: str) -> dict:
 
 
 def _migrate(uri: str) -> None:
-    from chatapp.migrations import upgrade_to_latest
+    from chatapp.db.schema import upgrade_to_latest
 
     app = create_app(base_test_config(uri))
     with app.app_context():

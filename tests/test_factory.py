@@ -108,7 +108,9 @@ def test_config_order_defaults_instance_env_test_config(clean_env, tmp_path, mon
     assert app.config["BOT_ENGINE"] == "from-env"
     options = app.config["SQLALCHEMY_ENGINE_OPTIONS"]
     assert (options["pool_size"], options["max_overflow"], options["pool_timeout"]) == (3, 1, 2)
-    assert options["pool_pre_ping"] is True
+    # The default database is a SQLite file, whose connections cannot die idle in the pool:
+    # no pre-ping (PostgreSQL keeps it: tests/test_sqlite_write_gate.py).
+    assert "pool_pre_ping" not in options
     with app.app_context():
         assert db.engine.pool.size() == 3
         assert db.engine.pool._max_overflow == 1

@@ -10,7 +10,8 @@ from chatapp.auth.models import ApiToken, LoginSession, User
 from chatapp.chat.models import Conversation, Message, Role, Status
 from chatapp.chat.sweeper import sweep_once
 from chatapp.db import Base, db, unit_of_work, utcnow
-from chatapp.migrations import MIGRATIONS_DIR, upgrade_to_latest
+from chatapp.db.schema import upgrade_to_latest
+from chatapp.extensions import MIGRATIONS_DIR
 from tests.helpers import wait_for_background_work
 
 

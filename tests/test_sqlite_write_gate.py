@@ -16,7 +16,8 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from chatapp import db as db_module
+from chatapp.config import Defaults
+from chatapp.db import sqlite as db_module
 from chatapp.auth.models import User
 from chatapp.db import begin_write, db, dispose_engines_after_fork, is_transient, remove_session, unit_of_work
 from tests.helpers import checked_out
@@ -205,7 +206,7 @@ def test_a_busy_gate_times_out_as_a_transient_operational_error_holding_nothing(
 @pytest.mark.parametrize("extra_config", [SHORT_BUSY], indirect=True)
 def test_a_post_that_meets_a_busy_gate_is_a_503(app, client, auth, caplog):
     headers = auth.headers()
-    with writer_holding_the_gate(app), caplog.at_level(logging.WARNING, logger="chatapp.api.errors"):
+    with writer_holding_the_gate(app), caplog.at_level(logging.WARNING, logger="chatapp.errors.handlers"):
         response = client.post("/api/v1/conversations", json={"title": "busy"}, headers=headers)
     assert response.status_code == 503, response.get_json()
     assert response.get_json()["error"]["code"] == "database_unavailable"
@@ -236,7 +237,7 @@ def test_a_forked_child_does_not_inherit_a_held_gate(app):
 
 @sqlite_only
 def test_sqlite_engines_do_not_pre_ping(app):
-    assert app.config["SQLALCHEMY_ENGINE_OPTIONS"]["pool_pre_ping"] is True  # the default
+    assert Defaults.SQLALCHEMY_ENGINE_OPTIONS["pool_pre_ping"] is True  # dropped for SQLite only
     with app.app_context():
         assert db.engine.pool._pre_ping is False
 

@@ -3,24 +3,9 @@
 from __future__ import annotations
 
 from flask import Flask
-from flask_smorest import Api
 
-from chatapp.api import errors
 from chatapp.api.schemas import ErrorOut
-from chatapp.extensions import csrf
-
-
-class ChatApi(Api):
-    """flask-smorest's Api with chatapp's error shape instead of its own."""
-
-    ERROR_SCHEMA = ErrorOut
-
-    def _register_error_handlers(self):
-        # chatapp.api.errors registers one handler for the whole app instead.
-        pass
-
-
-api = ChatApi()
+from chatapp.extensions import api, csrf
 
 
 def init_app(app: Flask) -> None:
@@ -31,6 +16,10 @@ def init_app(app: Flask) -> None:
     app.config.setdefault("OPENAPI_VERSION", "3.0.3")
     app.config.setdefault("OPENAPI_URL_PREFIX", "/api/v1")
     app.config.setdefault("OPENAPI_JSON_PATH", "openapi.json")
+    # The error shape the OpenAPI document gives; chatapp.errors.handlers answers in it.
+    # (flask-smorest's own HTTPException handler, registered by init_app, is replaced by
+    # chatapp's, registered after it by create_app.)
+    api.ERROR_SCHEMA = ErrorOut
     api.init_app(app)
     api.spec.components.security_scheme(
         "bearer", {"type": "http", "scheme": "bearer", "description": "Token from POST /api/v1/tokens"}
@@ -39,5 +28,4 @@ def init_app(app: Flask) -> None:
         # Token requests carry no cookie to forge; cookie requests are checked in require_user.
         csrf.exempt(blueprint)
         api.register_blueprint(blueprint, url_prefix="/api/v1")
-    errors.init_app(app)
 

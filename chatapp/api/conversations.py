@@ -1,6 +1,6 @@
 """Conversations: list, create, read, rename, delete."""
 
-from chatapp import limits
+from chatapp import rate_limits
 from chatapp.api.auth import current_user_id
 from chatapp.api.blueprint import api_blueprint
 from chatapp.api.docs import error_responses
@@ -34,7 +34,7 @@ def list_conversations(query):
 
 
 @blp.post("/conversations")
-@limits.conversations
+@rate_limits.conversations
 @blp.arguments(ConversationIn)
 @blp.response(201, ConversationOut)
 @error_responses(blp, 400, 401, 413, 415, 422, 429, 503)

@@ -4,7 +4,7 @@ import weakref
 
 from flask import Response, current_app, g, request
 
-from chatapp import limits
+from chatapp import rate_limits
 from chatapp.api.auth import current_user_id
 from chatapp.api.blueprint import api_blueprint
 from chatapp.api.docs import error_responses
@@ -67,7 +67,7 @@ def list_messages(query, conversation_id):
 
 
 @blp.post("/conversations/<int:conversation_id>/messages")
-@limits.messages
+@rate_limits.messages
 @blp.arguments(MessageIn())
 @blp.response(202, PostedMessage)
 @blp.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
@@ -83,7 +83,7 @@ def post_message(body, conversation_id):
 
 
 @blp.post("/conversations/<int:conversation_id>/messages/<int:reply_id>/regenerate")
-@limits.regenerations
+@rate_limits.regenerations
 @blp.response(202, MessageOut)
 @error_responses(blp, 401, 404, 409, 429, 503)
 def regenerate_reply(conversation_id, reply_id):

@@ -2,7 +2,7 @@
 
 from flask import current_app, g
 
-from chatapp import limits
+from chatapp import rate_limits
 from chatapp.api.docs import error_responses
 from chatapp.api.auth import require_user
 from chatapp.api.blueprint import api_blueprint
@@ -17,7 +17,7 @@ blp = api_blueprint("accounts", "Accounts and API tokens", authenticated=False, 
 
 
 @blp.post("/users")
-@limits.registration
+@rate_limits.registration
 @blp.arguments(Credentials)
 @blp.response(201, UserOut)
 @error_responses(blp, 400, 403, 409, 413, 415, 422, 429, 503, authenticated=False)
@@ -34,8 +34,8 @@ def register(body):
 
 
 @blp.post("/tokens")
-@limits.tokens
-@limits.login_per_username
+@rate_limits.tokens
+@rate_limits.login_per_username
 @blp.arguments(TokenRequest)
 @blp.response(201, TokenOut)
 @error_responses(blp, 400, 401, 413, 415, 422, 429, 503, authenticated=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from flask import Blueprint, request
 from flask_wtf.csrf import CSRFError
 
-from chatapp.api.errors import error_response, handle_http_exception
+from chatapp.errors.handlers import error_response, handle_http_exception
 from chatapp.auth import login_sessions
 from chatapp.db import begin_write
 from chatapp.web.forms import sentence

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 from flask import current_app, flash, g, redirect, render_template, request, session, url_for
 from flask_login import current_user, login_required, login_user, logout_user
 
-from chatapp import limits
+from chatapp import rate_limits
 from chatapp.auth import login_sessions
 from chatapp.auth import services as auth
 from chatapp.auth.models import User
@@ -53,7 +53,7 @@ def log_out() -> None:
 
 
 @bp.route("/register", methods=("GET", "POST"))
-@limits.registration
+@rate_limits.registration
 def register():
     """Create an account and log in to it."""
     if current_user.is_authenticated:
@@ -80,8 +80,8 @@ def register():
 
 
 @bp.route("/login", methods=("GET", "POST"))
-@limits.login
-@limits.login_per_username
+@rate_limits.login
+@rate_limits.login_per_username
 def login():
     """Log in with a username and password."""
     if current_user.is_authenticated:

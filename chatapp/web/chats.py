@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 
-from chatapp import limits
+from chatapp import rate_limits
 from chatapp.chat import services as chat
 from chatapp.chat.runner import commit_and_start_reply, get_runner
 from chatapp.db import db
@@ -50,7 +50,7 @@ def index():
 
 @bp.post("/c")
 @login_required
-@limits.conversations
+@rate_limits.conversations
 def new_conversation():
     """Start a conversation and open it."""
     conversation = chat.create_conversation(current_user.id)
@@ -110,7 +110,7 @@ def delete(conversation_id: int):
 
 @bp.post("/c/<int:conversation_id>/messages")
 @login_required
-@limits.messages
+@rate_limits.messages
 def send_message(conversation_id: int):
     """Send a message without JavaScript; the page then shows the reply as it was when loaded."""
     conversation = chat.get_conversation(current_user.id, conversation_id)
@@ -130,7 +130,7 @@ def send_message(conversation_id: int):
 
 @bp.post("/c/<int:conversation_id>/messages/<int:reply_id>/regenerate")
 @login_required
-@limits.regenerations
+@rate_limits.regenerations
 def regenerate(conversation_id: int, reply_id: int):
     """Generate a finished or failed reply again, without JavaScript."""
     conversation = chat.get_conversation(current_user.id, conversation_id)

@@ -32,7 +32,7 @@ from chatapp.auth.models import ApiToken, User
 from chatapp.chat import services as chat
 from chatapp.chat.models import ACTIVE_STATUSES, Conversation, Message, Role, Status
 from chatapp.db import begin_write, db, unit_of_work
-from chatapp.limits import limiter
+from chatapp.extensions import limiter
 from tests.api.test_accounts import assert_error
 from tests.web.conftest import csrf_from
 

@@ -10,7 +10,7 @@ DELETE) is never rerun: its commit may already have happened.
 
 A disconnect is noted on the WSGI environ by the engines' ``handle_error`` event,
 which SQLAlchemy fires with its own verdict on whether the error was a disconnect.
-A request that then ends in a 5xx (the 503 of chatapp.api.errors) is run again on
+A request that then ends in a 5xx (the 503 of chatapp.errors.handlers) is run again on
 a fresh session, whose first checkout pre-pings its way to a live connection.
 A failure to connect at all is not noted: the database is down, and a second try
 would only double the wait for the same 503.

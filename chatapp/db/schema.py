@@ -1,17 +1,12 @@
-"""Schema management with Flask-Migrate; the migration scripts live in /migrations."""
+"""Schema management with Flask-Migrate; the migration scripts live in chatapp/migrations."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import flask_migrate
 import sqlalchemy as sa
 from flask import Flask
 
-from chatapp.db import db
-
-MIGRATIONS_DIR = str(Path(__file__).resolve().parent.parent / "migrations")
-migrate = flask_migrate.Migrate(directory=MIGRATIONS_DIR, render_as_batch=True, compare_type=True)
+from chatapp.extensions import MIGRATIONS_DIR, db, migrate
 
 
 def init_app(app: Flask) -> None:

@@ -7,7 +7,7 @@ between hosts); password guesses are also counted per username they name, whatev
 address they come from. The limit strings are read from the app's config on each request,
 so an operator changes them without touching code, and tests turn them on only where they
 test them. A request over its limit raises Flask-Limiter's
-RateLimitExceeded (a 429), which chatapp.api.errors renders as JSON under /api.
+RateLimitExceeded (a 429), which chatapp.errors.handlers renders as JSON under /api.
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ from __future__ import annotations
 import hashlib
 
 from flask import Flask, current_app, g, request
-from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_login import current_user
 
-# The client address, as ProxyFix (chatapp.security) sets it behind a trusted proxy.
-limiter = Limiter(key_func=get_remote_address)
+from chatapp.extensions import limiter
 
 
 def configured(key: str):
