@@ -22,7 +22,8 @@ from chatapp import create_app  # noqa: E402
 from chatapp.auth import services as auth  # noqa: E402
 from chatapp.chat import services as chat  # noqa: E402
 from chatapp.db import db, unit_of_work  # noqa: E402
-from tests.servers import GunicornServer, migrate  # noqa: E402
+from tests.support.databases import migrate  # noqa: E402
+from tests.support.servers import GunicornServer  # noqa: E402
 from tests.web.browser import launch  # noqa: E402
 
 OUT = ROOT / "docs" / "screenshots"

@@ -6,14 +6,15 @@ empty and no pooled connection checked out, so any test that leaks a session fai
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
 
 from chatapp import create_app
 from chatapp.db import db
-from tests import databases
 from tests.helpers import AuthActions, assert_no_leaks, wait_for_background_work
+from tests.support import databases
 
 BACKENDS = ["sqlite", "postgresql"]
 
@@ -51,10 +52,24 @@ def sqlite_template(tmp_path_factory) -> str:
     return str(path)
 
 
+def require_postgres_or_skip(base_url: str | None) -> None:
+    """Skip the PostgreSQL leg when not configured; fail under CI=true if it is unreachable."""
+    variable = databases.TEST_URL_VAR
+    if base_url is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {variable} is not set: the PostgreSQL tests must run")
+        pytest.skip(f"PostgreSQL tests need {variable}")
+    why = databases.postgres_unreachable(base_url)
+    if why is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL at {base_url} is unreachable under CI=true: {why}")
+        pytest.skip(f"PostgreSQL unreachable: {why}")
+
+
 @pytest.fixture(scope="session")
 def postgres_database():
     base_url = databases.postgres_base_url()
-    databases.require_postgres_or_skip(base_url)
+    require_postgres_or_skip(base_url)
     database = databases.PostgresDatabase(base_url)
     database.create()
     try:

@@ -15,9 +15,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from chatapp.db import db
-
-def admin_dsn(url: str | sa.URL) -> str:
-    return sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+from tests.support.databases import admin_dsn
 
 
 def kill_connection(connection: sa.Connection) -> None:

@@ -118,7 +118,7 @@ def test_openai_malformed_chunk():
 
 
 def test_openai_unreachable_server():
-    from tests.servers import free_port
+    from tests.support.servers import free_port
 
     port = free_port()
     bot = OpenAIBot(base_url=credentialed(f"http://127.0.0.1:{port}/v1"), model="m", connect_timeout=1)

@@ -13,7 +13,7 @@ from chatapp.auth.models import ApiToken, User
 from chatapp.auth.services import hash_token
 from chatapp.db import db, unit_of_work
 from tests.helpers import assert_no_leaks
-from tests.servers import SECRET_KEY
+from tests.support.databases import SECRET_KEY
 
 
 def test_create_user_with_password_stdin(runner, app):

@@ -11,14 +11,10 @@ unreachable behind a TCP proxy (tests/tcp_proxy.py), a worker SIGKILLed.
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import signal
-import threading
 import time
-from dataclasses import dataclass, field
 
-import psycopg
 import pytest
 import requests
 import sqlalchemy as sa
@@ -32,9 +28,11 @@ from chatapp.chat.models import Message, Role, Status
 from chatapp.chat.pipeline import generate_reply
 from chatapp.chat.sweeper import sweep_once
 from chatapp.db import db, unit_of_work
-from tests.faults import KillAt, admin_dsn, commit_answer_lost, hooked, kill_connection, killed_at_commit
+from tests.faults import KillAt, commit_answer_lost, hooked, kill_connection, killed_at_commit
 from tests.helpers import checked_out, live_sessions, wait_for_background_work
-from tests.servers import GunicornServer
+from tests.support.databases import active_replies, describe_active_replies
+from tests.support.load import Traffic, assert_acked_messages_stored, chats, reads, register_clients, wait_until
+from tests.support.servers import GunicornServer
 from tests.tcp_proxy import TcpProxy
 
 ACTIVE = ("pending", "streaming")
@@ -282,198 +280,10 @@ def test_reply_whose_database_stays_down_runs_again_when_it_returns(app):
 # --- under load, on gunicorn ---------------------------------------------------------------
 
 
-@dataclass
-class Call:
-    kind: str
-    started: float  # time.monotonic() when sent
-    ended: float
-    status: int | None = None  # None: no HTTP answer (connection reset, timeout)
-    body: dict | None = None
-    retry_after: str | None = None
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status is not None and 200 <= self.status < 300
-
-    @property
-    def seconds(self) -> float:
-        return self.ended - self.started
-
-    def __repr__(self) -> str:
-        return f"<{self.kind} {self.status or self.error} {self.seconds:.2f}s>"
-
-
-@dataclass
-class Acked:
-    """A message the server answered 202 to."""
-
-    message_id: int
-    reply_id: int
-    content: str
-    started: float
-
-
-@dataclass
-class Traffic:
-    """Client threads looping a scenario until stopped; every call is recorded."""
-
-    base_url: str
-    tokens: list[str]
-    scenario: object  # scenario(traffic, worker_index, token, iteration)
-    pause: float = 0.02  # between iterations of one client
-    conversations: list[int] = field(default_factory=list)
-    calls: list[Call] = field(default_factory=list)
-    acked: list[Acked] = field(default_factory=list)
-    threads: list[threading.Thread] = field(default_factory=list)
-    stopping: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def call(self, kind: str, method: str, path: str, token: str, json=None) -> Call:
-        started = time.monotonic()
-        record = Call(kind, started, started)
-        try:
-            # A new connection per call, so calls spread over gunicorn's workers.
-            response = requests.request(
-                method, self.base_url + path, json=json, timeout=30,
-                headers={"Authorization": f"Bearer {token}", "Connection": "close"},
-            )
-            record.status = response.status_code
-            record.retry_after = response.headers.get("Retry-After")
-            if response.headers.get("Content-Type", "").startswith("application/json"):
-                record.body = response.json()
-        except requests.RequestException as exc:
-            record.error = type(exc).__name__
-        record.ended = time.monotonic()
-        with self.lock:
-            self.calls.append(record)
-        return record
-
-    def start(self) -> "Traffic":
-        for index, token in enumerate(self.tokens):
-            thread = threading.Thread(target=self._loop, args=(index, token), daemon=True)
-            self.threads.append(thread)
-            thread.start()
-        return self
-
-    def _loop(self, index: int, token: str) -> None:
-        iteration = 0
-        while not self.stopping.is_set():
-            self.scenario(self, index, token, iteration)
-            iteration += 1
-            time.sleep(self.pause)
-
-    def stop(self) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(60)
-            assert not thread.is_alive(), "a client thread did not finish"
-
-
-def reads(traffic: Traffic, index: int, token: str, iteration: int) -> None:
-    """Reads only: list conversations, read one, list its messages."""
-    conversation_id = traffic.conversations[index]
-    traffic.call("list", "GET", "/api/v1/conversations", token)
-    traffic.call("get", "GET", f"/api/v1/conversations/{conversation_id}", token)
-    traffic.call("messages", "GET", f"/api/v1/conversations/{conversation_id}/messages", token)
-
-
-def chats(traffic: Traffic, index: int, token: str, iteration: int) -> None:
-    """Start a conversation, send a message of eight words, list conversations."""
-    created = traffic.call("create", "POST", "/api/v1/conversations", token, {"title": "load"})
-    if created.status == 201:
-        content = f"client {index} message {iteration} alpha beta gamma delta"
-        posted = traffic.call(
-            "post", "POST", f"/api/v1/conversations/{created.body['id']}/messages", token,
-            {"content": content},
-        )
-        if posted.status == 202:
-            with traffic.lock:
-                traffic.acked.append(Acked(
-                    posted.body["message"]["id"], posted.body["reply"]["id"], content, posted.started,
-                ))
-    traffic.call("list", "GET", "/api/v1/conversations", token)
-
-
-def register_clients(base_url: str, count: int) -> list[str]:
-    tokens = []
-    for index in range(count):
-        credentials = {"username": f"load{index}", "password": "correct horse"}
-        assert requests.post(f"{base_url}/api/v1/users", json=credentials, timeout=30).status_code == 201
-        response = requests.post(f"{base_url}/api/v1/tokens", json=credentials, timeout=30)
-        assert response.status_code == 201, response.text
-        tokens.append(response.json()["token"])
-    return tokens
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
-
-
-@contextlib.contextmanager
-def inspect_db(uri: str):
-    """A session on the test database straight, not through the app or the proxy."""
-    engine = sa.create_engine(uri)
-    try:
-        with Session(engine) as session:
-            yield session
-    finally:
-        engine.dispose()
-
-
-def stored_messages(uri: str) -> dict[int, Message]:
-    with inspect_db(uri) as session:
-        rows = session.scalars(sa.select(Message)).all()
-        session.expunge_all()
-    return {row.id: row for row in rows}
-
-
 def app_log(log: str, lines: int = 80) -> str:
     """The app's own log lines (not gunicorn's access log), for failure messages."""
     own = [line for line in log.splitlines() if '" ' not in line or "HTTP/1.1" not in line]
     return "\n".join(own[-lines:])
-
-
-def describe_active_replies(uri: str) -> list[tuple]:
-    with inspect_db(uri) as session:
-        return session.execute(
-            sa.select(Message.id, Message.status, sa.func.length(Message.content), Message.updated_at)
-            .where(Message.status.in_([Status.PENDING, Status.STREAMING]))
-        ).all()
-
-
-def active_replies(uri: str) -> int:
-    with inspect_db(uri) as session:
-        return session.scalar(
-            sa.select(sa.func.count()).select_from(Message)
-            .where(Message.status.in_([Status.PENDING, Status.STREAMING]))
-        )
-
-
-def assert_acked_messages_stored(uri: str, acked: list[Acked]) -> dict[int, Message]:
-    rows = stored_messages(uri)
-    for item in acked:
-        message = rows.get(item.message_id)
-        assert message is not None, f"acknowledged message {item.message_id} was not stored"
-        assert (message.role, message.content) == (Role.USER, item.content)
-        assert item.reply_id in rows, f"the reply to message {item.message_id} was not stored"
-    return rows
-
-
-def terminate_backends(database) -> list[str]:
-    """pg_terminate_backend on every connection to this test's own database; their states."""
-    with psycopg.connect(admin_dsn(database.base), autocommit=True) as admin:
-        rows = admin.execute(
-            "SELECT state, pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = %s AND pid <> pg_backend_pid()",
-            (database.name,),
-        ).fetchall()
-    return [state for state, _ in rows]
 
 
 def no_idle_in_transaction(database) -> list:
@@ -489,7 +299,7 @@ def test_terminating_every_connection_under_load_fails_no_request(
     database_uri, postgres_database, tmp_path,
 ):
     with GunicornServer(database_uri, workers=2, threads=8, config=SERVER_CONFIG,
-                        instance_path=str(tmp_path)) as server:
+                        log_dir=tmp_path) as server:
         tokens = register_clients(server.url, 6)
         traffic = Traffic(server.url, tokens, reads)
         for token in tokens:
@@ -506,13 +316,13 @@ def test_terminating_every_connection_under_load_fails_no_request(
         try:
             time.sleep(0.5)
             while rounds < 20 and sum(state != "idle" for state in caught) < 3:
-                caught += terminate_backends(postgres_database)
+                caught += postgres_database.terminate_backends()
                 rounds += 1
                 time.sleep(0.4)
             time.sleep(0.5)
         finally:
             traffic.stop()
-        log = server.log_path.read_text(errors="replace")
+        log = server.log_text()
         idle_in_transaction = no_idle_in_transaction(postgres_database)
     mid_request = sum(state != "idle" for state in caught)
     print(f"\n{rounds} rounds terminated {len(caught)} backends, {mid_request} mid-request; "
@@ -548,7 +358,7 @@ def test_database_unreachable_for_seconds_under_load(
     config = {**SERVER_CONFIG, "BOT_ECHO_DELAY": 1.5, "DATABASE_CONNECT_TIMEOUT": 2,
               "REPLY_WRITE_RETRY_SECONDS": 60}
     with GunicornServer(app_uri, workers=2, threads=8, config=config,
-                        instance_path=str(tmp_path)) as server:
+                        log_dir=tmp_path) as server:
         traffic = Traffic(server.url, register_clients(server.url, 4), chats, pause=0.2).start()
         readiness = []
         try:
@@ -572,7 +382,7 @@ def test_database_unreachable_for_seconds_under_load(
         # Replies that were generating when the database went away finish once it is back.
         settled = wait_until(lambda: active_replies(database_uri) == 0, stale_after + 25)
         stuck = describe_active_replies(database_uri)
-        log = server.log_path.read_text(errors="replace")
+        log = server.log_text()
         idle_in_transaction = no_idle_in_transaction(postgres_database)
 
     calls = traffic.calls
@@ -635,7 +445,7 @@ def test_worker_killed_under_load(backend, database_uri, request, tmp_path):
     config = {**SERVER_CONFIG, "BOT_ECHO_DELAY": 3, "REPLY_LEASE_SECONDS": lease,
               "REPLY_SWEEP_INTERVAL": sweep, "REPLY_WORKERS": 64}
     with GunicornServer(database_uri, workers=2, threads=8, config=config,
-                        instance_path=str(tmp_path)) as server:
+                        log_dir=tmp_path) as server:
         traffic = Traffic(server.url, register_clients(server.url, 4), chats, pause=0.5).start()
         try:
             # Enough replies in flight that both workers are generating some.
@@ -660,7 +470,7 @@ def test_worker_killed_under_load(backend, database_uri, request, tmp_path):
                          headers={"Authorization": f"Bearer {traffic.tokens[0]}", "Connection": "close"})
             for _ in range(6)
         ]
-        log = server.log_path.read_text(errors="replace")
+        log = server.log_text()
         idle_in_transaction = (
             no_idle_in_transaction(request.getfixturevalue("postgres_database"))
             if backend == "postgresql" else []

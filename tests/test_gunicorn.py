@@ -16,7 +16,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from tests.servers import GunicornServer
+from tests.support.servers import GunicornServer
 
 pytestmark = pytest.mark.slow
 CLIENT_TIMEOUT = 30  # far above any answer the server should give: a hang fails the test
@@ -27,10 +27,6 @@ def make_user(server: GunicornServer, username: str = "loaded") -> dict:
     assert requests.post(server.url + "/api/v1/users", json=credentials, timeout=CLIENT_TIMEOUT).status_code == 201
     response = requests.post(server.url + "/api/v1/tokens", json=credentials, timeout=CLIENT_TIMEOUT)
     return {"Authorization": f"Bearer {response.json()['token']}"}
-
-
-def full_log(server: GunicornServer) -> str:
-    return server.log_path.read_text(errors="replace")
 
 
 def wait_for(condition, what: str, timeout: float = 60.0):
@@ -103,13 +99,13 @@ class SteadyLoad:
 
 
 def test_access_log_names_request_id_and_duration(database_uri, tmp_path):
-    with GunicornServer(database_uri, workers=1, threads=2, instance_path=str(tmp_path)) as server:
+    with GunicornServer(database_uri, workers=1, threads=2, log_dir=tmp_path) as server:
         given = requests.get(server.url + "/healthz", headers={"X-Request-ID": "probe-4f2a.1"}, timeout=10)
         generated = requests.get(server.url + "/api/v1/conversations", timeout=10)
         assert given.headers["X-Request-ID"] == "probe-4f2a.1"
         assert generated.status_code == 401
         rid = generated.headers["X-Request-ID"]
-        log = wait_for(lambda: rid in full_log(server) and full_log(server), "the access log lines")
+        log = wait_for(lambda: rid in server.log_text() and server.log_text(), "the access log lines")
     assert re.search(r'"GET /healthz HTTP/1\.1" 200 \d+ .* request_id=probe-4f2a\.1 duration_ms=\d+', log), log
     assert re.search(rf'"GET /api/v1/conversations HTTP/1\.1" 401 \d+ .* request_id={rid} duration_ms=\d+', log), log
 
@@ -118,7 +114,7 @@ def test_access_log_names_request_id_and_duration(database_uri, tmp_path):
 
 
 def test_hup_reload_under_load_fails_no_request(database_uri, tmp_path):
-    with GunicornServer(database_uri, workers=2, threads=4, instance_path=str(tmp_path)) as server:
+    with GunicornServer(database_uri, workers=2, threads=4, log_dir=tmp_path) as server:
         headers = make_user(server)
         old = set(server.worker_pids())
         with SteadyLoad(server.url, headers) as load:
@@ -131,13 +127,13 @@ def test_hup_reload_under_load_fails_no_request(database_uri, tmp_path):
             after_reload = load.served()
             wait_for(lambda: load.served() >= after_reload + 20, "requests served by the new workers")
         assert load.failures == [], load.failures[:5]
-        assert "Traceback" not in full_log(server)
+        assert "Traceback" not in server.log_text()
     print(f"\nHUP under load: {load.ok} requests, 0 failed")
 
 
 def test_workers_recycled_by_max_requests_fail_no_request(database_uri, tmp_path):
     config = {"MAX_REQUESTS": 30, "MAX_REQUESTS_JITTER": 10}
-    with GunicornServer(database_uri, workers=2, threads=4, config=config, instance_path=str(tmp_path)) as server:
+    with GunicornServer(database_uri, workers=2, threads=4, config=config, log_dir=tmp_path) as server:
         headers = make_user(server)
         seen = set(server.worker_pids())
         with SteadyLoad(server.url, headers) as load:
@@ -195,7 +191,7 @@ def test_exhausted_pool_answers_503_with_retry_after_and_recovers(database_uri, 
         "SQLITE_BUSY_TIMEOUT_MS": 60_000,
         "REPLY_SWEEP_INTERVAL": 0,  # no background pass competing for the one connection
     }
-    with GunicornServer(database_uri, workers=1, threads=8, config=config, instance_path=str(tmp_path)) as server:
+    with GunicornServer(database_uri, workers=1, threads=8, config=config, log_dir=tmp_path) as server:
         headers = make_user(server)
         url = server.url + "/api/v1/conversations"
         with DatabaseLock(database_uri) as lock:
@@ -238,7 +234,7 @@ def test_exhausted_pool_answers_503_with_retry_after_and_recovers(database_uri, 
         assert blocked["response"].status_code == 201, blocked["response"].text
         assert requests.get(url, headers=headers, timeout=10).status_code == 200
         assert checked_out(server) == 0
-        log = full_log(server)
+        log = server.log_text()
         assert "database pool exhausted" in log and "Traceback" not in log
     waits = sorted(elapsed for _r, elapsed in answers)
     print(f"\npool exhausted: 12/12 answered 503 in {waits[0]:.2f}-{waits[-1]:.2f} s (pool_timeout=1)")
@@ -250,7 +246,7 @@ def test_exhausted_pool_answers_503_with_retry_after_and_recovers(database_uri, 
 def test_a_stream_the_client_drops_gives_its_slot_back(database_uri, tmp_path):
     """gunicorn closes a stream's response when its client goes away: the user's slot is freed."""
     config = {"STREAMS_PER_USER": 1, "BOT_ECHO_DELAY": 6, "REPLY_FLUSH_INTERVAL": 0.05, "REPLY_REAP_INTERVAL": 0}
-    with GunicornServer(database_uri, workers=1, threads=4, config=config, instance_path=str(tmp_path)) as server:
+    with GunicornServer(database_uri, workers=1, threads=4, config=config, log_dir=tmp_path) as server:
         headers = make_user(server)
         conversation = requests.post(
             server.url + "/api/v1/conversations", json={}, headers=headers, timeout=CLIENT_TIMEOUT
@@ -284,7 +280,7 @@ def test_a_stream_the_client_drops_gives_its_slot_back(database_uri, tmp_path):
             f"{server.url}/api/v1/conversations/{conversation['id']}/messages", headers=headers, timeout=CLIENT_TIMEOUT
         ).json()["items"]
         assert messages[-1]["status"] == "streaming"
-        assert "Traceback" not in full_log(server)
+        assert "Traceback" not in server.log_text()
 
 
 def test_the_worker_hooks_leave_another_wsgi_app_alone():

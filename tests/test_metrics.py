@@ -16,7 +16,6 @@ import pytest
 import requests
 import sqlalchemy as sa
 from flask import Blueprint
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event
 
 from chatapp import create_app
@@ -25,31 +24,19 @@ from chatapp.chat.stream import reply_events
 from chatapp.db import db
 from chatapp.ops.metrics import REGISTRY
 from tests.conftest import base_test_config
-from tests.servers import GunicornServer, free_port
+from tests.support import metrics
+from tests.support.metrics import total
+from tests.support.servers import GunicornServer, free_port
 
 HOLD = "chatapp_db_connection_hold_seconds_count"
 
 
-def scrape(client, headers=None) -> dict:
-    """{(sample name, frozenset(labels)): value} from GET /metrics."""
+def scrape(client, headers=None) -> list:
+    """(sample name, labels, value) of every sample from GET /metrics."""
     response = client.get("/metrics", headers=headers or {})
     assert response.status_code == 200, response.get_data(as_text=True)
     assert response.mimetype == "text/plain"
-    return parse(response.get_data(as_text=True))
-
-
-def parse(text: str) -> dict:
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def total(samples: dict, name: str, **labels) -> float:
-    """Sum of a sample over every label set that includes ``labels`` (e.g. across pids)."""
-    wanted = set(labels.items())
-    return sum(v for (n, lbls), v in samples.items() if n == name and wanted <= lbls)
+    return metrics.parse(response.get_data(as_text=True))
 
 
 def gauge(name: str) -> float | None:
@@ -350,10 +337,10 @@ def _token(server: GunicornServer, username: str) -> dict:
     return {"Authorization": f"Bearer {token}"}
 
 
-def _scrape_url(url: str) -> dict:
-    response = requests.get(url + "/metrics", timeout=10)
-    assert response.status_code == 200
-    return parse(response.text)
+def _scrape_url(url: str) -> list:
+    samples = metrics.scrape(url)
+    assert samples is not None, "no /metrics"
+    return samples
 
 
 @pytest.mark.slow
@@ -362,7 +349,7 @@ def test_gunicorn_workers_report_together(database_uri, tmp_path):
     # during its pass would see its connection checked out.
     config = {"REPLY_SWEEP_INTERVAL": 0}
     with GunicornServer(database_uri, workers=2, threads=4, config=config,
-                        instance_path=str(tmp_path)) as server:
+                        log_dir=tmp_path) as server:
         headers = _token(server, "multi")
         # A fresh connection per request spreads them over both workers.
         for _ in range(40):
@@ -373,7 +360,7 @@ def test_gunicorn_workers_report_together(database_uri, tmp_path):
         for _ in range(4):
             samples = _scrape_url(server.url)
             assert total(samples, "chatapp_http_requests_total", route="/api/v1/conversations", method="GET", status="200") == 40
-        pids = {dict(labels)["pid"] for (name, labels) in samples if name == "chatapp_db_pool_checked_out"}
+        pids = set(metrics.by_label(samples, "chatapp_db_pool_checked_out", "pid"))
         assert pids and pids <= {str(pid) for pid in workers}
         assert total(samples, "chatapp_db_pool_checked_out") == 0
 
@@ -387,7 +374,7 @@ def test_gunicorn_workers_report_together(database_uri, tmp_path):
             assert response.status_code == 200
             served += 1
             samples = _scrape_url(server.url)
-            pids = {dict(labels)["pid"] for (name, labels) in samples if name == "chatapp_db_pool_checked_out"}
+            pids = set(metrics.by_label(samples, "chatapp_db_pool_checked_out", "pid"))
             live = {str(pid) for pid in server.worker_pids()}
             if len(live) == 2 and str(victim) not in live and live <= pids:
                 break

@@ -8,10 +8,11 @@ get 503s. Timings are measured by bench/pressure.py, not asserted here.
 import time
 
 import pytest
-import requests
 
-from tests.pressure import abandon_streams, run_pressure
-from tests.servers import GunicornServer, migrate
+from tests.support import metrics
+from tests.support.databases import migrate
+from tests.support.pressure import abandon_streams, run_pressure
+from tests.support.servers import GunicornServer
 
 pytestmark = pytest.mark.slow
 
@@ -35,17 +36,12 @@ def server_database(backend, request, tmp_path):
 
 def pool_checked_out(server) -> list[float]:
     """The per-worker 'checked out' pool gauges from /metrics."""
-    text = requests.get(server.url + "/metrics", timeout=5).text
-    return [
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("chatapp_db_pool_checked_out{")
-    ]
+    return list(metrics.by_label(metrics.scrape(server.url), "chatapp_db_pool_checked_out", "pid").values())
 
 
 def test_forty_slow_chats_with_a_two_connection_pool(server_database, tmp_path):
     uri, postgres = server_database
-    with GunicornServer(uri, workers=2, threads=8, config=POOL, instance_path=str(tmp_path)) as server:
+    with GunicornServer(uri, workers=2, threads=8, config=POOL, log_dir=tmp_path) as server:
         figures = run_pressure(server.url, chats=40)
         assert figures["errors"] == [], server.log()
         assert figures["complete"] == 40

@@ -19,7 +19,7 @@ from chatapp.chat.models import Conversation, Message
 from chatapp.db import db, unit_of_work
 from chatapp.security import CONTENT_SECURITY_POLICY
 from tests.helpers import AuthActions, wait_for_background_work
-from tests.servers import GunicornServer, free_port
+from tests.support.servers import GunicornServer, free_port
 
 PASSWORD = "correct horse"
 
@@ -445,8 +445,8 @@ def test_two_hosts_share_limits_through_redis(database_uri, tmp_path, storage, l
     }
     redis_client = _redis_or_skip(redis_url) if storage == "redis" else None
     try:
-        with GunicornServer(database_uri, workers=1, threads=2, config=config, instance_path=str(tmp_path)) as one, \
-                GunicornServer(database_uri, workers=1, threads=2, config=config, instance_path=str(tmp_path)) as two:
+        with GunicornServer(database_uri, workers=1, threads=2, config=config, log_dir=tmp_path) as one, \
+                GunicornServer(database_uri, workers=1, threads=2, config=config, log_dir=tmp_path) as two:
             credentials = {"username": "two-hosts", "password": PASSWORD}
             assert requests.post(one.url + "/api/v1/users", json=credentials, timeout=30).status_code == 201
             if limit == "username":

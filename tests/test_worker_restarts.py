@@ -10,8 +10,10 @@ import time
 import pytest
 import requests
 
-from tests.servers import GunicornServer
-from tests.test_faults import active_replies, stored_messages, wait_until
+from tests.support.databases import active_replies, stored_messages
+from tests.support.load import wait_until
+from tests.support.servers import GunicornServer
+from tests.support.sse import read_reply
 
 pytestmark = pytest.mark.slow
 CONTENT = " ".join(f"w{n}" for n in range(40))
@@ -48,7 +50,7 @@ def test_max_requests_restarts_keep_answering_and_lose_no_reply(database_uri, tm
     config = {"BOT_ECHO_DELAY": 20, "MAX_REQUESTS": 5, "MAX_REQUESTS_JITTER": 2,
               "REPLY_SWEEP_INTERVAL": 1}
     with GunicornServer(database_uri, workers=2, threads=8, config=config,
-                        instance_path=str(tmp_path)) as server:
+                        log_dir=tmp_path) as server:
         headers, replies = start_chats(server.url, 4)
         started_pids = set(server.worker_pids())
         latencies, failures = [], []
@@ -88,7 +90,7 @@ def test_term_hands_unfinished_replies_over_and_the_next_server_finishes_them(da
     config = {"BOT_ECHO_DELAY": 30, "REPLY_HANDOVER_SECONDS": 1, "REPLY_SWEEP_INTERVAL": 1,
               "REPLY_LEASE_SECONDS": 60}
     server = GunicornServer(database_uri, workers=2, threads=8, config=config,
-                            instance_path=str(tmp_path)).start()
+                            log_dir=tmp_path).start()
     try:
         _headers, replies = start_chats(server.url, 4)
         time.sleep(2)
@@ -102,7 +104,7 @@ def test_term_hands_unfinished_replies_over_and_the_next_server_finishes_them(da
     assert "handing over" in first_log, first_log
     config["BOT_ECHO_DELAY"] = 1
     with GunicornServer(database_uri, workers=2, threads=8, config=config,
-                        instance_path=str(tmp_path)) as second:
+                        log_dir=tmp_path) as second:
         # Leases of 60 s: only the hand-over lets the new server start them this soon.
         taken_over = wait_until(lambda: active_replies(database_uri) == 0, 20)
         log = second.log()
@@ -117,30 +119,24 @@ def test_term_hands_unfinished_replies_over_and_the_next_server_finishes_them(da
 def test_a_stream_on_a_restarting_worker_resumes_on_another(database_uri, tmp_path):
     config = {"BOT_ECHO_DELAY": 6, "REPLY_SWEEP_INTERVAL": 1, "REPLY_FLUSH_INTERVAL": 0.1}
     with GunicornServer(database_uri, workers=2, threads=8, config=config,
-                        instance_path=str(tmp_path)) as server:
+                        log_dir=tmp_path) as server:
         headers, [(reply_id, n)] = start_chats(server.url, 1)
         stream_url = (f"{server.url}/api/v1/conversations/"
                       f"{stored_conversation(database_uri, reply_id)}/messages/{reply_id}/stream")
-        text, ended, last_id = [], threading.Event(), [None]
+        text, ended = [], threading.Event()
 
         def follow():
             # An EventSource-like reader: reconnects with Last-Event-ID until done.
+            last_id = None
             while not ended.is_set():
-                extra = {"Last-Event-ID": last_id[0]} if last_id[0] else {}
-                with requests.get(stream_url, headers={**headers, **extra},
-                                  stream=True, timeout=30) as response:
-                    event = None
-                    for line in response.iter_lines(decode_unicode=True):
-                        if line.startswith("event:"):
-                            event = line[6:].strip()
-                        elif line.startswith("id:"):
-                            last_id[0] = line[3:].strip()
-                        elif line.startswith("data:") and event is None:
-                            text.append(line[5:].removeprefix(" "))
-                        elif line.startswith("data:") and event == "done":
-                            ended.set()
-                        elif line == "":
-                            event = None
+                extra = {"Last-Event-ID": last_id} if last_id else {}
+                reply = read_reply(None, stream_url, headers={**headers, **extra}, timeout=30)
+                if reply.reset:
+                    text.clear()
+                text.append(reply.text)
+                last_id = reply.last_event_id or last_id
+                if reply.status is not None:
+                    ended.set()
 
         reader = threading.Thread(target=follow, daemon=True)
         reader.start()

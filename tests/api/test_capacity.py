@@ -11,9 +11,9 @@ from chatapp.chat.models import Message, Status
 from chatapp.chat.runner import get_runner
 from chatapp.chat.stream_slots import get_stream_slots
 from chatapp.db import unit_of_work
-from tests.api.test_messages import parse_events
 from tests.api.test_pipeline import post
 from tests.helpers import wait_for_background_work
+from tests.support.sse import parse_events
 from tests.test_security import log_in
 
 # --- open streams per user ---------------------------------------------------------------------

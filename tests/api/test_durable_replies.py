@@ -17,10 +17,10 @@ from chatapp.chat.models import Message, Role, Status
 from chatapp.chat.runner import get_runner
 from chatapp.chat.sweeper import sweep_once
 from chatapp.db import begin_write, db, unit_of_work, utcnow
-from tests.api.test_messages import parse_events
 from tests.conftest import base_test_config
 from tests.fake_openai import FakeOpenAIServer
 from tests.helpers import wait_for_background_work
+from tests.support.sse import parse_events
 from tests.test_faults import pending_reply
 
 SLOW = {"BOT_ECHO_DELAY": 30, "REPLY_FLUSH_INTERVAL": 0.05, "REPLY_STOP_CHECK_SECONDS": 0.1}

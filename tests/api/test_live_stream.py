@@ -12,9 +12,9 @@ from chatapp.chat.pipeline import generate_reply
 from chatapp.chat.runner import get_runner
 from chatapp.chat.stream import reply_events
 from chatapp.db import unit_of_work
-from tests.api.test_messages import parse_events
 from tests.api.test_pipeline import post, reply_row
 from tests.helpers import checked_out, live_sessions, wait_for_background_work
+from tests.support.sse import parse_events
 
 LIVE_CONFIG = {"BOT_ECHO_DELAY": 0.6, "REPLY_FLUSH_INTERVAL": 0.02, "STREAM_POLL_INTERVAL": 0.01}
 CONTENT = "one two three four five six seven eight"

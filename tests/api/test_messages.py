@@ -9,6 +9,7 @@ from chatapp.chat.models import Message, Status
 from chatapp.db import unit_of_work
 from tests.api.test_accounts import assert_error
 from tests.helpers import wait_for_background_work
+from tests.support.sse import parse_events
 
 
 @pytest.fixture
@@ -26,22 +27,6 @@ def post(client, headers, url, content):
 def message_count(app) -> int:
     with unit_of_work(app, write=False) as session:
         return session.scalar(sa.select(sa.func.count()).select_from(Message))
-
-
-def parse_events(text: str) -> list[tuple[str, str]]:
-    """(event, data) pairs from an SSE body; data lines joined with newlines."""
-    events = []
-    for block in text.split("\n\n"):
-        name, data, has_data = "message", [], False
-        for line in block.split("\n"):
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                data.append(line[6:])
-                has_data = True
-        if has_data:
-            events.append((name, "\n".join(data)))
-    return events
 
 
 def test_post_answers_202_with_the_message_and_a_pending_reply(client, app, alice, conversation_url):

@@ -80,7 +80,7 @@ def test_healthz_and_readyz(client):
 
 def test_readyz_is_503_when_the_database_is_unreachable():
     from chatapp import create_app
-    from tests.servers import free_port
+    from tests.support.servers import free_port
 
     app = create_app(
         {"TESTING": True, "SQLALCHEMY_DATABASE_URI": f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x",

@@ -10,7 +10,7 @@ import pytest
 from chatapp.chat.pipeline import generate_reply
 from chatapp.chat.runner import get_runner
 from chatapp.chat.stream import LIVE_RECHECK_SECONDS
-from tests.api.test_messages import parse_events
+from tests.support.sse import parse_events
 from tests.web.conftest import PASSWORD, WebUser, csrf_from
 
 # The echo bot spreads its 60 words over 15 s: the reply is still being written when the

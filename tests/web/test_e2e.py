@@ -17,7 +17,7 @@ from chatapp.chat import services as chat_services
 from chatapp.chat.models import Message, Status
 from chatapp.db import db, unit_of_work
 from tests.conftest import base_test_config
-from tests.servers import GunicornServer
+from tests.support.servers import GunicornServer
 from tests.web.browser import chromium_missing_reason, launch
 
 pytestmark = pytest.mark.e2e
@@ -137,7 +137,7 @@ def test_chat_in_a_real_browser(browser, database_uri, seeder, tmp_path):
 
     config = {"BOT_ECHO_DELAY": 2}
     with GunicornServer(database_uri, workers=2, threads=8, config=config,
-                        instance_path=str(tmp_path)) as server:
+                        log_dir=tmp_path) as server:
         context = browser.new_context(viewport={"width": 1280, "height": 800})
         context.set_default_timeout(TIMEOUT_MS)
         context.add_init_script(RECORDER)
@@ -265,7 +265,7 @@ def test_phone_width_and_dark_mode(browser, database_uri, seeder, tmp_path):
     from playwright.sync_api import expect
 
     with GunicornServer(database_uri, workers=1, threads=4,
-                        instance_path=str(tmp_path)) as server:
+                        log_dir=tmp_path) as server:
         with unit_of_work(seeder):
             auth_services.create_user(USERNAME, PASSWORD)
         seed_conversation(
@@ -339,7 +339,7 @@ def test_stop_a_reply_in_a_real_browser(browser, database_uri, seeder, tmp_path,
     from playwright.sync_api import expect
 
     with GunicornServer(database_uri, workers=2, threads=8, config=SLOW_BOT,
-                        instance_path=str(tmp_path)) as server:
+                        log_dir=tmp_path) as server:
         with unit_of_work(seeder):
             auth_services.create_user(USERNAME, PASSWORD)
         context = browser.new_context(viewport={"width": 1280, "height": 800})
@@ -401,7 +401,7 @@ def test_a_reply_page_logged_out_from_another_browser_says_so(browser, database_
     from playwright.sync_api import expect
 
     with GunicornServer(database_uri, workers=2, threads=8, config=SLOW_BOT,
-                        instance_path=str(tmp_path)) as server:
+                        log_dir=tmp_path) as server:
         with unit_of_work(seeder):
             auth_services.create_user(USERNAME, PASSWORD)
         chatting = browser.new_context(viewport={"width": 1280, "height": 800})
@@ -435,7 +435,7 @@ def test_a_reply_page_logged_out_from_another_browser_says_so(browser, database_
 def test_a_lost_answer_is_sent_again_once_with_the_same_key(browser, database_uri, seeder, tmp_path):
     from playwright.sync_api import expect
 
-    with GunicornServer(database_uri, workers=1, threads=8, instance_path=str(tmp_path)) as server:
+    with GunicornServer(database_uri, workers=1, threads=8, log_dir=tmp_path) as server:
         with unit_of_work(seeder):
             auth_services.create_user(USERNAME, PASSWORD)
         context = browser.new_context(viewport={"width": 1280, "height": 800})

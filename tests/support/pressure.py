@@ -1,14 +1,18 @@
-"""The issue's pressure scenario against a running server: used by the test (outcomes) and bench (figures)."""
+"""The pressure scenario against a running server: many chats post at once and read their
+replies' streams while two threads time GET /api/v1/conversations. tests/test_pressure.py
+checks its outcomes; bench/pressure.py prints its figures."""
 
 from __future__ import annotations
 
-import json
 import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
+
+from tests.support.load import percentile
+from tests.support.sse import read_reply
 
 
 class Client:
@@ -26,45 +30,6 @@ class Client:
             self.http.post(f"{self.base}/conversations", json={"title": f"c{i}"}, timeout=30).json()["id"]
             for i in range(conversations)
         ]
-
-
-def percentile(values: list[float], pct: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(pct / 100 * (len(ordered) - 1))))]
-
-
-def read_stream(session: requests.Session, url: str, stop_after_first: bool = False) -> tuple[str, str | None]:
-    """Read an SSE stream; returns (text, final status) or stops after the first text event."""
-    text, status = [], None
-    with session.get(url, stream=True, timeout=(5, 60)) as response:
-        if response.status_code != 200:
-            return "", f"http {response.status_code}"
-        event, data = None, []
-        # Bytes, split on CR, LF and CRLF only (the SSE line terminators); decoded text
-        # would also be split at U+2028 and the like, which are not line ends in SSE.
-        for line in response.iter_lines(decode_unicode=False):
-            raw = line.decode("utf-8")
-            if raw.startswith("event: "):
-                event = raw[7:]
-            elif raw.startswith("data: "):
-                data.append(raw[6:])
-            elif raw == "" and data:
-                # An event ends at a blank line; its data lines join with newlines.
-                if event == "done":
-                    status = json.loads("\n".join(data))["status"]
-                    break
-                if event == "reset":  # the reply was regenerated: start over
-                    text.clear()
-                elif event is None:
-                    text.append("\n".join(data))
-                    if stop_after_first:
-                        return "".join(text), "abandoned"
-                event, data = None, []
-            elif raw == "":
-                event = None
-    return "".join(text), status
 
 
 def run_pressure(base_url: str, *, chats: int = 40, username: str = "pressure") -> dict:
@@ -98,12 +63,12 @@ def run_pressure(base_url: str, *, chats: int = 40, username: str = "pressure") 
             errors.append(f"POST {response.status_code} {response.text[:200]}")
             return None, 0.0
         reply_id = response.json()["reply"]["id"]
-        text, status = read_stream(
-            session, f"{client.base}/conversations/{conversation_id}/messages/{reply_id}/stream"
+        reply = read_reply(
+            session, f"{client.base}/conversations/{conversation_id}/messages/{reply_id}/stream", timeout=(5, 60)
         )
-        if status != "complete" or text != "the quick brown fox jumps over the lazy dog":
-            errors.append(f"stream {status} {text[:60]!r}")
-        return status, time.perf_counter() - started
+        if reply.status != "complete" or reply.text != "the quick brown fox jumps over the lazy dog":
+            errors.append(f"stream {reply.status or f'http {reply.http_status}'} {reply.text[:60]!r}")
+        return reply.status, time.perf_counter() - started
 
     getters = [threading.Thread(target=get_loop) for _ in range(2)]
     for thread in getters:
@@ -141,13 +106,12 @@ def abandon_streams(base_url: str, client: Client, conversation_ids: list[int], 
         response.raise_for_status()
         reply_urls.append(f"{client.base}/conversations/{conversation_id}/messages/{response.json()['reply']['id']}/stream")
 
-    def reader(index: int) -> str | None:
+    def reader(index: int) -> bool:
         session = requests.Session()
         session.headers.update(client.http.headers)
-        _text, status = read_stream(session, reply_urls[index % len(reply_urls)], stop_after_first=True)
+        reply = read_reply(session, reply_urls[index % len(reply_urls)], timeout=(5, 60), stop_after_first=True)
         session.close()  # drop the socket mid-stream
-        return status
+        return reply.abandoned or reply.status == "complete"
 
     with ThreadPoolExecutor(50) as pool:
-        statuses = list(pool.map(reader, range(readers)))
-    return sum(1 for status in statuses if status in ("abandoned", "complete"))
+        return sum(pool.map(reader, range(readers)))

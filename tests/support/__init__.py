@@ -1,0 +1,12 @@
+"""Support code shared by the tests and the benchmarks (bench/).
+
+- databases: PostgreSQL databases created for a run and dropped after it; migrating a database
+  with the real CLI; reading what a server stored, straight from the database.
+- servers: free loopback ports, and gunicorn serving an app with gunicorn.conf.py.
+- sse: reading a reply's Server-Sent Events, from a body or a live stream.
+- load: client threads looping a scenario against a server, every call recorded.
+- pressure: the pressure scenario (concurrent posts and streams while GETs are timed).
+- metrics: samples from a /metrics page.
+
+Nothing here imports pytest: the benchmarks run without it.
+"""
