@@ -23,10 +23,11 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (  # noqa: E402
-    Database, Server, backends, fetch_metrics, fmt, loadavg, machine_report, table, workdir,
-    write_json,
-)
+from bench.apps import Server  # noqa: E402
+from bench.databases import Database, backends  # noqa: E402
+from bench.lifecycle import workdir  # noqa: E402
+from bench.report import fmt, loadavg, machine_report, table, write_json  # noqa: E402
+from tests.support.metrics import scrape  # noqa: E402
 
 BOT_SECONDS = 3.0
 WORDS = " ".join(f"w{n}" for n in range(24))
@@ -75,7 +76,7 @@ def run(backend: str, chats: int, wd: Path) -> dict:
             orphans = sum(1 for _, _, attempt, _ in rows if attempt > 0)
             whole = sum(1 for _, status, _, content in rows
                         if status == "complete" and content.split(" ", 1)[1] == WORDS)
-            samples = fetch_metrics(server.url) or []
+            samples = scrape(server.url) or []
     statements = {labels.get("kind"): value for name, labels, value in samples
                   if name == "chatapp_reply_lease_statements_total"}
     return {"backend": backend, "chats": chats, "orphans": orphans, "whole": whole,

@@ -23,11 +23,46 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common  # noqa: E402
-from bench.common import Database, Server, fmt, requests, seed, table  # noqa: E402
+import requests  # noqa: E402
+
+from bench.apps import Server  # noqa: E402
+from bench.databases import Database, backends, seed  # noqa: E402
+from bench.lifecycle import workdir  # noqa: E402
+from bench.metrics import checked_out_by_pid  # noqa: E402
+from bench.report import fmt, loadavg, machine_report, table, write_json  # noqa: E402
+from tests.support.metrics import scrape  # noqa: E402
+from tests.support.sse import read_reply  # noqa: E402
 
 TARGET_GROWTH = 0.10
 CONTENT = "the quick brown fox jumps over the lazy dog"
+
+
+def rss_by_mapping(pid: int, top: int = 6) -> list[tuple[str, int]]:
+    """Resident kB of a process by mapping (file path, [heap], or anonymous), largest first."""
+    totals: dict[str, int] = {}
+    name = "?"
+    try:
+        with open(f"/proc/{pid}/smaps") as smaps:
+            for line in smaps:
+                first = line.split(None, 1)[0]
+                if "-" in first and not first.endswith(":"):
+                    parts = line.split()
+                    name = parts[5] if len(parts) > 5 else "[anon]"
+                elif first == "Rss:":
+                    totals[name] = totals.get(name, 0) + int(line.split()[1])
+    except OSError:
+        return []
+    return sorted(totals.items(), key=lambda item: -item[1])[:top]
+
+
+def process_threads(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 class Counter:
@@ -51,7 +86,7 @@ class Counter:
             number = self.count
         if number % self.sample_every == 0 or number == 1000:
             self.rss.append((number, self.server.rss_kb()))
-            self.threads.append((number, sum(common.process_threads(pid) for pid in self.server.worker_pids())))
+            self.threads.append((number, sum(process_threads(pid) for pid in self.server.worker_pids())))
         return number
 
     def record(self, label: str, response: requests.Response, expected: tuple[int, ...]) -> None:
@@ -105,9 +140,10 @@ def client_loop(index: int, base: str, token: str, own: list[int], shared: list[
                     if counter.take() is None:
                         raise StopIteration
                     reply = posted.json()["reply"]["id"]
-                    _text, status, code = common.read_stream(
-                        http, f"{api}/conversations/{mine}/messages/{reply}/stream", timeout=(10, 60))
-                    key = f"stream {code} {status}"
+                    stream = read_reply(http, f"{api}/conversations/{mine}/messages/{reply}/stream",
+                                        timeout=(10, 60))
+                    status = stream.status
+                    key = f"stream {stream.http_status} {status}"
                     with counter.lock:
                         counter.statuses[key] = counter.statuses.get(key, 0) + 1
                         if status != "complete":
@@ -160,7 +196,7 @@ def run_backend(backend: str, args, wd: Path) -> dict:
                 thread.join(600)
             seconds = time.monotonic() - started
             final_rss = server.rss_kb()
-            mappings = {pid: common.rss_by_mapping(pid) for pid in server.worker_pids()}
+            mappings = {pid: rss_by_mapping(pid) for pid in server.worker_pids()}
             files = []
             if backend == "sqlite":
                 base = Path(database.uri.split(":///", 1)[1])
@@ -168,8 +204,8 @@ def run_backend(backend: str, args, wd: Path) -> dict:
                          (base, Path(f"{base}-wal"), Path(f"{base}-shm")) if path.exists()]
             counter.rss.append((counter.count, final_rss))
             time.sleep(1.5)  # replies finishing, streams closing
-            samples = common.fetch_metrics(server.url)
-            checked_out = common.checked_out_by_pid(samples)
+            samples = scrape(server.url)
+            checked_out = checked_out_by_pid(samples)
             pg = database.pg_states()
             pids_after = server.worker_pids()
             tracebacks = server.log_text().count("Traceback")
@@ -182,7 +218,7 @@ def run_backend(backend: str, args, wd: Path) -> dict:
         "per_worker": {pid: (at_1000.get(pid, 0), final_rss.get(pid, 0)) for pid in final_rss},
         "statuses": counter.statuses, "unexpected": counter.unexpected,
         "checked_out": checked_out, "pg": pg, "recycled": pids_before != pids_after,
-        "tracebacks": tracebacks, "loadavg": common.loadavg(),
+        "tracebacks": tracebacks, "loadavg": loadavg(),
         "mappings": mappings, "sqlite_files": files, "threads": counter.threads,
     }
 
@@ -199,12 +235,12 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the raw figures to this file")
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args(argv)
-    print(common.machine_report())
+    print(machine_report())
     print(f"# memory: {args.requests} mixed requests from {args.clients} client threads; settings {args.env}",
           flush=True)
     results, rows, verdicts = [], [], []
-    with common.workdir(args.keep_logs) as wd:
-        for backend in common.backends(args.backend):
+    with workdir(args.keep_logs) as wd:
+        for backend in backends(args.backend):
             r = run_backend(backend, args, wd)
             results.append(r)
             growth = (r["rss_end"] - r["rss_1000"]) / r["rss_1000"]
@@ -240,8 +276,8 @@ def main(argv=None) -> int:
     print()
     for line in verdicts:
         print("- " + line)
-    print(f"load average at end: {common.loadavg()}")
-    common.write_json(args.json, results)
+    print(f"load average at end: {loadavg()}")
+    write_json(args.json, results)
     return 0
 
 

@@ -23,8 +23,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common  # noqa: E402
-from bench.common import Database, Server, fmt, load, median, requests, seed, table  # noqa: E402
+import requests  # noqa: E402
+
+from bench.apps import Server  # noqa: E402
+from bench.databases import Database, backends, seed  # noqa: E402
+from bench.lifecycle import workdir  # noqa: E402
+from bench.load import load  # noqa: E402
+from bench.metrics import checked_out_by_pid  # noqa: E402
+from bench.report import fmt, loadavg, machine_report, median, table, write_json  # noqa: E402
+from tests.support.metrics import scrape  # noqa: E402
 
 APPS = [
     ("ceiling", "bench.ceiling_app:app"),
@@ -67,13 +74,13 @@ def run_backend(backend: str, args, wd: Path) -> dict:
                     result = load(server.url + path, headers=headers, seconds=args.seconds,
                                   connections=args.connections, tool=args.tool)
                     result.server_cpu_seconds = server.cpu_seconds() - cpu_before
-                    result.extra["loadavg"] = common.loadavg()
+                    result.extra["loadavg"] = loadavg()
                     rounds[name].append(result)
                     print(f"# {backend} round {round_no + 1} {name}: {result.rps:,.0f} req/s "
                           f"(server CPU {result.server_cpu_pct:.0f}%, load generator CPU "
                           f"{result.loader_cpu_pct:.0f}%, load {result.extra['loadavg']})", flush=True)
                     time.sleep(0.5)
-            leaks = common.checked_out_by_pid(common.fetch_metrics(servers["chatapp"].url))
+            leaks = checked_out_by_pid(scrape(servers["chatapp"].url))
         finally:
             for server in servers.values():
                 server.stop()
@@ -120,13 +127,13 @@ def main(argv=None) -> int:
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args(argv)
 
-    print(common.machine_report())
+    print(machine_report())
     print(f"# messages list: {args.rounds} rounds x {args.seconds:g} s per app, {args.connections} connections, "
           f"page of {args.limit} from {args.messages} messages, gunicorn workers={args.workers or 'conf'} "
           f"threads={args.threads or 'conf'}", flush=True)
     rows, verdicts, raw = [], [], {}
-    with common.workdir(args.keep_logs) as wd:
-        for backend in common.backends(args.backend):
+    with workdir(args.keep_logs) as wd:
+        for backend in backends(args.backend):
             data = run_backend(backend, args, wd)
             raw[backend] = {name: [r.__dict__ for r in results] for name, results in data["rounds"].items()}
             summarize(backend, data, rows, verdicts)
@@ -136,8 +143,8 @@ def main(argv=None) -> int:
     print()
     for line in verdicts:
         print("- " + line)
-    print(f"load average at end: {common.loadavg()}")
-    common.write_json(args.json, raw)
+    print(f"load average at end: {loadavg()}")
+    write_json(args.json, raw)
     return 0
 
 

@@ -1,13 +1,14 @@
-"""The issue-3 pressure scenario (tests/pressure.py's run_pressure) as figures.
+"""The pressure scenario (tests/support/pressure.py's run_pressure) as figures: a slow bot
+must not starve a small pool.
 
 40 chats post at once, each then reads its reply's SSE stream to the end, while two
 threads loop GET /api/v1/conversations and time it. The echo bot takes 3 s per reply.
 /metrics is sampled every 0.2 s for the per-worker pool gauge
 (chatapp_db_pool_checked_out). Configurations:
 
-  issue-3          --workers 2 --threads 8, pool_size=2, max_overflow=0, pool_timeout=2
-  shipped threads  gunicorn.conf.py's workers and threads, the same small pool
-  all shipped      gunicorn.conf.py and chatapp's shipped pool settings
+  small-pool       --workers 2 --threads 8, pool_size=2, max_overflow=0, pool_timeout=2
+  shipped-threads  gunicorn.conf.py's workers and threads, the same small pool
+  all-shipped      gunicorn.conf.py and chatapp's shipped pool settings
 
 Targets: no errors, 40/40 replies complete, all 40 within 2x the delay, GET p95 under
 250 ms, never more than pool_size connections checked out in a worker, no pool timeout.
@@ -25,17 +26,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common  # noqa: E402
-from bench.common import Database, Server, fmt, table  # noqa: E402
-from tests.pressure import run_pressure  # noqa: E402
+from bench.apps import Server  # noqa: E402
+from bench.databases import Database, backends  # noqa: E402
+from bench.lifecycle import workdir  # noqa: E402
+from bench.metrics import MetricsSampler, PgSampler, checked_out_by_pid, format_holds, hold_summary  # noqa: E402
+from bench.report import fmt, loadavg, machine_report, table, write_json  # noqa: E402
+from tests.support.metrics import scrape  # noqa: E402
+from tests.support.pressure import run_pressure  # noqa: E402
 
 SMALL_POOL = {
     "CHATAPP_SQLALCHEMY_ENGINE_OPTIONS__pool_size": 2,
     "CHATAPP_SQLALCHEMY_ENGINE_OPTIONS__max_overflow": 0,
     "CHATAPP_SQLALCHEMY_ENGINE_OPTIONS__pool_timeout": 2,
 }
+# Earlier runs' command lines (bench/RESULTS.md) named small-pool "issue-3".
+FORMER_NAMES = {"issue-3": "small-pool"}
 CONFIGS = {
-    "issue-3": {"workers": 2, "threads": 8, "env": SMALL_POOL, "pool_limit": 2},
+    # Sixteen threads over a 2-connection pool per worker: a request or reply that held a
+    # connection while the bot thinks would make the others wait and get 503s.
+    "small-pool": {"workers": 2, "threads": 8, "env": SMALL_POOL, "pool_limit": 2},
     "shipped-threads": {"workers": None, "threads": None, "env": SMALL_POOL, "pool_limit": 2},
     "all-shipped": {"workers": None, "threads": None, "env": {}, "pool_limit": 15},
 }
@@ -49,10 +58,10 @@ def run_config(name: str, backend: str, args, wd: Path) -> dict:
                         env={**config["env"], "CHATAPP_BOT_ECHO_DELAY": args.delay})
         server.start()
         try:
-            with common.MetricsSampler(server.url, interval=0.2) as sampler, common.PgSampler(database) as pg:
+            with MetricsSampler(server.url, interval=0.2) as sampler, PgSampler(database) as pg:
                 figures = run_pressure(server.url, chats=args.chats, username=f"pressure-{backend}")
             time.sleep(1.5)
-            after = common.fetch_metrics(server.url)
+            after = scrape(server.url)
             log = server.log_text()
             idle_tx = sum(v for k, v in database.pg_states().items() if k.startswith("idle in transaction"))
         finally:
@@ -69,11 +78,11 @@ def run_config(name: str, backend: str, args, wd: Path) -> dict:
         "busy_503": sum("database_busy" in e for e in errors),
         "pool_timeouts_logged": len(re.findall(r"database pool exhausted|database unavailable \(TimeoutError\)",
                                                log)),
-        "checked_out_after": common.checked_out_by_pid(after),
-        "holds": common.hold_summary(after),
+        "checked_out_after": checked_out_by_pid(after),
+        "holds": hold_summary(after),
         "pg_idle_tx_max": sum(v for k, v in pg.max_by_state.items() if k.startswith("idle in transaction")),
         "pg_idle_tx_after": idle_tx, "pg_max_total": pg.max_total,
-        "tracebacks": log.count("Traceback"), "loadavg": common.loadavg(),
+        "tracebacks": log.count("Traceback"), "loadavg": loadavg(),
         # Streams that held a worker thread for over half the bot time (gunicorn's access
         # log: duration_ms is from the thread taking the request to the last byte).
         "long_streams": sum(int(ms) > 500 * args.delay for ms in re.findall(r"/stream HTTP[^\n]*duration_ms=(\d+)", log)),
@@ -83,18 +92,19 @@ def run_config(name: str, backend: str, args, wd: Path) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=[*CONFIGS, *FORMER_NAMES])
     parser.add_argument("--chats", type=int, default=40)
     parser.add_argument("--delay", type=float, default=3.0)
     parser.add_argument("--repeat", type=int, default=1, help="run each configuration this many times")
     parser.add_argument("--json", help="also write the raw figures to this file")
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args(argv)
-    print(common.machine_report())
+    args.configs = [FORMER_NAMES.get(name, name) for name in args.configs]
+    print(machine_report())
     print(f"# pressure: {args.chats} chats, {args.delay:g} s bot, configs {args.configs}", flush=True)
     results, rows, verdicts = [], [], []
-    with common.workdir(args.keep_logs) as wd:
-        for backend in common.backends(args.backend):
+    with workdir(args.keep_logs) as wd:
+        for backend in backends(args.backend):
             for name in args.configs:
                 for _ in range(args.repeat):
                     r = run_config(name, backend, args, wd)
@@ -134,9 +144,9 @@ def main(argv=None) -> int:
     print()
     print("Connection hold times by holder (chatapp_db_connection_hold_seconds, all workers):")
     for r in results:
-        print(f"- {r['backend']} {r['config']}: {common.format_holds(r['holds']) or 'no /metrics'}")
-    print(f"load average at end: {common.loadavg()}")
-    common.write_json(args.json, results)
+        print(f"- {r['backend']} {r['config']}: {format_holds(r['holds']) or 'no /metrics'}")
+    print(f"load average at end: {loadavg()}")
+    write_json(args.json, results)
     return 0
 
 

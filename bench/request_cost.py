@@ -34,9 +34,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common  # noqa: E402
-from bench.common import Database, fmt, seed, table  # noqa: E402
+from bench.apps import BENCH_CONFIG  # noqa: E402
 from bench.core_floor_app import build_core_floor  # noqa: E402
+from bench.databases import Database, backends, seed  # noqa: E402
+from bench.lifecycle import ROOT, workdir  # noqa: E402
+from bench.report import fmt, loadavg, machine_report, table  # noqa: E402
 
 CONTENT = "the quick brown fox jumps over the lazy dog"
 WORDS = len(CONTENT.split())
@@ -86,8 +88,9 @@ def measure(backend: str, wd: Path, n: int, profile: bool) -> tuple[dict, dict]:
         os.environ["CHATAPP_SQLALCHEMY_DATABASE_URI"] = database.uri
         headers = {"Authorization": f"Bearer {seeded.token}"}
         listing = f"/api/v1/conversations/{seeded.conversation_ids[0]}/messages?limit=20"
+        # The per-user bounds as the gunicorn benchmarks set them: one user sends every request.
         app = create_app({"SECRET_KEY": secrets.token_hex(32), "SQLALCHEMY_DATABASE_URI": database.uri,
-                          "REPLY_SWEEP_INTERVAL": 0, "BOT_ECHO_DELAY": 0})
+                          "REPLY_SWEEP_INTERVAL": 0, "BOT_ECHO_DELAY": 0, **BENCH_CONFIG})
         app.extensions[EXTENSION_KEY] = _NoRunner()
         # Both read the database URL when imported: import afresh for every backend.
         textbook = _fresh_import("bench.textbook_app")
@@ -198,8 +201,8 @@ def _profile(fn, n: int) -> collections.Counter:
     for (filename, _line, name), (_cc, _nc, tottime, _ct, _callers) in pstats.Stats(profiler).stats.items():
         if "site-packages/" in filename:
             key = filename.split("site-packages/")[1].split("/")[0]
-        elif str(common.ROOT) in filename:
-            key = "/".join(Path(filename).relative_to(common.ROOT).parts[:2])
+        elif str(ROOT) in filename:
+            key = "/".join(Path(filename).relative_to(ROOT).parts[:2])
         elif filename.startswith("~"):
             key = "C builtins"
         else:
@@ -214,12 +217,12 @@ def main(argv=None) -> int:
     parser.add_argument("-n", type=int, default=200, help="calls per round (5 rounds)")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args(argv)
-    print(common.machine_report())
+    print(machine_report())
     from chatapp.config import Defaults
 
     all_costs = {}
-    with common.workdir() as wd:
-        for backend in common.backends(args.backend):
+    with workdir() as wd:
+        for backend in backends(args.backend):
             costs, profiles = measure(backend, wd, args.n, args.profile)
             all_costs[backend] = costs
             for name, totals in profiles.items():
@@ -262,7 +265,7 @@ def main(argv=None) -> int:
     print(table(["db", "bot s", "chatapp CPU ms/reply", "2-core max replies/s",
                  "same, stream polling", "2-core max replies/s (polling)",
                  "textbook CPU ms/reply", "textbook 2-core max replies/s"], budget_rows))
-    print(f"load average at end: {common.loadavg()}")
+    print(f"load average at end: {loadavg()}")
     return 0
 
 

@@ -32,19 +32,34 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common  # noqa: E402
-from bench.common import Database, Server, fmt, requests, seed, table  # noqa: E402
+import requests  # noqa: E402
+
+from bench.apps import Server, connections_by_worker  # noqa: E402
+from bench.databases import Database, backends, seed  # noqa: E402
+from bench.lifecycle import ROOT, workdir  # noqa: E402
+from bench.metrics import MetricsSampler, PgSampler, checked_out_by_pid, format_holds, hold_summary  # noqa: E402
+from bench.report import fmt, loadavg, machine_report, table, write_json  # noqa: E402
+from tests.support.load import percentile  # noqa: E402
+from tests.support.metrics import scrape  # noqa: E402
+from tests.support.sse import read_reply  # noqa: E402
 
 CONTENT = "the quick brown fox jumps over the lazy dog"
 SHIPPED_WORKERS, SHIPPED_THREADS = 2, 32  # gunicorn.conf.py defaults (read below when possible)
 
 
 def shipped_gunicorn() -> tuple[int, int]:
-    text = (common.ROOT / "gunicorn.conf.py").read_text()
+    text = (ROOT / "gunicorn.conf.py").read_text()
     workers = re.search(r'CHATAPP_WORKERS", "(\d+)"', text)
     threads = re.search(r'CHATAPP_THREADS", "(\d+)"', text)
     return (int(workers.group(1)) if workers else SHIPPED_WORKERS,
             int(threads.group(1)) if threads else SHIPPED_THREADS)
+
+
+def error_code(response: requests.Response) -> str:
+    try:
+        return response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return ""
 
 
 class Tally:
@@ -73,7 +88,7 @@ def chat_loop(kind: str, base: str, token: str, conversation_id: int, until: flo
                     tally.error(f"POST {response.status_code}")
             else:
                 if response.status_code != 202:
-                    code = common.error_code(response)
+                    code = error_code(response)
                     if code == "database_busy":
                         with tally.lock:
                             tally.busy += 1
@@ -81,10 +96,10 @@ def chat_loop(kind: str, base: str, token: str, conversation_id: int, until: flo
                     time.sleep(0.2)
                     continue
                 reply_id = response.json()["reply"]["id"]
-                text, status, http = common.read_stream(session, f"{url}/{reply_id}/stream")
-                ok = status == "complete" and text == CONTENT
+                reply = read_reply(session, f"{url}/{reply_id}/stream")
+                ok = reply.status == "complete" and reply.text == CONTENT
                 if not ok:
-                    tally.error(f"stream http={http} status={status}")
+                    tally.error(f"stream http={reply.http_status} status={reply.status}")
         except requests.RequestException as exc:
             tally.error(type(exc).__name__)
             time.sleep(0.2)
@@ -110,13 +125,13 @@ def run_one(kind: str, module: str, backend: str, database: Database, conversati
         tally = Tally()
         before = resource.getrusage(resource.RUSAGE_SELF)
         cpu_before = server.cpu_seconds()
-        with common.MetricsSampler(server.url, interval=0.5) as sampler, common.PgSampler(database) as pg:
+        with MetricsSampler(server.url, interval=0.5) as sampler, PgSampler(database) as pg:
             chats = [threading.Thread(target=chat_loop, args=(kind, server.url, token, cid, until, tally),
                                       daemon=True) for cid in conversations]
             for thread in chats:
                 thread.start()
             time.sleep(max(0.0, t0 + warmup + window / 2 - time.monotonic()))
-            spread = common.connections_by_worker(server)
+            spread = connections_by_worker(server)
             for thread in chats:
                 thread.join(max(1.0, until + 200 - time.monotonic()))
             stuck = sum(thread.is_alive() for thread in chats)
@@ -125,9 +140,9 @@ def run_one(kind: str, module: str, backend: str, database: Database, conversati
         server_cpu = server.cpu_seconds() - cpu_before
         counted = [seconds for finished, seconds in tally.done if t0 + warmup <= finished <= until]
         time.sleep(1.0)
-        after_samples = common.fetch_metrics(server.url)
-        checked_out = common.checked_out_by_pid(after_samples)
-        holds = common.hold_summary(after_samples)
+        after_samples = scrape(server.url)
+        checked_out = checked_out_by_pid(after_samples)
+        holds = hold_summary(after_samples)
         log = server.log_text()
     finally:
         server.stop()
@@ -136,7 +151,7 @@ def run_one(kind: str, module: str, backend: str, database: Database, conversati
     return {
         "app": kind, "backend": backend, "delay": delay, "chats": len(conversations),
         "replies": len(counted), "window": window, "rate": rate, "ceiling": ceiling,
-        "reply_p50": common.percentile(counted, 50), "reply_p95": common.percentile(counted, 95),
+        "reply_p50": percentile(counted, 50), "reply_p95": percentile(counted, 95),
         "errors": tally.errors, "busy_503": tally.busy, "stuck_clients": stuck,
         # Pool timeouts as the servers log them: chatapp's 503 handler, chatapp's reply
         # writer retrying, and SQLAlchemy's own message (the textbook app's 500s).
@@ -148,7 +163,7 @@ def run_one(kind: str, module: str, backend: str, database: Database, conversati
         "pg_max_by_state": pg.max_by_state, "pg_max_total": pg.max_total,
         "client_cpu_pct": 100 * ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) / wall,
         "server_cpu_pct": 100 * server_cpu / wall,
-        "loadavg": common.loadavg(),
+        "loadavg": loadavg(),
     }
 
 
@@ -180,15 +195,15 @@ def main(argv=None) -> int:
         apps = [app for app in apps if app[0] in args.apps or app[0].removeprefix("chatapp ") in args.apps]
     from chatapp.config import Defaults
 
-    print(common.machine_report())
+    print(machine_report())
     print(f"# slow bot: {chats} concurrent chats, gunicorn {args.workers} workers x {args.threads} threads, "
           f"delays {args.delays}, window >= {args.window:g} s; chatapp shipped REPLY_WORKERS="
           f"{Defaults.REPLY_WORKERS}, STREAM_POLL_INTERVAL={Defaults.STREAM_POLL_INTERVAL}, "
           f"REPLY_FLUSH_INTERVAL={Defaults.REPLY_FLUSH_INTERVAL}, pool {Defaults.SQLALCHEMY_ENGINE_OPTIONS}; "
           f"variants {[(name, env) for name, _, env in apps[2:]]}", flush=True)
     results = []
-    with common.workdir(args.keep_logs) as wd:
-        for backend in common.backends(args.backend):
+    with workdir(args.keep_logs) as wd:
+        for backend in backends(args.backend):
             with Database(backend, wd) as database:
                 # Fresh conversations for every run: one reply at a time per conversation.
                 runs = len(apps) * len(args.delays)
@@ -245,9 +260,9 @@ def main(argv=None) -> int:
     print("chatapp connection hold times by holder (chatapp_db_connection_hold_seconds, all workers):")
     for r in results:
         if r["holds"]:
-            print(f"- {r['backend']} {r['delay']:g} s {r['app']}: {common.format_holds(r['holds'])}")
-    print(f"load average at end: {common.loadavg()}")
-    common.write_json(args.json, results)
+            print(f"- {r['backend']} {r['delay']:g} s {r['app']}: {format_holds(r['holds'])}")
+    print(f"load average at end: {loadavg()}")
+    write_json(args.json, results)
     return 0
 
 

@@ -1,11 +1,12 @@
-"""Database outages and worker crashes (issue 5, items 4 and 5).
+"""Database outages and worker crashes: what a client sees, and that nothing acknowledged is lost.
 
 In-process tests provoke each recovery path deterministically, by killing the
 connection a session holds at a chosen statement: on PostgreSQL its backend is
 terminated (pg_terminate_backend), on SQLite the DBAPI connection is closed under
 SQLAlchemy, which both report as a disconnect. The gunicorn tests then check the
 outcomes under load on a real server: every connection terminated, the database
-unreachable behind a TCP proxy (tests/tcp_proxy.py), a worker SIGKILLed.
+unreachable behind a TCP proxy (tests/tcp_proxy.py), a worker SIGKILLed, with client
+threads (tests/support/load.py) recording every call meanwhile.
 """
 
 from __future__ import annotations
@@ -406,12 +407,14 @@ def test_database_unreachable_for_seconds_under_load(
     for call in unavailable:
         assert call.body["error"]["code"] in ("database_unavailable", "database_busy"), call.body
         assert call.retry_after
-        assert call.seconds <= pool_timeout + 2, call  # the spec: within pool_timeout
+        # A client waits at most pool_timeout for its answer, not for the connect to give up.
+        assert call.seconds <= pool_timeout + 2, call
     assert unavailable, "no request noticed the outage"
     assert readiness[0][1].status_code == 503
     assert readiness[0][1].json()["error"]["code"] == "database_unavailable"
     assert ready_again
-    # The spec: every request succeeds within 1 s of the database returning (with slack).
+    # The app recovers by itself: every request succeeds within about 1 s of the database
+    # returning (2 s here, for a loaded machine), with no restart.
     assert all(c.ok for c in after if c.started >= restored + 2.0), failed_after
     assert len([c for c in after if c.started >= restored + 2.0]) >= 10
     # Nothing acknowledged was lost; no reply is stuck; complete ones hold their whole text once.

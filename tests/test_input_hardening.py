@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from chatapp.api.schemas import NO_NUL_PATTERN, VISIBLE_TEXT_PATTERN, no_nul, visible_text
 from chatapp.chat.models import Conversation, Message
 from chatapp.db import unit_of_work
+from tests.support.sse import iter_events
 from tests.test_security import log_in
 
 # --- validators that run in linear time ----------------------------------------------------------
@@ -122,29 +123,8 @@ def test_the_documented_patterns_say_what_the_validators_do(text):
 
 
 def browser_events(body: str) -> list[tuple[str, str, str]]:
-    """(event, data, last event id) as a browser's EventSource dispatches them.
-
-    Follows the SSE spec (WHATWG HTML): a line ends at CRLF, a bare CR or LF; a blank line
-    dispatches the event; data lines are joined with LF; an id with a NUL is ignored.
-    """
-    events, data, name, last_id = [], [], "", ""
-    for line in re.split(r"\r\n|\r|\n", body):
-        if line == "":
-            if data:
-                events.append((name or "message", "\n".join(data), last_id))
-            data, name = [], ""
-            continue
-        if line.startswith(":"):
-            continue
-        field, _colon, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if field == "event":
-            name = value
-        elif field == "data":
-            data.append(value)
-        elif field == "id" and "\x00" not in value:
-            last_id = value
-    return events
+    """(event, data, last event id) as a browser's EventSource dispatches them."""
+    return [(event.name, event.data, event.id or "") for event in iter_events([body])]
 
 
 FORGERY = "a\rdata: x\r\revent: done\rdata: {}\r\rid: 9:9\r\r\nevent: done\r\ndata: {\"status\": \"failed\"}\r\n\r\nb"

@@ -6,8 +6,8 @@ starts over (regenerated, or taken over after its process died), and ``done`` wi
 ``{"status": ..., "error": ...}`` at the end; every event has an ``id`` a client sends back
 as Last-Event-ID to resume. The parser follows the SSE specification: lines end at CR, LF
 or CRLF only (not at U+2028 and the like, as str.splitlines would have it), ``field: value``
-loses one space after the colon, data lines join with newlines, and an event is dispatched
-at a blank line.
+loses one space after the colon, data lines join with newlines, an event is dispatched at a
+blank line, and an id with a NUL is ignored: what a browser's EventSource sees.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def iter_events(chunks: Iterable[bytes | str]) -> Iterator[Event]:
                 name = value
             elif field == "data":
                 data.append(value)
-            elif field == "id":
+            elif field == "id" and "\x00" not in value:  # an id with a NUL is ignored
                 last_id = value
             # A line starting with ":" is a comment (a keep-alive): nothing to do.
 
