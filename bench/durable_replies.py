@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.apps import Server  # noqa: E402
 from bench.databases import Database, backends  # noqa: E402
 from bench.lifecycle import workdir  # noqa: E402
-from bench.report import fmt, loadavg, machine_report, table, write_json  # noqa: E402
+from bench.report import finish, fmt, machine_report, table  # noqa: E402
 from tests.support.metrics import scrape  # noqa: E402
 
 BOT_SECONDS = 3.0
@@ -104,8 +104,7 @@ def main() -> None:
           fmt(r["checks"] / r["chats"], 2)] for r in results],
     ))
     print("(counters of the surviving worker and the replacement; the killed worker's are lost)")
-    print(f"load average at the end: {loadavg()}")
-    write_json(args.json, results)
+    finish(args.json, results)
 
 
 if __name__ == "__main__":

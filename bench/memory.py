@@ -29,7 +29,7 @@ from bench.apps import Server  # noqa: E402
 from bench.databases import Database, backends, seed  # noqa: E402
 from bench.lifecycle import workdir  # noqa: E402
 from bench.metrics import checked_out_by_pid  # noqa: E402
-from bench.report import fmt, loadavg, machine_report, table, write_json  # noqa: E402
+from bench.report import finish, fmt, loadavg, machine_report, print_verdicts, table  # noqa: E402
 from tests.support.metrics import scrape  # noqa: E402
 from tests.support.sse import read_reply  # noqa: E402
 
@@ -273,11 +273,8 @@ def main(argv=None) -> int:
     print(table(["db", "requests", "req/s", "RSS MiB @1,000", "RSS MiB @end", "growth", "per worker MiB",
                  "unexpected", "checked out at end", "PostgreSQL backends at end", "recycled", "tracebacks"],
                 rows))
-    print()
-    for line in verdicts:
-        print("- " + line)
-    print(f"load average at end: {loadavg()}")
-    write_json(args.json, results)
+    print_verdicts(verdicts)
+    finish(args.json, results)
     return 0
 
 

@@ -30,7 +30,7 @@ from bench.databases import Database, backends, seed  # noqa: E402
 from bench.lifecycle import workdir  # noqa: E402
 from bench.load import load  # noqa: E402
 from bench.metrics import checked_out_by_pid  # noqa: E402
-from bench.report import fmt, loadavg, machine_report, median, table, write_json  # noqa: E402
+from bench.report import finish, fmt, loadavg, machine_report, median, print_verdicts, table  # noqa: E402
 from tests.support.metrics import scrape  # noqa: E402
 
 APPS = [
@@ -140,11 +140,8 @@ def main(argv=None) -> int:
     print()
     print(table(["db", "app", "req/s (median)", "rounds", "vs ceiling", "vs textbook", "p50 ms", "p99 ms",
                  "errors", "server CPU", "wrk CPU"], rows))
-    print()
-    for line in verdicts:
-        print("- " + line)
-    print(f"load average at end: {loadavg()}")
-    write_json(args.json, raw)
+    print_verdicts(verdicts)
+    finish(args.json, raw)
     return 0
 
 

@@ -20,41 +20,24 @@ def checked_out_by_pid(samples) -> dict[str, float]:
     return by_label(samples, "chatapp_db_pool_checked_out", "pid")
 
 
-class MetricsSampler:
-    """Polls /metrics in a thread and keeps, per worker, the highest pool checkout seen."""
+class Sampler:
+    """Calls ``sample()`` every ``interval`` seconds in a thread, from ``with`` to its end."""
 
-    def __init__(self, url: str, interval: float = 0.25):
-        self.url = url
+    def __init__(self, interval: float):
         self.interval = interval
-        self.max_by_pid: dict[str, float] = {}
         self.samples = 0
-        self.failed = 0
-        self.available: bool | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def sample(self) -> bool:
+        """Take one sample; False stops the sampling."""
+        raise NotImplementedError
+
     def _run(self) -> None:
-        session = requests.Session()
-        while not self._stop.is_set():
-            try:
-                response = session.get(self.url + "/metrics", timeout=10)
-                if response.status_code == 200:
-                    by_pid = checked_out_by_pid(parse(response.text))
-                    if self.available is None:
-                        self.available = bool(by_pid) or "chatapp_" in response.text
-                    for pid, value in by_pid.items():
-                        self.max_by_pid[pid] = max(self.max_by_pid.get(pid, 0.0), value)
-                    self.samples += 1
-                else:
-                    if self.available is None and response.status_code == 404:
-                        self.available = False
-                        return
-                    self.failed += 1
-            except (requests.RequestException, ValueError):  # ValueError: not Prometheus text
-                self.failed += 1
+        while not self._stop.is_set() and self.sample() is not False:
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "MetricsSampler":
+    def __enter__(self):
         self._thread.start()
         return self
 
@@ -63,37 +46,57 @@ class MetricsSampler:
         self._thread.join(15)
 
 
-class PgSampler:
-    """Polls pg_stat_activity for one database: the most connections seen per state."""
+class MetricsSampler(Sampler):
+    """Polls /metrics and keeps, per worker, the highest pool checkout seen."""
+
+    def __init__(self, url: str, interval: float = 0.25):
+        super().__init__(interval)
+        self.url = url
+        self.max_by_pid: dict[str, float] = {}
+        self.failed = 0
+        self.available: bool | None = None
+        self.session = requests.Session()
+
+    def sample(self) -> bool:
+        try:
+            response = self.session.get(self.url + "/metrics", timeout=10)
+            if response.status_code == 200:
+                by_pid = checked_out_by_pid(parse(response.text))
+                if self.available is None:
+                    self.available = bool(by_pid) or "chatapp_" in response.text
+                for pid, value in by_pid.items():
+                    self.max_by_pid[pid] = max(self.max_by_pid.get(pid, 0.0), value)
+                self.samples += 1
+            elif self.available is None and response.status_code == 404:
+                self.available = False
+                return False  # an app without /metrics
+            else:
+                self.failed += 1
+        except (requests.RequestException, ValueError):  # ValueError: not Prometheus text
+            self.failed += 1
+        return True
+
+
+class PgSampler(Sampler):
+    """Polls pg_stat_activity for one database: the most connections seen per state
+    (nothing on SQLite)."""
 
     def __init__(self, database: Database, interval: float = 0.5):
+        super().__init__(interval)
         self.database = database
-        self.interval = interval
         self.max_by_state: dict[str, int] = {}
         self.max_total = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(Exception):
-                states = self.database.pg_states()
-                self.samples += 1
-                self.max_total = max(self.max_total, sum(states.values()))
-                for state, count in states.items():
-                    self.max_by_state[state] = max(self.max_by_state.get(state, 0), count)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "PgSampler":
-        if self.database.name:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(15)
+    def sample(self) -> bool:
+        if not self.database.name:
+            return False
+        with contextlib.suppress(Exception):
+            states = self.database.pg_states()
+            self.samples += 1
+            self.max_total = max(self.max_total, sum(states.values()))
+            for state, count in states.items():
+                self.max_by_state[state] = max(self.max_by_state.get(state, 0), count)
+        return True
 
 
 def hold_summary(samples) -> dict[str, dict]:

@@ -30,7 +30,7 @@ from bench.apps import Server  # noqa: E402
 from bench.databases import Database, backends  # noqa: E402
 from bench.lifecycle import workdir  # noqa: E402
 from bench.metrics import MetricsSampler, PgSampler, checked_out_by_pid, format_holds, hold_summary  # noqa: E402
-from bench.report import fmt, loadavg, machine_report, table, write_json  # noqa: E402
+from bench.report import finish, fmt, loadavg, machine_report, print_verdicts, table  # noqa: E402
 from tests.support.metrics import scrape  # noqa: E402
 from tests.support.pressure import run_pressure  # noqa: E402
 
@@ -138,15 +138,12 @@ def main(argv=None) -> int:
     print(table(["db", "config", "workers x threads", "errors", "replies", "all replies s", "reply median s",
                  "GET p50 ms", "GET p95 ms", "GETs", "long streams", "max checked out/worker", "503 busy",
                  "pool timeouts (log)", "checked out after", "PG idle-in-tx/total (max)"], rows))
-    print()
-    for line in verdicts:
-        print("- " + line)
+    print_verdicts(verdicts)
     print()
     print("Connection hold times by holder (chatapp_db_connection_hold_seconds, all workers):")
     for r in results:
         print(f"- {r['backend']} {r['config']}: {format_holds(r['holds']) or 'no /metrics'}")
-    print(f"load average at end: {loadavg()}")
-    write_json(args.json, results)
+    finish(args.json, results)
     return 0
 
 

@@ -86,3 +86,16 @@ def fmt(value: float, digits: int = 1) -> str:
     if value != value:  # NaN
         return "-"
     return f"{value:,.{digits}f}"
+
+
+def print_verdicts(verdicts: list[str]) -> None:
+    """The targets met or missed, one line each, after the table."""
+    print()
+    for line in verdicts:
+        print("- " + line)
+
+
+def finish(json_path: str | None, data) -> None:
+    """What every benchmark ends with: the load average (the machine is shared), the JSON."""
+    print(f"load average at end: {loadavg()}")
+    write_json(json_path, data)

@@ -30,6 +30,7 @@ import pstats
 import secrets
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -38,7 +39,7 @@ from bench.apps import BENCH_CONFIG  # noqa: E402
 from bench.core_floor_app import build_core_floor  # noqa: E402
 from bench.databases import Database, backends, seed  # noqa: E402
 from bench.lifecycle import ROOT, workdir  # noqa: E402
-from bench.report import fmt, loadavg, machine_report, table  # noqa: E402
+from bench.report import finish, fmt, machine_report, table  # noqa: E402
 
 CONTENT = "the quick brown fox jumps over the lazy dog"
 WORDS = len(CONTENT.split())
@@ -74,7 +75,7 @@ class _NoRunner:
 
 def measure(backend: str, wd: Path, n: int, profile: bool) -> tuple[dict, dict]:
     from chatapp import create_app
-    from chatapp.chat import services
+    from chatapp.chat import leases, services
     from chatapp.chat.models import Message, Role, Status
     from chatapp.chat.pipeline import generate_reply
     from chatapp.chat.reply_store import ReplyWriter
@@ -141,14 +142,17 @@ def measure(backend: str, wd: Path, n: int, profile: bool) -> tuple[dict, dict]:
                 services.read_reply_progress(done_id, 0)
         costs["chatapp one stream poll (unit of work + read)"] = cpu_ms(poll, n)
 
+        # A reply this process holds the lease of, as the reply runner's writer does.
+        owner = leases.process_owner()
         with unit_of_work(app) as session:
             now = utcnow()
             pending = Message(conversation_id=stream_conv, role=Role.ASSISTANT, content="",
-                              status=Status.STREAMING, created_at=now, updated_at=now)
+                              status=Status.STREAMING, created_at=now, updated_at=now,
+                              lease_owner=owner, lease_expires_at=now + timedelta(hours=1))
             session.add(pending)
             session.flush()
             pending_id = pending.id
-        writer = ReplyWriter(app, pending_id, 0)
+        writer = ReplyWriter(app, pending_id, 0, owner)
         costs["chatapp one reply write (append)"] = cpu_ms(lambda: writer.append("word "), max(20, n // 4))
 
         # generate_reply alone: pending replies made beforehand, one conversation each,
@@ -265,7 +269,7 @@ def main(argv=None) -> int:
     print(table(["db", "bot s", "chatapp CPU ms/reply", "2-core max replies/s",
                  "same, stream polling", "2-core max replies/s (polling)",
                  "textbook CPU ms/reply", "textbook 2-core max replies/s"], budget_rows))
-    print(f"load average at end: {loadavg()}")
+    finish(None, None)
     return 0
 
 

@@ -38,7 +38,7 @@ from bench.apps import Server, connections_by_worker  # noqa: E402
 from bench.databases import Database, backends, seed  # noqa: E402
 from bench.lifecycle import ROOT, workdir  # noqa: E402
 from bench.metrics import MetricsSampler, PgSampler, checked_out_by_pid, format_holds, hold_summary  # noqa: E402
-from bench.report import fmt, loadavg, machine_report, table, write_json  # noqa: E402
+from bench.report import finish, fmt, loadavg, machine_report, print_verdicts, table  # noqa: E402
 from tests.support.load import percentile  # noqa: E402
 from tests.support.metrics import scrape  # noqa: E402
 from tests.support.sse import read_reply  # noqa: E402
@@ -253,16 +253,13 @@ def main(argv=None) -> int:
                  "reply p50 s", "reply p95 s", "errors", "503 busy", "pool timeouts (log)",
                  "max checked out/worker", "PG idle-in-tx/total (max)", "clients per worker", "server CPU",
                  "client CPU"], rows))
-    print()
-    for line in verdicts:
-        print("- " + line)
+    print_verdicts(verdicts)
     print()
     print("chatapp connection hold times by holder (chatapp_db_connection_hold_seconds, all workers):")
     for r in results:
         if r["holds"]:
             print(f"- {r['backend']} {r['delay']:g} s {r['app']}: {format_holds(r['holds'])}")
-    print(f"load average at end: {loadavg()}")
-    write_json(args.json, results)
+    finish(args.json, results)
     return 0
 
 
