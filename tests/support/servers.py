@@ -49,9 +49,9 @@ class GunicornServer:
     """``gunicorn -c gunicorn.conf.py APP`` on 127.0.0.1, for a test or a benchmark.
 
     ``config``: chatapp settings, set as CHATAPP_<KEY>, over ``defaults`` (TEST_CONFIG unless
-    a benchmark gives its own); ``env``: further environment variables as they are. ``workers``/``threads`` None:
-    gunicorn.conf.py decides (the shipped defaults). The log goes to
-    ``log_dir/gunicorn-[NAME-]PORT.log`` (/tmp when no ``log_dir``).
+    a benchmark gives its own); ``env``: further environment variables as they are.
+    ``workers``/``threads`` None: gunicorn.conf.py decides (the shipped defaults). The log
+    goes to ``log_dir/gunicorn-[NAME-]PORT.log`` (/tmp when no ``log_dir``).
     """
 
     def __init__(self, database_uri: str, *, app: str = "wsgi:app", workers: int | None = 2,

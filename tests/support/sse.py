@@ -12,6 +12,7 @@ blank line, and an id with a NUL is ignored: what a browser's EventSource sees.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -36,13 +37,14 @@ def iter_events(chunks: Iterable[bytes | str]) -> Iterator[Event]:
 
     def lines_of(chunk: bytes, final: bool) -> list[bytes]:
         nonlocal pending
-        lines = _LINE_END.split(pending + chunk)
+        text = pending + chunk
+        lines = _LINE_END.split(text)
         pending = lines.pop()  # no line end yet
-        if lines and pending == b"" and chunk.endswith(b"\r") and not final:
+        if lines and not final and text.endswith(b"\r"):
             pending = lines.pop() + b"\r"  # the CR may be the first half of a CRLF
         return lines
 
-    for chunk in [*chunks, None]:
+    for chunk in itertools.chain(chunks, [None]):  # None: the stream ended
         final = chunk is None
         for raw in lines_of(b"" if final else chunk.encode() if isinstance(chunk, str) else chunk, final):
             line = raw.decode("utf-8")
