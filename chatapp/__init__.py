@@ -24,13 +24,14 @@ def create_app(test_config: dict | None = None) -> Flask:
     # Owner-only when created here: it holds the secret key (config.py) and the SQLite file.
     os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
 
-    from chatapp import api, cli, db, health, ops, rate_limits, security
+    from chatapp import api, cli, db, health, inputs, ops, rate_limits, security
     from chatapp.chat import runner, sweeper
     from chatapp.db import schema
     from chatapp.errors import handlers
     from chatapp.extensions import csrf, login_manager
     from chatapp.web import bp as web_bp
 
+    inputs.init_app(app)
     db.init_app(app)
     ops.init_app(app)
     security.init_app(app)
