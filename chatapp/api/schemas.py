@@ -4,7 +4,7 @@ from flask import Response, current_app
 from marshmallow import Schema, ValidationError, fields, validate
 
 from chatapp.auth.services import USERNAME_PATTERN, USERNAME_RULE
-from chatapp.chat.services import CONTENT_MAX, TITLE_MAX
+from chatapp.chat.services import CONTENT_MAX, CURSOR_PATTERN, TITLE_MAX
 from chatapp.config import Defaults
 
 # Text the database can store: PostgreSQL refuses NUL characters. Titles and messages also
@@ -79,7 +79,15 @@ class LoginSessionsEnded(Schema):
 
 class PageQuery(Schema):
     limit = fields.Integer(load_default=20, validate=validate.Range(1, 100))
-    cursor = fields.String(load_default=None, validate=validate.Length(1, 200))
+    cursor = fields.String(
+        load_default=None,
+        validate=validate.Length(1, 200),
+        metadata={
+            "pattern": CURSOR_PATTERN,
+            "description": "The next_cursor of the previous page, as it was given (URL-safe base64, "
+            "no padding); a value that is not one is refused with 422.",
+        },
+    )
 
 
 class ConversationIn(Schema):

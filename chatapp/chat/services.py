@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterator
@@ -41,7 +42,16 @@ def _bad_cursor() -> InvalidInput:
     return InvalidInput("cursor is not valid; use next_cursor from a previous page", field="cursor")
 
 
+# What _encode_cursor gives: URL-safe base64 without padding (a length of 1 more than a
+# multiple of 4 is no base64 at all). Anything else, padding and stray characters included,
+# is refused before decoding, so the OpenAPI document's pattern is the whole syntax.
+CURSOR_PATTERN = r"^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2,3})?$"
+_CURSOR = re.compile(CURSOR_PATTERN)
+
+
 def _decode_cursor(cursor: str, count: int) -> list[str]:
+    if not _CURSOR.fullmatch(cursor):
+        raise _bad_cursor()
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
