@@ -1,6 +1,9 @@
-"""Request bodies the app can read: one strict JSON decoder for the API and for Flask.
+"""What the app reads from requests: one strict JSON decoder, and one set of input rules.
 
-Every JSON body, whether the API's arguments (webargs) or ``request.get_json()``, is decoded
+The rules (at the end) are what services, API schemas and web forms check text fields
+against, with the limits of the app's config. The decoder:
+
+every JSON body, whether the API's arguments (webargs) or ``request.get_json()``, is decoded
 here, so a malformed one is a 400 wherever it is sent, never an exception deep in a view:
 
 - the bytes must be UTF-8 (RFC 8259 says so; anything else is refused, not guessed);
@@ -18,12 +21,15 @@ which name the field.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
-from flask import Flask
+from flask import Flask, current_app
 from flask.json.provider import DefaultJSONProvider
 from webargs import core
 from webargs.flaskparser import FlaskParser, abort, is_json_request
+
+from chatapp.config import USERNAME_CHARACTERS, USERNAME_CHARACTERS_RULE
 
 # A body nested deeper than this is refused; no request the API takes nests more than one
 # level, and a shallow bound keeps every later walk over the value cheap.
@@ -146,3 +152,58 @@ class ArgumentsParser(FlaskParser):
 
 def init_app(app: Flask) -> None:
     app.json = JSONProvider(app)
+
+
+# --- input rules: one wording, limits read from the app's config when a value is checked ----------
+#
+# Services, the API's schemas and the web's forms all call these, so a limit an operator sets
+# (chatapp.config.Defaults) holds everywhere at once, and every refusal reads the same: the API
+# says "field 'title': must be 1-200 characters", a page "Title must be 1-200 characters.".
+# Each returns None for a good value, else what is wrong, to follow the field's name.
+
+NO_NUL_MESSAGE = "must not contain NUL characters"
+VISIBLE_TEXT_MESSAGE = "must contain a visible character and no NUL characters"
+_USERNAME_CHARACTERS = re.compile(f"[{USERNAME_CHARACTERS}]*")
+
+
+def limit(name: str) -> int:
+    return current_app.config[name]
+
+
+def username_problem(value: object) -> str | None:
+    low, high = limit("USERNAME_MIN_LENGTH"), limit("USERNAME_MAX_LENGTH")
+    if not isinstance(value, str) or not low <= len(value) <= high or not _USERNAME_CHARACTERS.fullmatch(value):
+        return f"must be {low}-{high} characters: {USERNAME_CHARACTERS_RULE}"
+    return None
+
+
+def password_problem(value: object) -> str | None:
+    low, high = limit("PASSWORD_MIN_LENGTH"), limit("PASSWORD_MAX_LENGTH")
+    if not isinstance(value, str) or not low <= len(value) <= high:
+        return f"must be {low}-{high} characters"
+    return None
+
+
+def _text_problem(value: object, low: int, high: int, *, visible: bool) -> str | None:
+    """Text of low..high characters; with ``visible``, not only whitespace. Never a NUL (no
+    database column takes one). Plain string operations, never a regular expression: the
+    value may be a megabyte long (see chatapp.api.schemas)."""
+    if not isinstance(value, str) or not low <= len(value) <= high:
+        return f"must be {low}-{high} characters"
+    if visible and ("\x00" in value or not value.strip()):
+        return VISIBLE_TEXT_MESSAGE
+    if "\x00" in value:
+        return NO_NUL_MESSAGE
+    return None
+
+
+def title_problem(value: object) -> str | None:
+    return _text_problem(value, 1, limit("TITLE_MAX_LENGTH"), visible=True)
+
+
+def content_problem(value: object) -> str | None:
+    return _text_problem(value, 1, limit("MESSAGE_MAX_LENGTH"), visible=True)
+
+
+def token_name_problem(value: object) -> str | None:
+    return _text_problem(value, 0, limit("TOKEN_NAME_MAX_LENGTH"), visible=False)

@@ -3,9 +3,10 @@
 from flask import Response, current_app
 from marshmallow import Schema, ValidationError, fields, validate
 
-from chatapp.auth.services import USERNAME_PATTERN, USERNAME_RULE
-from chatapp.chat.services import CONTENT_MAX, CURSOR_PATTERN, TITLE_MAX
-from chatapp.config import Defaults
+from chatapp import inputs
+from chatapp.chat.services import CURSOR_PATTERN
+from chatapp.config import LOGIN_PASSWORD_MAX_LENGTH, LOGIN_USERNAME_MAX_LENGTH, USERNAME_CHARACTERS, Defaults
+from chatapp.inputs import NO_NUL_MESSAGE, VISIBLE_TEXT_MESSAGE
 
 # Text the database can store: PostgreSQL refuses NUL characters. Titles and messages also
 # need a visible character, as the services check (they strip, then refuse empty text).
@@ -13,8 +14,6 @@ from chatapp.config import Defaults
 # validator (the Length check does not stop the others) on bodies of up to 1 MB, and the
 # obvious pattern, ^[^\0]*[^\s\0][^\0]*$, backtracks quadratically on text with a NUL
 # (minutes for a 1 MB message, with the worker's GIL held throughout).
-NO_NUL_MESSAGE = "must not contain NUL characters"
-VISIBLE_TEXT_MESSAGE = "must contain a visible character and no NUL characters"
 # The same rules as JSON Schema patterns for the OpenAPI document, written so that no two
 # quantifiers can take the same character: a client that applies them runs in linear time.
 NO_NUL_PATTERN = r"^[^\u0000]*$"
@@ -36,26 +35,52 @@ def visible_text(value: str) -> None:
         raise ValidationError(VISIBLE_TEXT_MESSAGE)
 
 
+class Rule:
+    """A marshmallow validator checking a value against one of chatapp.inputs' rules, with the
+    limits of the app handling the request (not those at import time)."""
+
+    def __init__(self, problem):
+        self.problem = problem
+
+    def __call__(self, value) -> None:
+        problem = self.problem(value)
+        if problem:
+            raise ValidationError(problem)
+
+
+def limits(low: int, high: int) -> dict:
+    """minLength and maxLength for the OpenAPI document: the defaults (a server may set others)."""
+    return {"minLength": low, "maxLength": high}
+
+
 class Credentials(Schema):
     username = fields.String(
         required=True,
-        validate=validate.Regexp(USERNAME_PATTERN.pattern + r"\Z", error=f"must be {USERNAME_RULE}"),
-        metadata={"example": "alice", "pattern": "^[A-Za-z0-9_.-]{3,40}$"},
+        validate=Rule(inputs.username_problem),
+        metadata={
+            "example": "alice",
+            "pattern": f"^[{USERNAME_CHARACTERS}]{{{Defaults.USERNAME_MIN_LENGTH},{Defaults.USERNAME_MAX_LENGTH}}}$",
+        },
     )
     password = fields.String(
         required=True,
         load_only=True,
-        validate=validate.Length(Defaults.PASSWORD_MIN_LENGTH, Defaults.PASSWORD_MAX_LENGTH),
+        validate=Rule(inputs.password_problem),
+        metadata=limits(Defaults.PASSWORD_MIN_LENGTH, Defaults.PASSWORD_MAX_LENGTH),
     )
 
 
 class TokenRequest(Schema):
     username = fields.String(
-        required=True, validate=[validate.Length(1, 200), no_nul], metadata={"pattern": NO_NUL_PATTERN}
+        required=True,
+        validate=[validate.Length(1, LOGIN_USERNAME_MAX_LENGTH), no_nul],
+        metadata={"pattern": NO_NUL_PATTERN},
     )
-    password = fields.String(required=True, load_only=True, validate=validate.Length(1, 1000))
+    password = fields.String(required=True, load_only=True, validate=validate.Length(1, LOGIN_PASSWORD_MAX_LENGTH))
     name = fields.String(
-        load_default="api", validate=[validate.Length(0, 100), no_nul], metadata={"pattern": NO_NUL_PATTERN}
+        load_default="api",
+        validate=Rule(inputs.token_name_problem),
+        metadata={**limits(0, Defaults.TOKEN_NAME_MAX_LENGTH), "pattern": NO_NUL_PATTERN},
     )
 
 
@@ -90,18 +115,15 @@ class PageQuery(Schema):
     )
 
 
+TITLE_DOC = {**limits(1, Defaults.TITLE_MAX_LENGTH), "pattern": VISIBLE_TEXT_PATTERN}
+
+
 class ConversationIn(Schema):
-    title = fields.String(
-        validate=[validate.Length(1, TITLE_MAX), visible_text], metadata={"pattern": VISIBLE_TEXT_PATTERN}
-    )
+    title = fields.String(validate=Rule(inputs.title_problem), metadata=TITLE_DOC)
 
 
 class ConversationPatch(Schema):
-    title = fields.String(
-        required=True,
-        validate=[validate.Length(1, TITLE_MAX), visible_text],
-        metadata={"pattern": VISIBLE_TEXT_PATTERN},
-    )
+    title = fields.String(required=True, validate=Rule(inputs.title_problem), metadata=TITLE_DOC)
 
 
 class ConversationOut(Schema):
@@ -119,8 +141,8 @@ class ConversationPage(Schema):
 class MessageIn(Schema):
     content = fields.String(
         required=True,
-        validate=[validate.Length(1, CONTENT_MAX), visible_text],
-        metadata={"pattern": VISIBLE_TEXT_PATTERN},
+        validate=Rule(inputs.content_problem),
+        metadata={**limits(1, Defaults.MESSAGE_MAX_LENGTH), "pattern": VISIBLE_TEXT_PATTERN},
     )
 
 

@@ -13,14 +13,13 @@ import sqlalchemy as sa
 from flask import current_app
 from sqlalchemy.orm.attributes import set_committed_value
 
+from chatapp import inputs
 from chatapp.chat.history import fit_history
 from chatapp.chat.models import ACTIVE_STATUSES, Conversation, Message, Role, Status
 from chatapp.db import db, utcnow
 from chatapp.errors import Conflict, InvalidInput, NotFound
 from chatapp.security import parse_bounded_int
 
-TITLE_MAX = 200
-CONTENT_MAX = 32_000
 DEFAULT_TITLE = "New chat"
 
 
@@ -74,8 +73,9 @@ def _cursor_id(text: str) -> int:
 
 
 def validate_title(title: object) -> str:
-    if not isinstance(title, str) or not title.strip() or len(title) > TITLE_MAX:
-        raise InvalidInput(f"title must be 1-{TITLE_MAX} characters", field="title")
+    problem = inputs.title_problem(title)
+    if problem:
+        raise InvalidInput(f"title {problem}", field="title")
     return title.strip()
 
 
@@ -184,8 +184,9 @@ def list_conversations(owner_id: int, limit: int, cursor: str | None = None) -> 
 
 
 def validate_content(content: object) -> str:
-    if not isinstance(content, str) or not content.strip() or len(content) > CONTENT_MAX:
-        raise InvalidInput(f"content must be 1-{CONTENT_MAX} characters", field="content")
+    problem = inputs.content_problem(content)
+    if problem:
+        raise InvalidInput(f"content {problem}", field="content")
     return content
 
 

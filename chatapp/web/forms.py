@@ -7,9 +7,10 @@ from flask_wtf import FlaskForm
 from flask_wtf.form import _Auto
 from werkzeug.datastructures import CombinedMultiDict
 from wtforms import PasswordField, StringField, TextAreaField
-from wtforms.validators import EqualTo, InputRequired, Length
+from wtforms.validators import EqualTo, InputRequired, Length, ValidationError
 
-from chatapp.chat.services import CONTENT_MAX, TITLE_MAX
+from chatapp import inputs
+from chatapp.config import LOGIN_PASSWORD_MAX_LENGTH, LOGIN_USERNAME_MAX_LENGTH
 from chatapp.errors import AppError
 
 
@@ -32,14 +33,28 @@ class Form(FlaskForm):
             return request.form
 
 
+class Rule:
+    """A WTForms validator checking a field against one of chatapp.inputs' rules, with the limits
+    of the app handling the request, worded as the service (and the API) word it."""
+
+    def __init__(self, name: str, problem):
+        self.name = name
+        self.problem = problem
+
+    def __call__(self, form, field) -> None:
+        problem = self.problem(field.data)
+        if problem:
+            raise ValidationError(sentence(f"{self.name} {problem}"))
+
+
 class LoginForm(Form):
-    username = StringField("Username", validators=[InputRequired(), Length(max=200)])
-    password = PasswordField("Password", validators=[InputRequired(), Length(max=1000)])
+    username = StringField("Username", validators=[InputRequired(), Length(max=LOGIN_USERNAME_MAX_LENGTH)])
+    password = PasswordField("Password", validators=[InputRequired(), Length(max=LOGIN_PASSWORD_MAX_LENGTH)])
 
 
 class RegisterForm(Form):
-    username = StringField("Username", validators=[InputRequired(), Length(max=40)])
-    password = PasswordField("Password", validators=[InputRequired()])
+    username = StringField("Username", validators=[InputRequired(), Rule("username", inputs.username_problem)])
+    password = PasswordField("Password", validators=[InputRequired(), Rule("password", inputs.password_problem)])
     confirm = PasswordField(
         "Repeat password",
         validators=[InputRequired(), EqualTo("password", message="The passwords do not match.")],
@@ -47,15 +62,15 @@ class RegisterForm(Form):
 
 
 class RenameForm(Form):
-    title = StringField("Title", validators=[InputRequired(), Length(max=TITLE_MAX)])
+    title = StringField("Title", validators=[InputRequired(), Rule("title", inputs.title_problem)])
 
 
 class MessageForm(Form):
-    content = TextAreaField("Message", validators=[InputRequired(), Length(max=CONTENT_MAX)])
+    content = TextAreaField("Message", validators=[InputRequired(), Rule("content", inputs.content_problem)])
 
 
 class TokenForm(Form):
-    name = StringField("Token name", default="", validators=[Length(max=100)])
+    name = StringField("Token name", default="", validators=[Rule("name", inputs.token_name_problem)])
 
 
 def add_error(form: FlaskForm, error: AppError, default_field: str) -> None:
