@@ -1,5 +1,7 @@
 """Request and response schemas: they validate requests and generate the OpenAPI document."""
 
+from typing import Callable
+
 from flask import Response, current_app
 from marshmallow import Schema, ValidationError, fields, validate
 
@@ -184,35 +186,48 @@ class Status(Schema):
     status = fields.String(required=True)
 
 
-# --- hot responses, serialized without marshmallow ---------------------------------------
-# Marshmallow's per-field machinery was a fifth of a messages-list request. These plain
-# functions give exactly what ConversationOut and MessageOut dump (tests/api/test_fast_paths.py
-# holds them equal on every backend); the views keep @blp.response(..., <Schema>) so the
-# OpenAPI document is unchanged, and return a Response, which flask-smorest passes through.
+# --- hot responses: the schemas' shape, dumped without marshmallow's machinery ------------------
+# Marshmallow's per-field machinery was a fifth of a messages-list request. plain_dump() reads
+# a flat schema's fields once and writes the function a person would, giving exactly what the
+# schema's dump() gives in a fraction of the time, so the shape is defined in one place: the schema. Views keep
+# @blp.response(..., <Schema>) for the OpenAPI document and return a Response, which
+# flask-smorest passes through.
 
 
-def conversation_json(conversation) -> dict:
-    """ConversationOut().dump(conversation), for a Conversation or a row with its columns."""
-    return {
-        "id": conversation.id,
-        "title": conversation.title,
-        "created_at": conversation.created_at.isoformat(),
-        "updated_at": conversation.updated_at.isoformat(),
-    }
+def plain_dump(schema_class: type[Schema]) -> Callable[[object], dict]:
+    """schema_class().dump(obj) for a flat schema, as a plain function (for an object or a row).
+
+    The function is written out from the schema's fields (one dict display, as a hand-written
+    one would be) and knows the field types the hot schemas use; any other is refused here, at
+    import, rather than dumped differently.
+    """
+    namespace: dict[str, object] = {}
+    items = []
+    for number, (name, field) in enumerate(schema_class().dump_fields.items()):
+        attribute = field.attribute or name
+        if not attribute.isidentifier():
+            raise TypeError(f"{schema_class.__name__}.{name}: plain_dump reads attributes by name")
+        kind = type(field)
+        if kind is fields.Function:
+            namespace[f"function_{number}"] = field.serialize_func
+            value = f"function_{number}(obj)"
+        elif kind is fields.DateTime and field.format in (None, "iso"):
+            value = f"(None if obj.{attribute} is None else obj.{attribute}.isoformat())"
+        elif kind in (fields.Integer, fields.String) and not getattr(field, "as_string", False):
+            value = f"obj.{attribute}"
+        else:
+            raise TypeError(f"{schema_class.__name__}.{name}: plain_dump does not know {kind.__name__} fields")
+        items.append(f"{field.data_key or name!r}: {value}")
+    source = "def dump(obj):\n    return {" + ", ".join(items) + "}\n"
+    exec(compile(source, f"<plain_dump of {schema_class.__name__}>", "exec"), namespace)  # noqa: S102
+    dump = namespace["dump"]
+    dump.__doc__ = f"{schema_class.__name__}().dump(obj), for an object or a row with its columns."
+    dump.source = source
+    return dump
 
 
-def message_json(message) -> dict:
-    """MessageOut().dump(message), for a Message or a row with its columns."""
-    return {
-        "id": message.id,
-        "conversation_id": message.conversation_id,
-        "role": message.role.value,
-        "content": message.content,
-        "status": message.status.value,
-        "error": message.error,
-        "created_at": message.created_at.isoformat(),
-        "updated_at": message.updated_at.isoformat(),
-    }
+conversation_json = plain_dump(ConversationOut)
+message_json = plain_dump(MessageOut)
 
 
 def json_response(payload, status: int = 200) -> Response:
