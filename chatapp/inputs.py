@@ -145,9 +145,14 @@ class ArgumentsParser(FlaskParser):
             # say they are missing).
             return core.missing
         try:
-            return decode_json(data)
+            value = decode_json(data)
         except InvalidJSON as error:
             abort(400, exc=error, messages={"json": [f"the body is not valid JSON: {error}"]})
+        if not isinstance(value, dict):
+            # Every body the API reads is an object (marshmallow would say "_schema: Invalid input type.").
+            kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+            abort(422, messages={"json": [f"the body must be a JSON object, not {kind}"]})
+        return value
 
 
 def init_app(app: Flask) -> None:
@@ -190,11 +195,17 @@ def _text_problem(value: object, low: int, high: int, *, visible: bool) -> str |
     value may be a megabyte long (see chatapp.api.schemas)."""
     if not isinstance(value, str) or not low <= len(value) <= high:
         return f"must be {low}-{high} characters"
-    if visible and ("\x00" in value or not value.strip()):
-        return VISIBLE_TEXT_MESSAGE
-    if "\x00" in value:
-        return NO_NUL_MESSAGE
-    return None
+    return visible_problem(value) if visible else nul_problem(value)
+
+
+def nul_problem(value: str) -> str | None:
+    return NO_NUL_MESSAGE if "\x00" in value else None
+
+
+def visible_problem(value: str) -> str | None:
+    """Text with something visible and no NUL. str.strip() and Python's \\s agree on what
+    whitespace is: what str.isspace() says."""
+    return VISIBLE_TEXT_MESSAGE if "\x00" in value or not value.strip() else None
 
 
 def title_problem(value: object) -> str | None:

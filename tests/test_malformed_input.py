@@ -505,3 +505,12 @@ def test_any_storable_text_round_trips_and_renders(app, client, owner, caplog):
         assert_no_errors_logged(caplog)
 
     check()
+
+
+@pytest.mark.parametrize("body, kind", [(b"[]", "an array"), (b'"x"', "a string"), (b"1.5", "a number"),
+                                        (b"null", "null"), (b"false", "a boolean")])
+def test_a_body_that_is_not_an_object_says_so(client, owner, body, kind):
+    response = client.post("/api/v1/conversations", data=body, content_type="application/json", headers=owner.headers)
+    assert_api_refusal(response, body)
+    assert response.status_code == 422
+    assert response.get_json()["error"]["message"] == f"the body must be a JSON object, not {kind}"

@@ -8,7 +8,6 @@ from marshmallow import Schema, ValidationError, fields, validate
 from chatapp import inputs
 from chatapp.chat.services import CURSOR_PATTERN
 from chatapp.config import LOGIN_PASSWORD_MAX_LENGTH, LOGIN_USERNAME_MAX_LENGTH, USERNAME_CHARACTERS, Defaults
-from chatapp.inputs import NO_NUL_MESSAGE, VISIBLE_TEXT_MESSAGE
 
 # Text the database can store: PostgreSQL refuses NUL characters. Titles and messages also
 # need a visible character, as the services check (they strip, then refuse empty text).
@@ -24,17 +23,12 @@ VISIBLE_TEXT_PATTERN = r"^\s*[^\s\u0000][^\u0000]*$"
 
 def no_nul(value: str) -> None:
     """Refuse text with a NUL character."""
-    if "\x00" in value:
-        raise ValidationError(NO_NUL_MESSAGE)
+    Rule(inputs.nul_problem)(value)
 
 
 def visible_text(value: str) -> None:
-    """Refuse text with a NUL character or with nothing but whitespace.
-
-    str.strip() and Python's \\s agree on what whitespace is: what str.isspace() says.
-    """
-    if "\x00" in value or not value.strip():
-        raise ValidationError(VISIBLE_TEXT_MESSAGE)
+    """Refuse text with a NUL character or with nothing but whitespace (as titles and messages are)."""
+    Rule(inputs.visible_problem)(value)
 
 
 class Rule:

@@ -1,4 +1,5 @@
-"""The web forms. Each carries a CSRF token; the services hold the real rules (same as the API)."""
+"""The web forms. Each carries a CSRF token; its fields are checked by the rules the API and the
+services check (chatapp.inputs), with the limits of the app's config, and worded alike."""
 
 from __future__ import annotations
 
