@@ -219,16 +219,18 @@ def _whole(value) -> bool:
 def check_input_limits(config) -> None:
     """Refuse input limits that are not whole numbers, a minimum above its maximum, or a
     maximum wider than the column that stores the value (storing it would fail)."""
-    for low, high in [("USERNAME_MIN_LENGTH", "USERNAME_MAX_LENGTH"), ("PASSWORD_MIN_LENGTH", "PASSWORD_MAX_LENGTH"),
-                      (None, "TITLE_MAX_LENGTH"), (None, "MESSAGE_MAX_LENGTH"), (None, "TOKEN_NAME_MAX_LENGTH")]:
-        minimum = config.get(low) if low else 1
-        maximum = config.get(high)
+    pairs = [("USERNAME_MIN_LENGTH", "USERNAME_MAX_LENGTH"), ("PASSWORD_MIN_LENGTH", "PASSWORD_MAX_LENGTH")]
+    for low, high in pairs:
+        minimum, maximum = config.get(low), config.get(high)
         if not _whole(minimum) or not _whole(maximum) or not 1 <= minimum <= maximum:
-            names = f"{low} and {high}" if low else high
             raise ConfigError(
-                f"chatapp: {names} must be whole numbers with 1 <= minimum <= maximum; "
-                f"got {minimum!r} and {maximum!r}" if low else f"chatapp: {names} must be a whole number of at least 1; got {maximum!r}"
+                f"chatapp: {low} and {high} must be whole numbers with 1 <= {low} <= {high}; "
+                f"got {minimum!r} and {maximum!r}"
             )
-        column = COLUMN_LENGTHS.get(high)
-        if column is not None and maximum > column:
-            raise ConfigError(f"chatapp: {high} can be at most {column} (the database column's size); got {maximum!r}")
+    for name in ("USERNAME_MAX_LENGTH", "TITLE_MAX_LENGTH", "MESSAGE_MAX_LENGTH", "TOKEN_NAME_MAX_LENGTH"):
+        value = config.get(name)
+        if not _whole(value) or value < 1:
+            raise ConfigError(f"chatapp: {name} must be a whole number of at least 1; got {value!r}")
+        column = COLUMN_LENGTHS.get(name)
+        if column is not None and value > column:
+            raise ConfigError(f"chatapp: {name} can be at most {column} (the database column's size); got {value!r}")
