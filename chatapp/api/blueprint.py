@@ -7,6 +7,7 @@ from flask_smorest import Blueprint
 
 from chatapp.api.auth import begin_write_for_unsafe_methods, record_token_use, require_user
 from chatapp.errors import AppError
+from chatapp.inputs import ArgumentsParser
 
 
 class UnsupportedMediaType(AppError):
@@ -23,9 +24,15 @@ def require_json_body() -> None:
             raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json")
 
 
+class ApiBlueprint(Blueprint):
+    """flask-smorest's Blueprint reading JSON bodies with chatapp's strict decoder."""
+
+    ARGUMENTS_PARSER = ArgumentsParser()
+
+
 def api_blueprint(name: str, description: str, *, authenticated: bool, write_first: bool = True) -> Blueprint:
     """A blueprint whose writers begin as writers (unless its views do it themselves)."""
-    blp = Blueprint(name, f"chatapp.api.{name}", description=description)
+    blp = ApiBlueprint(name, f"chatapp.api.{name}", description=description)
     blp.before_request(require_json_body)
     if write_first:
         blp.before_request(begin_write_for_unsafe_methods)

@@ -31,7 +31,7 @@ IDEMPOTENCY_KEY_PARAMETER = {
     "in": "header",
     "name": "Idempotency-Key",
     "required": False,
-    "schema": {"type": "string", "minLength": 1, "maxLength": IDEMPOTENCY_KEY_MAX},
+    "schema": {"type": "string", "minLength": 1, "maxLength": IDEMPOTENCY_KEY_MAX, "pattern": "^[ -~]*$"},
     "description": "A unique key per message (a UUID, say). Retrying the POST with the same "
     "key and content (after a timeout, an outage or a lost answer) returns the message and "
     "reply sent the first time, with status 202, instead of a duplicate or a 409.",

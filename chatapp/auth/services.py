@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import re
 import secrets
 import threading
 from dataclasses import dataclass
@@ -15,13 +14,12 @@ import sqlalchemy as sa
 from flask import current_app
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from chatapp import inputs
 from chatapp.auth import login_sessions
 from chatapp.auth.models import ApiToken, User
 from chatapp.db import db, utcnow
 from chatapp.errors import Conflict, InvalidInput, ServiceBusy
 
-USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{3,40}")
-USERNAME_RULE = "3-40 characters: letters, digits, '_', '.' or '-'"
 TOKEN_PREFIX = "chat_"
 # last_used_at is a hint for people, not an audit log: writing it at most this often
 # keeps read requests from becoming write transactions.
@@ -37,16 +35,16 @@ HASH_WAIT_SECONDS = 20.0
 
 
 def validate_username(username: object) -> str:
-    if not isinstance(username, str) or not USERNAME_PATTERN.fullmatch(username):
-        raise InvalidInput(f"username must be {USERNAME_RULE}", field="username")
+    problem = inputs.username_problem(username)
+    if problem:
+        raise InvalidInput(f"username {problem}", field="username")
     return username
 
 
 def validate_password(password: object) -> str:
-    low = current_app.config["PASSWORD_MIN_LENGTH"]
-    high = current_app.config["PASSWORD_MAX_LENGTH"]
-    if not isinstance(password, str) or not low <= len(password) <= high:
-        raise InvalidInput(f"password must be {low}-{high} characters", field="password")
+    problem = inputs.password_problem(password)
+    if problem:
+        raise InvalidInput(f"password {problem}", field="password")
     return password
 
 
@@ -189,7 +187,8 @@ def create_token(user_id: int, name: str = "") -> tuple[ApiToken, str]:
     """Add a new token for the user; returns the row and the token, which is never stored."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     row = ApiToken(
-        user_id=user_id, token_hash=hash_token(token), prefix=token[:12], name=name[:100]
+        user_id=user_id, token_hash=hash_token(token), prefix=token[:12],
+        name=name[: inputs.limit("TOKEN_NAME_MAX_LENGTH")],
     )
     db.session.add(row)
     db.session.flush()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterator
@@ -12,14 +13,13 @@ import sqlalchemy as sa
 from flask import current_app
 from sqlalchemy.orm.attributes import set_committed_value
 
+from chatapp import inputs
 from chatapp.chat.history import fit_history
 from chatapp.chat.models import ACTIVE_STATUSES, Conversation, Message, Role, Status
 from chatapp.db import db, utcnow
 from chatapp.errors import Conflict, InvalidInput, NotFound
 from chatapp.security import parse_bounded_int
 
-TITLE_MAX = 200
-CONTENT_MAX = 32_000
 DEFAULT_TITLE = "New chat"
 
 
@@ -41,7 +41,16 @@ def _bad_cursor() -> InvalidInput:
     return InvalidInput("cursor is not valid; use next_cursor from a previous page", field="cursor")
 
 
+# What _encode_cursor gives: URL-safe base64 without padding (a length of 1 more than a
+# multiple of 4 is no base64 at all). Anything else, padding and stray characters included,
+# is refused before decoding, so the OpenAPI document's pattern is the whole syntax.
+CURSOR_PATTERN = r"^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2,3})?$"
+_CURSOR = re.compile(CURSOR_PATTERN)
+
+
 def _decode_cursor(cursor: str, count: int) -> list[str]:
+    if not _CURSOR.fullmatch(cursor):
+        raise _bad_cursor()
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
@@ -64,8 +73,9 @@ def _cursor_id(text: str) -> int:
 
 
 def validate_title(title: object) -> str:
-    if not isinstance(title, str) or not title.strip() or len(title) > TITLE_MAX:
-        raise InvalidInput(f"title must be 1-{TITLE_MAX} characters", field="title")
+    problem = inputs.title_problem(title)
+    if problem:
+        raise InvalidInput(f"title {problem}", field="title")
     return title.strip()
 
 
@@ -174,8 +184,9 @@ def list_conversations(owner_id: int, limit: int, cursor: str | None = None) -> 
 
 
 def validate_content(content: object) -> str:
-    if not isinstance(content, str) or not content.strip() or len(content) > CONTENT_MAX:
-        raise InvalidInput(f"content must be 1-{CONTENT_MAX} characters", field="content")
+    problem = inputs.content_problem(content)
+    if problem:
+        raise InvalidInput(f"content {problem}", field="content")
     return content
 
 
