@@ -24,9 +24,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -118,7 +118,7 @@ class Database:
         else:
             raise ValueError(backend)
 
-    def __enter__(self) -> "Database":
+    def __enter__(self) -> Database:
         if self.name:
             import psycopg
 
@@ -263,8 +263,8 @@ class Server:
         self.log_path = workdir / f"gunicorn-{name}-{self.port}.log"
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60.0) -> "Server":
-        self._log = open(self.log_path, "wb")
+    def start(self, timeout: float = 60.0) -> Server:
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - gunicorn writes to it until stop()
         self.process = subprocess.Popen(self.args, cwd=ROOT, env=self.env,
                                         stdout=self._log, stderr=subprocess.STDOUT)
         on_exit(self.stop)
@@ -273,10 +273,10 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name}: gunicorn exited early:\n{self.log_tail()}")
             try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    # Every worker up, not only the first to answer.
-                    if len(self.worker_pids()) >= self.expected_workers():
-                        return self
+                # Every worker up, not only the first to answer.
+                if (requests.get(self.url + "/healthz", timeout=1).status_code == 200
+                        and len(self.worker_pids()) >= self.expected_workers()):
+                    return self
             except requests.RequestException:
                 pass
             time.sleep(0.1)
@@ -330,7 +330,7 @@ class Server:
         if getattr(self, "_log", None) and not self._log.closed:
             self._log.close()
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -431,7 +431,7 @@ class MetricsSampler:
                 self.failed += 1
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "MetricsSampler":
+    def __enter__(self) -> MetricsSampler:
         self._thread.start()
         return self
 
@@ -633,10 +633,8 @@ def machine_report() -> str:
     packages = []
     for name in ("Flask", "Flask-SQLAlchemy", "SQLAlchemy", "gunicorn", "psycopg", "Werkzeug",
                  "flask-smorest", "prometheus_client", "requests"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             packages.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            pass
     pg = "?"
     with contextlib.suppress(Exception):
         import psycopg
@@ -647,9 +645,8 @@ def machine_report() -> str:
     import sqlite3
 
     cpu = "?"
-    with contextlib.suppress(OSError):
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                    if line.startswith("model name")), "?")
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
     wrk = run(["wrk", "--version"]).splitlines()[0] if have_wrk() else "not installed (Python load generator)"
     lines = [
         f"date: {run(['date', '-u', '+%Y-%m-%d %H:%M:%S UTC'])}",
@@ -669,9 +666,9 @@ def table(headers: list[str], rows: list[list]) -> str:
     """A GitHub markdown table, readable as plain text too."""
     cells = [[str(cell) for cell in row] for row in rows]
     widths = [max(len(h), *(len(row[i]) for row in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    out = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
+    out = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |",
            "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    out += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    out += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + " |" for row in cells]
     return "\n".join(out)
 
 
@@ -721,7 +718,7 @@ class PgSampler:
                     self.max_by_state[state] = max(self.max_by_state.get(state, 0), count)
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PgSampler":
+    def __enter__(self) -> PgSampler:
         if self.database.name:
             self._thread.start()
         return self

@@ -24,7 +24,15 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
-    Database, Server, backends, fetch_metrics, fmt, loadavg, machine_report, table, workdir,
+    Database,
+    Server,
+    backends,
+    fetch_metrics,
+    fmt,
+    loadavg,
+    machine_report,
+    table,
+    workdir,
     write_json,
 )
 

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from chatapp.db import db
 
+
 def admin_dsn(url: str | sa.URL) -> str:
     return sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 

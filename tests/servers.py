@@ -64,8 +64,8 @@ class GunicornServer:
         self.process: subprocess.Popen | None = None
         self.log_path = Path(instance_path or "/tmp") / f"gunicorn-{self.port}.log"
 
-    def start(self, timeout: float = 30.0) -> "GunicornServer":
-        self._log = open(self.log_path, "wb")
+    def start(self, timeout: float = 30.0) -> GunicornServer:
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - gunicorn writes to it until stop()
         self.process = subprocess.Popen(
             self.args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
         )

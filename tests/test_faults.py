@@ -349,7 +349,7 @@ class Traffic:
             self.calls.append(record)
         return record
 
-    def start(self) -> "Traffic":
+    def start(self) -> Traffic:
         for index, token in enumerate(self.tokens):
             thread = threading.Thread(target=self._loop, args=(index, token), daemon=True)
             self.threads.append(thread)

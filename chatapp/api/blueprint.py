@@ -17,11 +17,12 @@ class UnsupportedMediaType(AppError):
 
 def require_json_body() -> None:
     """A body sent to the API must be JSON (webargs would otherwise read it as empty)."""
-    if request.method in ("POST", "PUT", "PATCH") and (
-        request.content_length or request.headers.get("Transfer-Encoding")
+    if (
+        request.method in ("POST", "PUT", "PATCH")
+        and (request.content_length or request.headers.get("Transfer-Encoding"))
+        and not request.is_json
     ):
-        if not request.is_json:
-            raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json")
+        raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json")
 
 
 class ApiBlueprint(Blueprint):

@@ -137,7 +137,7 @@ def stream_reply(conversation_id, reply_id):
     slot = stream_slots.take(current_app, current_user_id())
     response = Response(
         # g.credential is plain data (kind and id): the stream re-checks it as it reads.
-        reply_events(current_app._get_current_object(), reply_id, resume, first, g.credential),
+        reply_events(current_app._get_current_object(), reply_id, resume, first, g.credential),  # type: ignore[attr-defined]  # LocalProxy method
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

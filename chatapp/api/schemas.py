@@ -1,6 +1,7 @@
 """Request and response schemas: they validate requests and generate the OpenAPI document."""
 
-from typing import Callable
+from collections.abc import Callable
+from typing import cast
 
 from flask import Response, current_app
 from marshmallow import Schema, ValidationError, fields, validate
@@ -226,6 +227,7 @@ message_json = plain_dump(MessageOut)
 
 def json_response(payload, status: int = 200) -> Response:
     """The response flask-smorest builds from a dumped payload: same JSON provider, same bytes."""
-    response = current_app.json.response(payload)
+    # Typed as werkzeug's sans-IO response; the app's response_class at run time.
+    response = cast(Response, current_app.json.response(payload))
     response.status_code = status
     return response

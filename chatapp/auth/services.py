@@ -6,9 +6,10 @@ import contextlib
 import hashlib
 import secrets
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator, Literal
+from typing import Literal, TypeGuard
 
 import sqlalchemy as sa
 from flask import current_app
@@ -131,7 +132,7 @@ def find_login(username: object) -> User | None:
     return find_user(username) if isinstance(username, str) else None
 
 
-def password_matches(user: User | None, password: object) -> bool:
+def password_matches(user: User | None, password: object) -> TypeGuard[User]:
     """Check a password against find_login()'s user; touches no database, and is slow on
     purpose (scrypt: a fraction of a second, after waiting for a hashing slot).
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Iterator
+from typing import Any, cast
 
 import sqlalchemy as sa
 from flask import current_app
@@ -25,7 +26,7 @@ DEFAULT_TITLE = "New chat"
 
 @dataclass(frozen=True)
 class Page:
-    items: list
+    items: Sequence
     next_cursor: str | None
 
 
@@ -91,7 +92,7 @@ def create_conversation(owner_id: int, title: object = None) -> Conversation:
 # Statements on hot paths are built once, with bind parameters: building a select costs
 # more CPU than running a cached one. Those that need no ORM object select the tables'
 # plain columns, so no object is built for their rows.
-_conversations, _messages = Conversation.__table__, Message.__table__
+_conversations, _messages = cast(sa.Table, Conversation.__table__), cast(sa.Table, Message.__table__)
 _OWNED_CONVERSATION_OBJECT = sa.select(Conversation).where(
     Conversation.id == sa.bindparam("conversation_id"),
     Conversation.owner_id == sa.bindparam("owner_id"),
@@ -161,7 +162,7 @@ _CONVERSATION_PAGE_AFTER = _CONVERSATION_PAGE.where(
 def list_conversations(owner_id: int, limit: int, cursor: str | None = None) -> Page:
     """A user's conversations, most recently updated first, as plain rows
     (id, title, created_at, updated_at)."""
-    params = {"owner_id": owner_id, "limit": limit + 1}
+    params: dict[str, object] = {"owner_id": owner_id, "limit": limit + 1}
     query = _CONVERSATION_PAGE
     if cursor:
         stamp, last_id = _decode_cursor(cursor, 2)
@@ -258,14 +259,13 @@ def _insert_message(
     conversation_id: int, role: Role, content: str, status: Status, now: datetime,
     idempotency_key: str | None = None,
 ) -> NewMessage:
-    values = {
+    values: dict[str, Any] = {
         "conversation_id": conversation_id, "role": role, "content": content, "status": status,
         "error": None, "attempt": 0, "created_at": now, "updated_at": now,
     }
     # inserted_primary_key: RETURNING where the database has it, else the cursor's lastrowid.
-    (new_id,) = db.session.execute(
-        _INSERT_MESSAGE, {**values, "runs": 0, "idempotency_key": idempotency_key}
-    ).inserted_primary_key
+    inserted = db.session.execute(_INSERT_MESSAGE, {**values, "runs": 0, "idempotency_key": idempotency_key})
+    (new_id,) = cast(sa.Row, cast(sa.CursorResult, inserted).inserted_primary_key)
     return NewMessage(id=new_id, **values)
 
 
@@ -351,7 +351,7 @@ def _sent_with_key(conversation_id: int, key: str, content: str) -> tuple[Messag
     return (message, reply) if reply is not None else None
 
 
-def post_message(conversation: Conversation, content: object) -> tuple[NewMessage, NewMessage]:
+def post_message(conversation: Conversation, content: object) -> tuple[NewMessage | Message, NewMessage | Message]:
     """post_message_to() for a loaded Conversation, whose updated_at is kept in step."""
     message, reply, _created = post_message_to(conversation.id, content)
     # The row has it already: set it as loaded, not as a change to write again at commit.
@@ -417,7 +417,7 @@ def stop_reply(conversation: Conversation, reply: Message) -> Message:
         .values(status=Status.STOPPED, lease_owner=None, lease_expires_at=None, updated_at=utcnow())
     )
     db.session.refresh(reply)
-    if result.rowcount != 1:
+    if cast(sa.CursorResult, result).rowcount != 1:
         raise Conflict(
             f"this reply has already ended ({reply.status.value}); there is nothing to stop",
             code="reply_not_running",
@@ -507,7 +507,7 @@ def _write_reply(
         result = db.session.execute(_APPEND_UNCLAIMED, params)
     else:
         result = db.session.execute(_APPEND_AS_OWNER, {**params, "owner": owner})
-    return result.rowcount == 1
+    return cast(sa.CursorResult, result).rowcount == 1
 
 
 def append_to_reply(reply_id: int, attempt: int, text: str, owner: str | None = None) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import sqlite3
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
@@ -54,8 +54,8 @@ def seed_every_kind_of_message(app, owner_id: int) -> int:
     The database allows one reply in progress per conversation: of the active statuses,
     only the first combination is stored."""
     stamps = [
-        datetime(2024, 5, 17, 9, 30, 0, tzinfo=timezone.utc),
-        datetime(2024, 5, 17, 9, 30, 0, 123456, tzinfo=timezone.utc),
+        datetime(2024, 5, 17, 9, 30, 0, tzinfo=UTC),
+        datetime(2024, 5, 17, 9, 30, 0, 123456, tzinfo=UTC),
     ]
     with unit_of_work(app) as session:
         conversation = Conversation(owner_id=owner_id, title="every kind")
@@ -94,7 +94,7 @@ def test_plain_dump_gives_what_the_schema_dumps_for_every_role_status_and_error(
         page = chat.list_messages(conversation_id, 100)
         db.session.rollback()
     assert [row.id for row in page.items] == [m.id for m in objects]
-    for orm_object, row in zip(objects, page.items):
+    for orm_object, row in zip(objects, page.items, strict=True):
         expected = MessageOut().dump(orm_object)
         assert message_json(orm_object) == expected
         assert message_json(row) == expected  # the row the list view reads
