@@ -29,12 +29,29 @@ class Server(GunicornServer):
     ``env``: extra variables (CHATAPP_* settings, read by chatapp and the compared apps alike).
     """
 
-    def __init__(self, app: str, database_uri: str, workdir: Path, *, name: str,
-                 workers: int | None = None, threads: int | None = None, env: dict | None = None):
-        super().__init__(database_uri, app=app, workers=workers, threads=threads, env=env,
-                         log_dir=workdir, name=name, defaults=BENCH_CONFIG)
+    def __init__(
+        self,
+        app: str,
+        database_uri: str,
+        workdir: Path,
+        *,
+        name: str,
+        workers: int | None = None,
+        threads: int | None = None,
+        env: dict | None = None,
+    ):
+        super().__init__(
+            database_uri,
+            app=app,
+            workers=workers,
+            threads=threads,
+            env=env,
+            log_dir=workdir,
+            name=name,
+            defaults=BENCH_CONFIG,
+        )
 
-    def start(self, timeout: float = 60.0) -> "Server":
+    def start(self, timeout: float = 60.0) -> Server:
         on_exit(self.stop)
         return super().start(timeout)
 
@@ -43,8 +60,12 @@ def connections_by_worker(server: Server) -> dict[int, int]:
     """Established client connections held by each worker now (``ss``), to see how the
     kernel's accept race spread keep-alive clients over the workers."""
     try:
-        out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{server.port} )"],
-                             capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(
+            ["ss", "-tnpH", "state", "established", f"( sport = :{server.port} )"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return {}
     counts: dict[int, int] = {}

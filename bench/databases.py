@@ -53,7 +53,7 @@ class Database:
         """The PostgreSQL database's name; None on SQLite."""
         return self.postgres.name if self.postgres else None
 
-    def __enter__(self) -> "Database":
+    def __enter__(self) -> Database:
         if self.postgres:
             self.postgres.create()
             on_exit(self.drop)
@@ -89,11 +89,16 @@ def seed(database_uri: str, *, conversations: int, messages: int = 0, username: 
     from chatapp.chat.models import Message, Role, Status
     from chatapp.db import db, unit_of_work, utcnow
 
-    app = create_app({
-        "TESTING": True, "SECRET_KEY": "bench", "SQLALCHEMY_DATABASE_URI": database_uri,
-        "PASSWORD_HASH_METHOD": "pbkdf2:sha256:1000", "REPLY_SWEEP_INTERVAL": 0,
-        "RATELIMIT_ENABLED": False,
-    })
+    app = create_app(
+        {
+            "TESTING": True,
+            "SECRET_KEY": "bench",
+            "SQLALCHEMY_DATABASE_URI": database_uri,
+            "PASSWORD_HASH_METHOD": "pbkdf2:sha256:1000",
+            "REPLY_SWEEP_INTERVAL": 0,
+            "RATELIMIT_ENABLED": False,
+        }
+    )
     try:
         with unit_of_work(app):
             user = auth.create_user(username, PASSWORD)
@@ -103,14 +108,19 @@ def seed(database_uri: str, *, conversations: int, messages: int = 0, username: 
         if messages and ids:
             with unit_of_work(app) as session:
                 now = utcnow()
-                session.add_all([
-                    Message(
-                        conversation_id=ids[0], role=Role.USER if i % 2 == 0 else Role.ASSISTANT,
-                        content=f"message {i}: the quick brown fox jumps over the lazy dog",
-                        status=Status.COMPLETE, created_at=now, updated_at=now,
-                    )
-                    for i in range(messages)
-                ])
+                session.add_all(
+                    [
+                        Message(
+                            conversation_id=ids[0],
+                            role=Role.USER if i % 2 == 0 else Role.ASSISTANT,
+                            content=f"message {i}: the quick brown fox jumps over the lazy dog",
+                            status=Status.COMPLETE,
+                            created_at=now,
+                            updated_at=now,
+                        )
+                        for i in range(messages)
+                    ]
+                )
     finally:
         with app.app_context():
             for engine in db.engines.values():

@@ -54,8 +54,18 @@ def _to_ms(text: str) -> float:
 
 def run_wrk(url: str, *, headers: dict, seconds: float, connections: int, threads: int = 1) -> LoadResult:
     """wrk (C, epoll): the cheapest load generator here, so the server gets the CPU."""
-    cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
-           "--latency", "--timeout", "10s"]
+    cmd = [
+        "wrk",
+        "-t",
+        str(threads),
+        "-c",
+        str(connections),
+        "-d",
+        f"{max(1, round(seconds))}s",
+        "--latency",
+        "--timeout",
+        "10s",
+    ]
     for key, value in headers.items():
         cmd += ["-H", f"{key}: {value}"]
     cmd.append(url)
@@ -71,13 +81,21 @@ def run_wrk(url: str, *, headers: dict, seconds: float, connections: int, thread
     duration = re.search(r"requests in ([\d.]+)(us|ms|s|m)", out)
     seconds_measured = _to_ms(duration.group(1) + duration.group(2)) / 1000 if duration else wall
     non_2xx = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
-    socket = sum(int(x) for x in m.groups()) if (
-        m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)) else 0
+    socket = (
+        sum(int(x) for x in m.groups())
+        if (m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out))
+        else 0
+    )
     pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
     return LoadResult(
-        tool="wrk", seconds=seconds_measured, requests=total, rps=total / seconds_measured,
-        non_2xx=non_2xx, socket_errors=socket,
-        p50_ms=_to_ms(pct.get("50", "")), p99_ms=_to_ms(pct.get("99", "")),
+        tool="wrk",
+        seconds=seconds_measured,
+        requests=total,
+        rps=total / seconds_measured,
+        non_2xx=non_2xx,
+        socket_errors=socket,
+        p50_ms=_to_ms(pct.get("50", "")),
+        p99_ms=_to_ms(pct.get("99", "")),
         loader_cpu_seconds=(after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
     )
 
@@ -128,10 +146,14 @@ def run_python_load(url: str, *, headers: dict, seconds: float, connections: int
     after = resource.getrusage(resource.RUSAGE_SELF)
     total = sum(statuses.values())
     return LoadResult(
-        tool="python", seconds=wall, requests=total, rps=total / wall,
+        tool="python",
+        seconds=wall,
+        requests=total,
+        rps=total / wall,
         non_2xx=sum(count for code, count in statuses.items() if not 200 <= code < 400),
         socket_errors=errors[0],
-        p50_ms=percentile(latencies, 50) * 1000, p99_ms=percentile(latencies, 99) * 1000,
+        p50_ms=percentile(latencies, 50) * 1000,
+        p99_ms=percentile(latencies, 99) * 1000,
         loader_cpu_seconds=(after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
     )
 

@@ -124,8 +124,12 @@ def hold_summary(samples) -> dict[str, dict]:
         cumulative = sorted(buckets.get(holder, {}).items())
         p99 = next((bound for bound, n in cumulative if n >= 0.99 * count), float("inf"))
         top = next((bound for bound, n in cumulative if n >= count), float("inf"))
-        out[holder] = {"count": int(count), "mean_ms": 1000 * sums.get(holder, 0.0) / count,
-                       "p99_le_s": p99, "max_le_s": top}
+        out[holder] = {
+            "count": int(count),
+            "mean_ms": 1000 * sums.get(holder, 0.0) / count,
+            "p99_le_s": p99,
+            "max_le_s": top,
+        }
     return out
 
 

@@ -33,12 +33,19 @@ def machine_report() -> str:
             return "?"
 
     packages = []
-    for name in ("Flask", "Flask-SQLAlchemy", "SQLAlchemy", "gunicorn", "psycopg", "Werkzeug",
-                 "flask-smorest", "prometheus_client", "requests"):
-        try:
+    for name in (
+        "Flask",
+        "Flask-SQLAlchemy",
+        "SQLAlchemy",
+        "gunicorn",
+        "psycopg",
+        "Werkzeug",
+        "flask-smorest",
+        "prometheus_client",
+        "requests",
+    ):
+        with contextlib.suppress(metadata.PackageNotFoundError):
             packages.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            pass
     pg = "?"
     with contextlib.suppress(Exception):
         import psycopg
@@ -48,9 +55,8 @@ def machine_report() -> str:
     import sqlite3
 
     cpu = "?"
-    with contextlib.suppress(OSError):
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                    if line.startswith("model name")), "?")
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
     wrk = run(["wrk", "--version"]).splitlines()[0] if have_wrk() else "not installed (Python load generator)"
     lines = [
         f"date: {run(['date', '-u', '+%Y-%m-%d %H:%M:%S UTC'])}",
@@ -70,9 +76,11 @@ def table(headers: list[str], rows: list[list]) -> str:
     """A GitHub markdown table, readable as plain text too."""
     cells = [[str(cell) for cell in row] for row in rows]
     widths = [max(len(h), *(len(row[i]) for row in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    out = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
-           "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    out += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    out = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    out += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + " |" for row in cells]
     return "\n".join(out)
 
 

@@ -202,7 +202,7 @@ def _profile(fn, n: int) -> collections.Counter:
         fn()
     profiler.disable()
     totals: collections.Counter = collections.Counter()
-    for (filename, _line, name), (_cc, _nc, tottime, _ct, _callers) in pstats.Stats(profiler).stats.items():
+    for (filename, _line, _name), (_cc, _nc, tottime, _ct, _callers) in pstats.Stats(profiler).stats.items():
         if "site-packages/" in filename:
             key = filename.split("site-packages/")[1].split("/")[0]
         elif str(ROOT) in filename:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from flask import Flask, abort, jsonify, request
 from flask_sqlalchemy import SQLAlchemy
@@ -32,7 +32,7 @@ bot = EchoBot(delay=float(json.loads(os.environ.get("CHATAPP_BOT_ECHO_DELAY", "0
 
 
 def now():
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class User(db.Model):
@@ -86,7 +86,7 @@ class Message(db.Model):
 
 
 def _iso(value: datetime) -> str:
-    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).isoformat()
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
 
 
 def current_user() -> User:

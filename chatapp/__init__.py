@@ -6,7 +6,7 @@ import os
 
 from flask import Flask
 
-from chatapp.config import Defaults, check_history_budget, check_secret_key
+from chatapp.config import Defaults, check_history_budget, check_input_limits, check_secret_key
 
 __version__ = "0.1.0"
 
@@ -20,17 +20,19 @@ def create_app(test_config: dict | None = None) -> Flask:
     if test_config is not None:
         app.config.from_mapping(test_config)
     check_secret_key(app.config)
+    check_input_limits(app.config)
     check_history_budget(app.config)
     # Owner-only when created here: it holds the secret key (config.py) and the SQLite file.
     os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
 
-    from chatapp import api, cli, db, health, ops, rate_limits, security
+    from chatapp import api, cli, db, health, inputs, ops, rate_limits, security
     from chatapp.chat import runner, sweeper
     from chatapp.db import schema
     from chatapp.errors import handlers
     from chatapp.extensions import csrf, login_manager
     from chatapp.web import bp as web_bp
 
+    inputs.init_app(app)
     db.init_app(app)
     ops.init_app(app)
     security.init_app(app)

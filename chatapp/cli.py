@@ -11,9 +11,8 @@ import sqlalchemy as sa
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
-from chatapp.db import schema
 from chatapp.auth import services as auth
-from chatapp.db import db, unit_of_work
+from chatapp.db import db, schema, unit_of_work
 from chatapp.errors import AppError
 
 
@@ -108,7 +107,7 @@ def create_user_command(username: str, password_stdin: bool) -> None:
     password = _read_password(password_stdin)
     try:
         user = auth.new_user(username, password)  # hash before the unit of work begins
-        with unit_of_work(current_app._get_current_object()):
+        with unit_of_work(current_app._get_current_object()):  # type: ignore[attr-defined]  # LocalProxy method
             user_id = auth.add_user(user).id
     except AppError as exc:
         raise click.ClickException(exc.message) from None
@@ -122,7 +121,7 @@ def create_user_command(username: str, password_stdin: bool) -> None:
 def create_token_command(username: str, name: str) -> None:
     """Create an API token for a user and print it (it is shown only this once)."""
     _require_schema()
-    with unit_of_work(current_app._get_current_object()):
+    with unit_of_work(current_app._get_current_object()):  # type: ignore[attr-defined]  # LocalProxy method
         user = auth.find_user(username)
         if user is None:
             raise click.ClickException(f"no user named {username!r}; create it with create-user")

@@ -2,6 +2,17 @@
 
 DEFAULT_SECRET_KEY = "dev"
 
+# What a username may hold (its length is USERNAME_MIN_LENGTH..USERNAME_MAX_LENGTH): a regular
+# expression character class, and the same in words. Not a setting: existing names must stay valid.
+USERNAME_CHARACTERS = "A-Za-z0-9_.-"
+USERNAME_CHARACTERS_RULE = "letters, digits, '_', '.' or '-'"
+# Sanity bounds on what a login form or POST /tokens reads (not rules for new accounts: a
+# password set under a larger PASSWORD_MAX_LENGTH must still log in).
+LOGIN_USERNAME_MAX_LENGTH = 200
+LOGIN_PASSWORD_MAX_LENGTH = 1000
+# The widest value each limit may take: the database column's size.
+COLUMN_LENGTHS = {"USERNAME_MAX_LENGTH": 40, "TITLE_MAX_LENGTH": 200, "TOKEN_NAME_MAX_LENGTH": 100}
+
 
 class Defaults:
     """Values used unless instance/config.py, CHATAPP_* variables or test_config override them."""
@@ -28,8 +39,17 @@ class Defaults:
     SQLITE_SYNCHRONOUS = "NORMAL"
 
     MAX_CONTENT_LENGTH = 1024 * 1024
+    # Input limits, checked alike by the API, the web forms and the services (chatapp.inputs).
+    # Lowering one leaves existing data as it is; the maxima of usernames, titles and token
+    # names cannot go past their columns' sizes (start-up refuses it).
+    USERNAME_MIN_LENGTH = 3
+    USERNAME_MAX_LENGTH = 40
     PASSWORD_MIN_LENGTH = 8
     PASSWORD_MAX_LENGTH = 200
+    TITLE_MAX_LENGTH = 200
+    # At most BOT_HISTORY_MAX_CHARS, so that the message a reply answers always fits.
+    MESSAGE_MAX_LENGTH = 32_000
+    TOKEN_NAME_MAX_LENGTH = 100
     # Werkzeug's method and parameters for new hashes: scrypt with n=2**17 (Werkzeug's
     # default is 2**15), r=8, p=1, which needs 128 MiB for each hash. A login whose stored
     # hash used another method stores a new hash made with this one.
@@ -182,11 +202,35 @@ def check_secret_key(config) -> None:
 
 def check_history_budget(config) -> None:
     """Refuse a history budget too small for the longest message a user may send."""
-    from chatapp.chat.services import CONTENT_MAX
-
+    longest = config.get("MESSAGE_MAX_LENGTH")
     budget = config.get("BOT_HISTORY_MAX_CHARS")
-    if not isinstance(budget, int) or budget < CONTENT_MAX:
+    if not _whole(budget) or _whole(longest) and budget < longest:
         raise ConfigError(
-            f"chatapp: BOT_HISTORY_MAX_CHARS must be a whole number of at least {CONTENT_MAX} "
-            f"(the longest message), so that the message a reply answers always fits; got {budget!r}"
+            f"chatapp: BOT_HISTORY_MAX_CHARS must be a whole number of at least {longest} "
+            f"(MESSAGE_MAX_LENGTH, the longest message), so that the message a reply answers "
+            f"always fits; got {budget!r}"
         )
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_input_limits(config) -> None:
+    """Refuse input limits that are not whole numbers, a minimum above its maximum, or a
+    maximum wider than the column that stores the value (storing it would fail)."""
+    pairs = [("USERNAME_MIN_LENGTH", "USERNAME_MAX_LENGTH"), ("PASSWORD_MIN_LENGTH", "PASSWORD_MAX_LENGTH")]
+    for low, high in pairs:
+        minimum, maximum = config.get(low), config.get(high)
+        if not _whole(minimum) or not _whole(maximum) or not 1 <= minimum <= maximum:
+            raise ConfigError(
+                f"chatapp: {low} and {high} must be whole numbers with 1 <= {low} <= {high}; "
+                f"got {minimum!r} and {maximum!r}"
+            )
+    for name in ("USERNAME_MAX_LENGTH", "TITLE_MAX_LENGTH", "MESSAGE_MAX_LENGTH", "TOKEN_NAME_MAX_LENGTH"):
+        value = config.get(name)
+        if not _whole(value) or value < 1:
+            raise ConfigError(f"chatapp: {name} must be a whole number of at least 1; got {value!r}")
+        column = COLUMN_LENGTHS.get(name)
+        if column is not None and value > column:
+            raise ConfigError(f"chatapp: {name} can be at most {column} (the database column's size); got {value!r}")

@@ -8,6 +8,7 @@ configure an extension for chatapp are ``chatapp.db`` (db, migrate), ``chatapp.r
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from flask_limiter import Limiter
@@ -39,6 +40,12 @@ class Base(DeclarativeBase):
 # expire_on_commit=False: a view that commits can still render what it just wrote
 # without reopening a transaction to reload it.
 db = SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
+# The models' base class, db.Model: Flask-SQLAlchemy makes it at run time from Base, so a
+# type checker sees Base.
+if TYPE_CHECKING:
+    Model = Base
+else:
+    Model = db.Model
 migrate = Migrate(directory=MIGRATIONS_DIR, render_as_batch=True, compare_type=True)
 login_manager = LoginManager()
 csrf = CSRFProtect()

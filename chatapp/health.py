@@ -7,8 +7,8 @@ import concurrent.futures
 import sqlalchemy as sa
 from flask import Blueprint, Flask, current_app
 
-from chatapp.errors.handlers import error_response
 from chatapp.db import unit_of_work
+from chatapp.errors.handlers import error_response
 
 bp = Blueprint("health", __name__)
 READY_TIMEOUT_SECONDS = 2.0
@@ -30,7 +30,7 @@ def _select_one(app: Flask) -> None:
 @bp.get("/readyz")
 def readyz():
     """Readiness: 200 when the database answers SELECT 1 within 2 s, else 503."""
-    future = _probe_pool.submit(_select_one, current_app._get_current_object())
+    future = _probe_pool.submit(_select_one, current_app._get_current_object())  # type: ignore[attr-defined]  # LocalProxy method
     try:
         future.result(timeout=READY_TIMEOUT_SECONDS)
     except concurrent.futures.TimeoutError:

@@ -78,7 +78,7 @@ def init_app(app: Flask) -> None:
     if x_for or x_proto:
         # Trust exactly as many X-Forwarded-* hops as there are proxies; trusting more
         # would let any client choose its own address and dodge the rate limits.
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=x_for, x_proto=x_proto)
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=x_for, x_proto=x_proto)  # type: ignore[method-assign]  # as Flask documents
     headers = dict(HEADERS)
     if int(app.config["HSTS_SECONDS"]) > 0:
         # Only behind TLS: a browser that saw it refuses plain HTTP for max-age seconds.

@@ -7,6 +7,7 @@ once, ``blackhole``: accepted and never answered) and can ``cut`` every open one
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -16,19 +17,15 @@ MODES = ("pass", "refuse", "blackhole")
 
 def _reset(sock: socket.socket) -> None:
     """Close with RST, as a host whose server died would."""
-    try:
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
     _close(sock)
 
 
 def _close(sock: socket.socket) -> None:
-    try:
-        # shutdown() wakes a thread blocked in recv() on this socket; close() alone does not.
+    # shutdown() wakes a thread blocked in recv() on this socket; close() alone does not.
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
     sock.close()
 
 
@@ -76,7 +73,7 @@ class TcpProxy:
 
     # --- life -----------------------------------------------------------------------
 
-    def start(self) -> "TcpProxy":
+    def start(self) -> TcpProxy:
         self._spawn(self._accept_loop)
         return self
 
@@ -88,7 +85,7 @@ class TcpProxy:
             thread.join(5)
         self._listener.close()
 
-    def __enter__(self) -> "TcpProxy":
+    def __enter__(self) -> TcpProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -105,7 +102,7 @@ class TcpProxy:
         while not self._stopped.is_set():
             try:
                 client, _ = self._listener.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return

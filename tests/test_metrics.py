@@ -19,8 +19,8 @@ from flask import Blueprint
 from sqlalchemy import event
 
 from chatapp import create_app
-from chatapp.chat.sweeper import sweep_once
 from chatapp.chat.stream import reply_events
+from chatapp.chat.sweeper import sweep_once
 from chatapp.db import db
 from chatapp.ops.metrics import REGISTRY
 from tests.conftest import base_test_config

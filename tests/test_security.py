@@ -54,7 +54,7 @@ def test_every_response_carries_the_security_headers(app, client, auth):
     app.register_blueprint(crash)
     app.config["PROPAGATE_EXCEPTIONS"] = False
     headers = auth.headers("hdr-user")
-    assert CONTENT_SECURITY_POLICY == EXPECTED_HEADERS["Content-Security-Policy"]
+    assert EXPECTED_HEADERS["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
     responses = {
         "json 200": client.get("/api/v1/conversations", headers=headers),
         "json 201": client.post("/api/v1/conversations", json={}, headers=headers),
@@ -603,7 +603,7 @@ def test_no_route_with_an_id_reaches_another_users_data(app, client):
         for mine in itertools.product((False, True), repeat=len(ids)):
             if all(mine):
                 continue
-            values = {name: (intruder if own else owner).ids[name] for name, own in zip(ids, mine)}
+            values = {name: (intruder if own else owner).ids[name] for name, own in zip(ids, mine, strict=True)}
             url = fill(rule.rule, values)
             for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
                 if rule.rule.startswith("/api/"):

@@ -16,10 +16,10 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from chatapp.config import Defaults
-from chatapp.db import sqlite as db_module
 from chatapp.auth.models import User
+from chatapp.config import Defaults
 from chatapp.db import begin_write, db, dispose_engines_after_fork, is_transient, remove_session, unit_of_work
+from chatapp.db import sqlite as db_module
 from tests.helpers import checked_out
 
 # The gate exists on SQLite only: these tests have no PostgreSQL leg.

@@ -7,6 +7,7 @@ from flask_smorest import Blueprint
 
 from chatapp.api.auth import begin_write_for_unsafe_methods, record_token_use, require_user
 from chatapp.errors import AppError
+from chatapp.inputs import ArgumentsParser
 
 
 class UnsupportedMediaType(AppError):
@@ -16,16 +17,23 @@ class UnsupportedMediaType(AppError):
 
 def require_json_body() -> None:
     """A body sent to the API must be JSON (webargs would otherwise read it as empty)."""
-    if request.method in ("POST", "PUT", "PATCH") and (
-        request.content_length or request.headers.get("Transfer-Encoding")
+    if (
+        request.method in ("POST", "PUT", "PATCH")
+        and (request.content_length or request.headers.get("Transfer-Encoding"))
+        and not request.is_json
     ):
-        if not request.is_json:
-            raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json")
+        raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json")
+
+
+class ApiBlueprint(Blueprint):
+    """flask-smorest's Blueprint reading JSON bodies with chatapp's strict decoder."""
+
+    ARGUMENTS_PARSER = ArgumentsParser()
 
 
 def api_blueprint(name: str, description: str, *, authenticated: bool, write_first: bool = True) -> Blueprint:
     """A blueprint whose writers begin as writers (unless its views do it themselves)."""
-    blp = Blueprint(name, f"chatapp.api.{name}", description=description)
+    blp = ApiBlueprint(name, f"chatapp.api.{name}", description=description)
     blp.before_request(require_json_body)
     if write_first:
         blp.before_request(begin_write_for_unsafe_methods)

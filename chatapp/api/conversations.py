@@ -35,7 +35,7 @@ def list_conversations(query):
 
 @blp.post("/conversations")
 @rate_limits.conversations
-@blp.arguments(ConversationIn)
+@blp.arguments(ConversationIn, required=False)  # no body: a conversation titled "New chat"
 @blp.response(201, ConversationOut)
 @error_responses(blp, 400, 401, 413, 415, 422, 429, 503)
 def create_conversation(body):

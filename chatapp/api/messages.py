@@ -31,7 +31,7 @@ IDEMPOTENCY_KEY_PARAMETER = {
     "in": "header",
     "name": "Idempotency-Key",
     "required": False,
-    "schema": {"type": "string", "minLength": 1, "maxLength": IDEMPOTENCY_KEY_MAX},
+    "schema": {"type": "string", "minLength": 1, "maxLength": IDEMPOTENCY_KEY_MAX, "pattern": "^[ -~]*$"},
     "description": "A unique key per message (a UUID, say). Retrying the POST with the same "
     "key and content (after a timeout, an outage or a lost answer) returns the message and "
     "reply sent the first time, with status 202, instead of a duplicate or a 409.",
@@ -137,7 +137,7 @@ def stream_reply(conversation_id, reply_id):
     slot = stream_slots.take(current_app, current_user_id())
     response = Response(
         # g.credential is plain data (kind and id): the stream re-checks it as it reads.
-        reply_events(current_app._get_current_object(), reply_id, resume, first, g.credential),
+        reply_events(current_app._get_current_object(), reply_id, resume, first, g.credential),  # type: ignore[attr-defined]  # LocalProxy method
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -3,9 +3,9 @@
 from flask import current_app, g
 
 from chatapp import rate_limits
-from chatapp.api.docs import error_responses
 from chatapp.api.auth import require_user
 from chatapp.api.blueprint import api_blueprint
+from chatapp.api.docs import error_responses
 from chatapp.api.schemas import Credentials, LoginSessionsEnded, TokenOut, TokenRequest, UserOut
 from chatapp.auth import login_sessions
 from chatapp.auth import services as auth

@@ -17,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import cast
 
 import sqlalchemy as sa
 from flask import Response, current_app, g, request
@@ -114,10 +116,12 @@ def load_user(token: str) -> User | None:
     return user
 
 
-def current_session_id() -> int | None:
+def current_session_id() -> int:
     """The id of the login session the current request's cookie names (once the user is loaded)."""
     ref = g.get("login_session")
-    return ref.id if ref is not None else None
+    if ref is None:
+        raise RuntimeError("no login session is loaded for this request")
+    return ref.id
 
 
 def needs_touch(last_seen_at: datetime | None) -> bool:
@@ -155,7 +159,7 @@ def end(user_id: int, session_id: int) -> bool:
     result = db.session.execute(
         sa.delete(LoginSession).where(LoginSession.id == session_id, LoginSession.user_id == user_id)
     )
-    return result.rowcount > 0
+    return cast(sa.CursorResult, result).rowcount > 0
 
 
 def end_other_sessions(user_id: int, keep: int | None = None) -> int:
@@ -170,10 +174,10 @@ def end_other_sessions(user_id: int, keep: int | None = None) -> int:
     query = sa.delete(LoginSession).where(LoginSession.user_id == user_id)
     if keep is not None:
         query = query.where(LoginSession.id != keep)
-    return db.session.execute(query).rowcount
+    return cast(sa.CursorResult, db.session.execute(query)).rowcount
 
 
-def list_sessions(user_id: int) -> list[sa.Row]:
+def list_sessions(user_id: int) -> Sequence[sa.Row]:
     """The user's unexpired login sessions, most recently seen first, as plain rows."""
     return db.session.execute(
         sa.select(

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, WriteOnlyMapped, mapped_column, relationship
 
-from chatapp.db import UTCDateTime, db, utcnow
+from chatapp.db import Model, UTCDateTime, utcnow
+
+if TYPE_CHECKING:
+    from chatapp.chat.models import Conversation
 
 
-class User(db.Model):
+class User(Model):
     __tablename__ = "users"
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -19,13 +23,13 @@ class User(db.Model):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     # Unbounded collections are never loaded whole; query them with select().
-    tokens: WriteOnlyMapped["ApiToken"] = relationship(
+    tokens: WriteOnlyMapped[ApiToken] = relationship(
         back_populates="user", passive_deletes=True
     )
-    conversations: WriteOnlyMapped["Conversation"] = relationship(  # noqa: F821
+    conversations: WriteOnlyMapped[Conversation] = relationship(
         back_populates="owner", passive_deletes=True
     )
-    login_sessions: WriteOnlyMapped["LoginSession"] = relationship(
+    login_sessions: WriteOnlyMapped[LoginSession] = relationship(
         back_populates="user", passive_deletes=True
     )
 
@@ -37,6 +41,8 @@ class User(db.Model):
     # with (chatapp.auth.login_sessions). Flask-Login keeps get_id() in the session cookie,
     # so the cookie names a login session, which logging out deletes, not the user, whose
     # id would let any copy of the cookie in for as long as its signature is valid.
+    if TYPE_CHECKING:  # an annotation in the class body would make SQLAlchemy map it
+        login_token: str | None
     login_token = None
 
     def get_id(self) -> str:
@@ -48,7 +54,7 @@ class User(db.Model):
         return f"<User {self.id} {self.username!r}>"
 
 
-class ApiToken(db.Model):
+class ApiToken(Model):
     __tablename__ = "api_tokens"
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -70,7 +76,7 @@ class ApiToken(db.Model):
         return f"<ApiToken {self.id} {self.prefix}… user={self.user_id}>"
 
 
-class LoginSession(db.Model):
+class LoginSession(Model):
     """One browser's login. Its cookie holds a random token; only the token's SHA-256 is stored,
     and deleting the row (logout, "log out everywhere") ends the login wherever the cookie is."""
 

@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import re
 import secrets
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator, Literal
+from typing import Literal, TypeGuard
 
 import sqlalchemy as sa
 from flask import current_app
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from chatapp import inputs
 from chatapp.auth import login_sessions
 from chatapp.auth.models import ApiToken, User
 from chatapp.db import db, utcnow
 from chatapp.errors import Conflict, InvalidInput, ServiceBusy
 
-USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{3,40}")
-USERNAME_RULE = "3-40 characters: letters, digits, '_', '.' or '-'"
 TOKEN_PREFIX = "chat_"
 # last_used_at is a hint for people, not an audit log: writing it at most this often
 # keeps read requests from becoming write transactions.
@@ -37,16 +36,16 @@ HASH_WAIT_SECONDS = 20.0
 
 
 def validate_username(username: object) -> str:
-    if not isinstance(username, str) or not USERNAME_PATTERN.fullmatch(username):
-        raise InvalidInput(f"username must be {USERNAME_RULE}", field="username")
+    problem = inputs.username_problem(username)
+    if problem:
+        raise InvalidInput(f"username {problem}", field="username")
     return username
 
 
 def validate_password(password: object) -> str:
-    low = current_app.config["PASSWORD_MIN_LENGTH"]
-    high = current_app.config["PASSWORD_MAX_LENGTH"]
-    if not isinstance(password, str) or not low <= len(password) <= high:
-        raise InvalidInput(f"password must be {low}-{high} characters", field="password")
+    problem = inputs.password_problem(password)
+    if problem:
+        raise InvalidInput(f"password {problem}", field="password")
     return password
 
 
@@ -133,7 +132,7 @@ def find_login(username: object) -> User | None:
     return find_user(username) if isinstance(username, str) else None
 
 
-def password_matches(user: User | None, password: object) -> bool:
+def password_matches(user: User | None, password: object) -> TypeGuard[User]:
     """Check a password against find_login()'s user; touches no database, and is slow on
     purpose (scrypt: a fraction of a second, after waiting for a hashing slot).
 
@@ -189,7 +188,8 @@ def create_token(user_id: int, name: str = "") -> tuple[ApiToken, str]:
     """Add a new token for the user; returns the row and the token, which is never stored."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     row = ApiToken(
-        user_id=user_id, token_hash=hash_token(token), prefix=token[:12], name=name[:100]
+        user_id=user_id, token_hash=hash_token(token), prefix=token[:12],
+        name=name[: inputs.limit("TOKEN_NAME_MAX_LENGTH")],
     )
     db.session.add(row)
     db.session.flush()

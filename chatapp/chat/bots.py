@@ -5,12 +5,13 @@ Engines never see a session or an ORM object, so nothing they do can hold a conn
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
 import time
-from typing import Iterator, Protocol
-
+from collections.abc import Iterator
+from typing import Protocol
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import requests
@@ -201,10 +202,8 @@ def _shut_down(response: requests.Response) -> None:
         reader = getattr(getattr(getattr(raw, "_fp", None), "fp", None), "raw", None)
         sock = getattr(reader, "_sock", None)
     if sock is not None:
-        try:
+        with contextlib.suppress(OSError):  # already closed
             sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # already closed
     response.close()
 
 

@@ -7,7 +7,7 @@ each reply. Characters stand in for tokens (about four to a token in English tex
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def fit_history(newest_first: Iterable[dict], max_chars: int) -> list[dict]:

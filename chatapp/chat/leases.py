@@ -16,6 +16,7 @@ import os
 import secrets
 import socket
 from datetime import datetime, timedelta
+from typing import cast
 
 import sqlalchemy as sa
 
@@ -25,7 +26,7 @@ from chatapp.db import db, utcnow
 # Set on a reply whose owner handed it over (a worker shutting down): not the name of any
 # process, so the old owner's writers match nothing, and the next claim starts a new attempt.
 RELEASED = "released"
-_messages = Message.__table__
+_messages = cast(sa.Table, Message.__table__)
 _active = _messages.c.status.in_(ACTIVE_STATUSES)
 
 
@@ -125,7 +126,7 @@ def release(owner: str, reply_ids: list[int]) -> int:
             runs=sa.case((_messages.c.runs > 0, _messages.c.runs - 1), else_=0),
         )
     )
-    return result.rowcount
+    return cast(sa.CursorResult, result).rowcount
 
 
 def orphans(unclaimed_after: float, exclude: set[int] | frozenset[int] = frozenset(),
@@ -167,4 +168,4 @@ def fail_exhausted(max_runs: int) -> int:
             updated_at=now,
         )
     )
-    return result.rowcount
+    return cast(sa.CursorResult, result).rowcount

@@ -11,7 +11,6 @@ a reply's state is plain strings and ints, guarded by its own condition variable
 from __future__ import annotations
 
 import threading
-from typing import Optional
 
 from flask import Flask
 
@@ -24,10 +23,10 @@ class LiveReply:
     def __init__(self) -> None:
         self._changed = threading.Condition()
         self._version = 0
-        self._attempt: Optional[int] = None  # known once the job has claimed the reply
+        self._attempt: int | None = None  # known once the job has claimed the reply
         self._text = ""  # the attempt's committed text
         self._status = "pending"
-        self._error: Optional[str] = None
+        self._error: str | None = None
         self._ended = False  # the job is over (or was replaced); the state stays readable
 
     def snapshot(self, offset: int) -> tuple[int, dict | None]:

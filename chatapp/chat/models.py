@@ -9,16 +9,16 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, WriteOnlyMapped, mapped_column, relationship
 
 from chatapp.auth.models import User
-from chatapp.db import UTCDateTime, db, utcnow
+from chatapp.db import Model, UTCDateTime, utcnow
 
 
-class Role(str, enum.Enum):
+class Role(str, enum.Enum):  # noqa: UP042 - StrEnum's str() and format() differ
     USER = "user"
     ASSISTANT = "assistant"
     SYSTEM = "system"
 
 
-class Status(str, enum.Enum):
+class Status(str, enum.Enum):  # noqa: UP042 - StrEnum's str() and format() differ
     PENDING = "pending"
     STREAMING = "streaming"
     COMPLETE = "complete"
@@ -46,7 +46,7 @@ def _enum_column(enum_cls: type[enum.Enum], name: str) -> sa.Enum:
     )
 
 
-class Conversation(db.Model):
+class Conversation(Model):
     __tablename__ = "conversations"
     __table_args__ = (
         # The sidebar and GET /conversations: a user's conversations, newest first.
@@ -60,7 +60,7 @@ class Conversation(db.Model):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     owner: Mapped[User] = relationship(back_populates="conversations")
-    messages: WriteOnlyMapped["Message"] = relationship(
+    messages: WriteOnlyMapped[Message] = relationship(
         back_populates="conversation",
         passive_deletes=True,
         order_by="Message.id",
@@ -70,7 +70,7 @@ class Conversation(db.Model):
         return f"<Conversation {self.id} owner={self.owner_id} {self.title!r}>"
 
 
-class Message(db.Model):
+class Message(Model):
     __tablename__ = "messages"
     __table_args__ = (
         # A conversation's messages in id order (history, paging, the stream).

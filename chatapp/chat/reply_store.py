@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from flask import Flask
 
@@ -64,8 +65,10 @@ def claim_reply(app: Flask, reply_id: int, owner: str) -> tuple[int, list[dict]]
             )
             if attempt is None:
                 return None
-            _attempt, history = services.reply_history(reply_id)
-            return attempt, history
+            claimed = services.reply_history(reply_id)
+            if claimed is None:  # not reached: the claim has just made the reply pending
+                return None
+            return attempt, claimed[1]
 
     return retry_transient(app, claim, f"reply {reply_id}")
 

@@ -25,7 +25,8 @@ import os
 import queue
 import threading
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import sqlalchemy as sa
 from flask import Flask
@@ -246,8 +247,9 @@ class ThreadPoolReplyRunner:
             with self._lock:
                 self._idle_threads -= 1
                 self._waiting[reply_id] -= 1
+                cancel: Cancellation | None = None
                 if self._accepting:
-                    cancel: Cancellation | None = Cancellation()
+                    cancel = Cancellation()
                     self._runs.setdefault(reply_id, []).append(cancel)
                     self._ensure_keeper()
                 else:

@@ -4,28 +4,29 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Iterator
+from typing import Any, cast
 
 import sqlalchemy as sa
 from flask import current_app
 from sqlalchemy.orm.attributes import set_committed_value
 
+from chatapp import inputs
 from chatapp.chat.history import fit_history
 from chatapp.chat.models import ACTIVE_STATUSES, Conversation, Message, Role, Status
 from chatapp.db import db, utcnow
 from chatapp.errors import Conflict, InvalidInput, NotFound
 from chatapp.security import parse_bounded_int
 
-TITLE_MAX = 200
-CONTENT_MAX = 32_000
 DEFAULT_TITLE = "New chat"
 
 
 @dataclass(frozen=True)
 class Page:
-    items: list
+    items: Sequence
     next_cursor: str | None
 
 
@@ -41,7 +42,16 @@ def _bad_cursor() -> InvalidInput:
     return InvalidInput("cursor is not valid; use next_cursor from a previous page", field="cursor")
 
 
+# What _encode_cursor gives: URL-safe base64 without padding (a length of 1 more than a
+# multiple of 4 is no base64 at all). Anything else, padding and stray characters included,
+# is refused before decoding, so the OpenAPI document's pattern is the whole syntax.
+CURSOR_PATTERN = r"^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2,3})?$"
+_CURSOR = re.compile(CURSOR_PATTERN)
+
+
 def _decode_cursor(cursor: str, count: int) -> list[str]:
+    if not _CURSOR.fullmatch(cursor):
+        raise _bad_cursor()
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
@@ -64,8 +74,9 @@ def _cursor_id(text: str) -> int:
 
 
 def validate_title(title: object) -> str:
-    if not isinstance(title, str) or not title.strip() or len(title) > TITLE_MAX:
-        raise InvalidInput(f"title must be 1-{TITLE_MAX} characters", field="title")
+    problem = inputs.title_problem(title)
+    if problem:
+        raise InvalidInput(f"title {problem}", field="title")
     return title.strip()
 
 
@@ -81,7 +92,7 @@ def create_conversation(owner_id: int, title: object = None) -> Conversation:
 # Statements on hot paths are built once, with bind parameters: building a select costs
 # more CPU than running a cached one. Those that need no ORM object select the tables'
 # plain columns, so no object is built for their rows.
-_conversations, _messages = Conversation.__table__, Message.__table__
+_conversations, _messages = cast(sa.Table, Conversation.__table__), cast(sa.Table, Message.__table__)
 _OWNED_CONVERSATION_OBJECT = sa.select(Conversation).where(
     Conversation.id == sa.bindparam("conversation_id"),
     Conversation.owner_id == sa.bindparam("owner_id"),
@@ -151,7 +162,7 @@ _CONVERSATION_PAGE_AFTER = _CONVERSATION_PAGE.where(
 def list_conversations(owner_id: int, limit: int, cursor: str | None = None) -> Page:
     """A user's conversations, most recently updated first, as plain rows
     (id, title, created_at, updated_at)."""
-    params = {"owner_id": owner_id, "limit": limit + 1}
+    params: dict[str, object] = {"owner_id": owner_id, "limit": limit + 1}
     query = _CONVERSATION_PAGE
     if cursor:
         stamp, last_id = _decode_cursor(cursor, 2)
@@ -174,8 +185,9 @@ def list_conversations(owner_id: int, limit: int, cursor: str | None = None) -> 
 
 
 def validate_content(content: object) -> str:
-    if not isinstance(content, str) or not content.strip() or len(content) > CONTENT_MAX:
-        raise InvalidInput(f"content must be 1-{CONTENT_MAX} characters", field="content")
+    problem = inputs.content_problem(content)
+    if problem:
+        raise InvalidInput(f"content {problem}", field="content")
     return content
 
 
@@ -247,14 +259,13 @@ def _insert_message(
     conversation_id: int, role: Role, content: str, status: Status, now: datetime,
     idempotency_key: str | None = None,
 ) -> NewMessage:
-    values = {
+    values: dict[str, Any] = {
         "conversation_id": conversation_id, "role": role, "content": content, "status": status,
         "error": None, "attempt": 0, "created_at": now, "updated_at": now,
     }
     # inserted_primary_key: RETURNING where the database has it, else the cursor's lastrowid.
-    (new_id,) = db.session.execute(
-        _INSERT_MESSAGE, {**values, "runs": 0, "idempotency_key": idempotency_key}
-    ).inserted_primary_key
+    inserted = db.session.execute(_INSERT_MESSAGE, {**values, "runs": 0, "idempotency_key": idempotency_key})
+    (new_id,) = cast(sa.Row, cast(sa.CursorResult, inserted).inserted_primary_key)
     return NewMessage(id=new_id, **values)
 
 
@@ -340,7 +351,7 @@ def _sent_with_key(conversation_id: int, key: str, content: str) -> tuple[Messag
     return (message, reply) if reply is not None else None
 
 
-def post_message(conversation: Conversation, content: object) -> tuple[NewMessage, NewMessage]:
+def post_message(conversation: Conversation, content: object) -> tuple[NewMessage | Message, NewMessage | Message]:
     """post_message_to() for a loaded Conversation, whose updated_at is kept in step."""
     message, reply, _created = post_message_to(conversation.id, content)
     # The row has it already: set it as loaded, not as a change to write again at commit.
@@ -406,7 +417,7 @@ def stop_reply(conversation: Conversation, reply: Message) -> Message:
         .values(status=Status.STOPPED, lease_owner=None, lease_expires_at=None, updated_at=utcnow())
     )
     db.session.refresh(reply)
-    if result.rowcount != 1:
+    if cast(sa.CursorResult, result).rowcount != 1:
         raise Conflict(
             f"this reply has already ended ({reply.status.value}); there is nothing to stop",
             code="reply_not_running",
@@ -496,7 +507,7 @@ def _write_reply(
         result = db.session.execute(_APPEND_UNCLAIMED, params)
     else:
         result = db.session.execute(_APPEND_AS_OWNER, {**params, "owner": owner})
-    return result.rowcount == 1
+    return cast(sa.CursorResult, result).rowcount == 1
 
 
 def append_to_reply(reply_id: int, attempt: int, text: str, owner: str | None = None) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from flask import Flask
 
@@ -142,7 +142,7 @@ def reply_events(
             authorized = True
             with job("stream"), unit_of_work(app, write=False):
                 progress = services.read_reply_progress(reply_id, offset)
-                if check_credential:
+                if check_credential and credential is not None:
                     authorized = credential_is_active(credential)
             # No session or connection is held past this point until the next read.
             read_database_at = time.monotonic()

@@ -10,10 +10,11 @@
 from chatapp.db.engines import dispose_engines_after_fork, init_app, is_transient
 from chatapp.db.session import begin_write, remove_session, unit_of_work
 from chatapp.db.types import UTCDateTime, utcnow
-from chatapp.extensions import Base, db
+from chatapp.extensions import Base, Model, db
 
 __all__ = [
     "Base",
+    "Model",
     "UTCDateTime",
     "begin_write",
     "db",

@@ -12,7 +12,7 @@ from chatapp.db.session import remove_session
 from chatapp.extensions import db
 
 # Every engine this process created, so a forked worker can drop inherited pools.
-_ENGINES: "weakref.WeakSet[sa.Engine]" = weakref.WeakSet()
+_ENGINES: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
 
 
 def init_app(app: Flask) -> None:

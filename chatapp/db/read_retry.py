@@ -77,4 +77,4 @@ def _unbuffered_write(data: bytes) -> None:
 def init_app(app: Flask, engines: list[sa.Engine]) -> None:
     for engine in engines:
         event.listen(engine, "handle_error", _note_disconnect)
-    app.wsgi_app = RetryReadsOnce(app.wsgi_app)
+    app.wsgi_app = RetryReadsOnce(app.wsgi_app)  # type: ignore[method-assign]  # Flask's documented way

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import sqlalchemy as sa
 from flask import Flask, current_app, has_app_context
@@ -51,7 +51,9 @@ def unit_of_work(app: Flask | None = None, *, write: bool = True) -> Iterator[Se
     the session so that its connection goes back to the pool.
     """
     ctx = None
-    if app is not None and not (has_app_context() and current_app._get_current_object() is app):
+    if app is not None and not (
+        has_app_context() and current_app._get_current_object() is app  # type: ignore[attr-defined]
+    ):
         ctx = app.app_context()
         ctx.push()
     elif app is None and not has_app_context():
@@ -91,9 +93,3 @@ def remove_session() -> None:
         if session is not None:
             # A close that raised skipped after_transaction_end: never keep the gate.
             sqlite.leave_write_gate(session)
-
-
-def dispose_engines_after_fork() -> None:
-    """Forget every pooled connection inherited from a parent process (gunicorn post_fork)."""
-    for engine in list(_ENGINES):
-        engine.dispose(close=False)

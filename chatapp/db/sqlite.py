@@ -84,7 +84,7 @@ class _WriteGate:
 
 
 # One gate per SQLite engine of this process.
-_WRITE_GATES: "weakref.WeakKeyDictionary[sa.Engine, _WriteGate]" = weakref.WeakKeyDictionary()
+_WRITE_GATES: weakref.WeakKeyDictionary[sa.Engine, _WriteGate] = weakref.WeakKeyDictionary()
 
 
 def _reset_write_gates_in_child() -> None:
@@ -99,7 +99,8 @@ os.register_at_fork(after_in_child=_reset_write_gates_in_child)
 
 def enter_write_gate(session: Session) -> None:
     """Queue on the session's engine's write gate (SQLite only), holding no connection."""
-    gate = _WRITE_GATES.get(session.get_bind())
+    bind = session.get_bind()
+    gate = _WRITE_GATES.get(bind) if isinstance(bind, sa.Engine) else None
     if gate is None:  # not SQLite
         return
     # A plain Lock, not per-thread re-entrant: a thread that holds the gate in one

@@ -96,7 +96,7 @@ def handle_pool_timeout(error: sa.exc.TimeoutError):
     )
 
 
-def handle_database_down(error: sa.exc.OperationalError):
+def handle_database_down(error: sa.exc.DBAPIError):
     log.warning("database unavailable on %s %s: %s", request.method, request.path, error.orig)
     return error_response(
         503, "database_unavailable", "the database is unavailable; retry in a moment",

@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import click
 from flask import Blueprint, Flask, Response, abort, current_app, g, has_request_context, request

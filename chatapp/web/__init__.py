@@ -9,9 +9,9 @@ from __future__ import annotations
 from flask import Blueprint, request
 from flask_wtf.csrf import CSRFError
 
-from chatapp.errors.handlers import error_response, handle_http_exception
 from chatapp.auth import login_sessions
 from chatapp.db import begin_write
+from chatapp.errors.handlers import error_response, handle_http_exception
 from chatapp.web.forms import sentence
 
 bp = Blueprint("web", __name__)

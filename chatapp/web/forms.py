@@ -1,39 +1,77 @@
-"""The web forms. Each carries a CSRF token; the services hold the real rules (same as the API)."""
+"""The web forms. Each carries a CSRF token; its fields are checked by the rules the API and the
+services check (chatapp.inputs), with the limits of the app's config, and worded alike."""
 
 from __future__ import annotations
 
+from flask import request
 from flask_wtf import FlaskForm
+from flask_wtf.form import _Auto
+from werkzeug.datastructures import CombinedMultiDict
 from wtforms import PasswordField, StringField, TextAreaField
-from wtforms.validators import EqualTo, InputRequired, Length
+from wtforms.validators import EqualTo, InputRequired, Length, ValidationError
 
-from chatapp.chat.services import CONTENT_MAX, TITLE_MAX
+from chatapp import inputs
+from chatapp.config import LOGIN_PASSWORD_MAX_LENGTH, LOGIN_USERNAME_MAX_LENGTH
 from chatapp.errors import AppError
 
 
-class LoginForm(FlaskForm):
-    username = StringField("Username", validators=[InputRequired(), Length(max=200)])
-    password = PasswordField("Password", validators=[InputRequired(), Length(max=1000)])
+class Form(FlaskForm):
+    """A form read from what browsers send: form fields, never a JSON body.
+
+    Flask-WTF would also take a JSON body, turning whatever it holds (a list, a number, an
+    object where text belongs) into field values no validator expects. A JSON body here
+    leaves the form empty, so its required fields say so.
+    """
+
+    class Meta(FlaskForm.Meta):
+        def wrap_formdata(self, form, formdata):
+            if formdata is not _Auto:
+                return formdata
+            if not form.is_submitted():
+                return None
+            if request.files:
+                return CombinedMultiDict((request.files, request.form))
+            return request.form
 
 
-class RegisterForm(FlaskForm):
-    username = StringField("Username", validators=[InputRequired(), Length(max=40)])
-    password = PasswordField("Password", validators=[InputRequired()])
+class Rule:
+    """A WTForms validator checking a field against one of chatapp.inputs' rules, with the limits
+    of the app handling the request, worded as the service (and the API) word it."""
+
+    def __init__(self, name: str, problem):
+        self.name = name
+        self.problem = problem
+
+    def __call__(self, form, field) -> None:
+        problem = self.problem(field.data)
+        if problem:
+            raise ValidationError(sentence(f"{self.name} {problem}"))
+
+
+class LoginForm(Form):
+    username = StringField("Username", validators=[InputRequired(), Length(max=LOGIN_USERNAME_MAX_LENGTH)])
+    password = PasswordField("Password", validators=[InputRequired(), Length(max=LOGIN_PASSWORD_MAX_LENGTH)])
+
+
+class RegisterForm(Form):
+    username = StringField("Username", validators=[InputRequired(), Rule("username", inputs.username_problem)])
+    password = PasswordField("Password", validators=[InputRequired(), Rule("password", inputs.password_problem)])
     confirm = PasswordField(
         "Repeat password",
         validators=[InputRequired(), EqualTo("password", message="The passwords do not match.")],
     )
 
 
-class RenameForm(FlaskForm):
-    title = StringField("Title", validators=[InputRequired(), Length(max=TITLE_MAX)])
+class RenameForm(Form):
+    title = StringField("Title", validators=[InputRequired(), Rule("title", inputs.title_problem)])
 
 
-class MessageForm(FlaskForm):
-    content = TextAreaField("Message", validators=[InputRequired(), Length(max=CONTENT_MAX)])
+class MessageForm(Form):
+    content = TextAreaField("Message", validators=[InputRequired(), Rule("content", inputs.content_problem)])
 
 
-class TokenForm(FlaskForm):
-    name = StringField("Token name", validators=[Length(max=100)])
+class TokenForm(Form):
+    name = StringField("Token name", default="", validators=[Rule("name", inputs.token_name_problem)])
 
 
 def add_error(form: FlaskForm, error: AppError, default_field: str) -> None:

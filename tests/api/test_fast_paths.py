@@ -1,7 +1,7 @@
 """The hot API paths that skip the ORM and marshmallow answer exactly as if they had not.
 
-Messages and conversation pages are read as plain rows and dumped by hand
-(chatapp.api.schemas.message_json / conversation_json); Bearer auth reads plain columns;
+Messages and conversation pages are read as plain rows and dumped by functions written out
+from the schemas (chatapp.api.schemas.plain_dump); Bearer auth reads plain columns;
 POST message writes with Core statements. Each is checked here against what the ORM
 objects and the marshmallow schemas give, on every backend.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import sqlite3
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
@@ -19,6 +19,8 @@ from flask import g
 from sqlalchemy import event
 
 from chatapp.api.auth import current_user_id, require_user
+from marshmallow import Schema, fields
+
 from chatapp.api.schemas import (
     ConversationOut,
     ConversationPage,
@@ -26,6 +28,7 @@ from chatapp.api.schemas import (
     MessagePage,
     conversation_json,
     message_json,
+    plain_dump,
 )
 from chatapp.auth import services as auth_services
 from chatapp.auth.models import ApiToken, User
@@ -51,8 +54,8 @@ def seed_every_kind_of_message(app, owner_id: int) -> int:
     The database allows one reply in progress per conversation: of the active statuses,
     only the first combination is stored."""
     stamps = [
-        datetime(2024, 5, 17, 9, 30, 0, tzinfo=timezone.utc),
-        datetime(2024, 5, 17, 9, 30, 0, 123456, tzinfo=timezone.utc),
+        datetime(2024, 5, 17, 9, 30, 0, tzinfo=UTC),
+        datetime(2024, 5, 17, 9, 30, 0, 123456, tzinfo=UTC),
     ]
     with unit_of_work(app) as session:
         conversation = Conversation(owner_id=owner_id, title="every kind")
@@ -83,7 +86,7 @@ def orm_messages(app, conversation_id: int) -> list[Message]:
         ))
 
 
-def test_message_json_equals_message_out_for_every_role_status_and_error(app, alice):
+def test_plain_dump_gives_what_the_schema_dumps_for_every_role_status_and_error(app, alice):
     conversation_id = seed_every_kind_of_message(app, alice_id(app))
     objects = orm_messages(app, conversation_id)
     assert len(objects) == len(Role) * (len(Status) - len(ACTIVE_STATUSES)) * len(ERRORS) + 1
@@ -91,12 +94,38 @@ def test_message_json_equals_message_out_for_every_role_status_and_error(app, al
         page = chat.list_messages(conversation_id, 100)
         db.session.rollback()
     assert [row.id for row in page.items] == [m.id for m in objects]
-    for orm_object, row in zip(objects, page.items):
+    for orm_object, row in zip(objects, page.items, strict=True):
         expected = MessageOut().dump(orm_object)
         assert message_json(orm_object) == expected
         assert message_json(row) == expected  # the row the list view reads
         assert MessageOut().dump(row) == expected
         assert list(message_json(row)) == list(expected)  # same keys, same order
+
+
+def test_plain_dump_follows_the_schema_and_refuses_what_it_cannot_dump():
+    """The shape lives in the schema alone: a field added there is in the plain dump too, and
+    a field the generator does not know stops the import instead of being dumped differently."""
+
+    class Extended(MessageOut):
+        attempt = fields.Integer(required=True, attribute="run", data_key="run_number")
+
+    row = seed_row()
+    assert plain_dump(Extended)(row) == Extended().dump(row)
+    assert plain_dump(Extended)(row)["run_number"] == row.run
+
+    class Unknown(Schema):
+        price = fields.Decimal()
+
+    with pytest.raises(TypeError, match="Unknown.price"):
+        plain_dump(Unknown)
+
+
+def seed_row():
+    from types import SimpleNamespace
+
+    stamp = datetime(2024, 5, 17, 9, 30, 0, 5, tzinfo=timezone.utc)
+    return SimpleNamespace(id=3, conversation_id=4, role=Role.USER, content="text", status=Status.COMPLETE,
+                           error=None, created_at=stamp, updated_at=stamp, run=2)
 
 
 def test_messages_page_is_the_bytes_flask_smorest_would_send(app, client, alice):

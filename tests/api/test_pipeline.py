@@ -1,7 +1,6 @@
 """The reply pipeline holds no connection while the bot thinks, and never leaves a reply stuck."""
 
 import pytest
-import sqlalchemy as sa
 
 from chatapp.chat.bots import BotError
 from chatapp.chat.models import Message, Status

@@ -114,7 +114,11 @@ def migrate(database_uri: str) -> None:
     env = {**os.environ, "CHATAPP_SQLALCHEMY_DATABASE_URI": database_uri, "CHATAPP_SECRET_KEY": SECRET_KEY}
     subprocess.run(
         [sys.executable, "-m", "flask", "--app", "chatapp", "init-db"],
-        env=env, check=True, capture_output=True, cwd=ROOT, timeout=120,
+        env=env,
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+        timeout=120,
     )
 
 
@@ -152,7 +156,8 @@ def active_replies(uri: str) -> int:
 
     with inspect_db(uri) as session:
         return session.scalar(
-            sa.select(sa.func.count()).select_from(Message)
+            sa.select(sa.func.count())
+            .select_from(Message)
             .where(Message.status.in_([Status.PENDING, Status.STREAMING]))
         )
 
@@ -163,6 +168,7 @@ def describe_active_replies(uri: str) -> list[tuple]:
 
     with inspect_db(uri) as session:
         return session.execute(
-            sa.select(Message.id, Message.status, sa.func.length(Message.content), Message.updated_at)
-            .where(Message.status.in_([Status.PENDING, Status.STREAMING]))
+            sa.select(Message.id, Message.status, sa.func.length(Message.content), Message.updated_at).where(
+                Message.status.in_([Status.PENDING, Status.STREAMING])
+            )
         ).all()

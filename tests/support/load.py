@@ -79,7 +79,10 @@ class Traffic:
         try:
             # A new connection per call, so calls spread over gunicorn's workers.
             response = requests.request(
-                method, self.base_url + path, json=json, timeout=30,
+                method,
+                self.base_url + path,
+                json=json,
+                timeout=30,
                 headers={"Authorization": f"Bearer {token}", "Connection": "close"},
             )
             record.status = response.status_code
@@ -93,7 +96,7 @@ class Traffic:
             self.calls.append(record)
         return record
 
-    def start(self) -> "Traffic":
+    def start(self) -> Traffic:
         for index, token in enumerate(self.tokens):
             thread = threading.Thread(target=self._loop, args=(index, token), daemon=True)
             self.threads.append(thread)
@@ -128,14 +131,22 @@ def chats(traffic: Traffic, index: int, token: str, iteration: int) -> None:
     if created.status == 201:
         content = f"client {index} message {iteration} alpha beta gamma delta"
         posted = traffic.call(
-            "post", "POST", f"/api/v1/conversations/{created.body['id']}/messages", token,
+            "post",
+            "POST",
+            f"/api/v1/conversations/{created.body['id']}/messages",
+            token,
             {"content": content},
         )
         if posted.status == 202:
             with traffic.lock:
-                traffic.acked.append(Acked(
-                    posted.body["message"]["id"], posted.body["reply"]["id"], content, posted.started,
-                ))
+                traffic.acked.append(
+                    Acked(
+                        posted.body["message"]["id"],
+                        posted.body["reply"]["id"],
+                        content,
+                        posted.started,
+                    )
+                )
     traffic.call("list", "GET", "/api/v1/conversations", token)
 
 

@@ -9,8 +9,11 @@ Sample = tuple[str, dict, float]  # (sample name, labels, value)
 
 
 def parse(text: str) -> list[Sample]:
-    return [(sample.name, sample.labels, sample.value)
-            for family in text_string_to_metric_families(text) for sample in family.samples]
+    return [
+        (sample.name, sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
 
 
 def scrape(url: str, timeout: float = 10.0) -> list[Sample] | None:
@@ -28,8 +31,11 @@ def scrape(url: str, timeout: float = 10.0) -> list[Sample] | None:
 def total(samples: list[Sample] | None, name: str, **labels) -> float:
     """Sum of a sample over every label set that includes ``labels`` (e.g. across pids)."""
     wanted = set(labels.items())
-    return sum(value for sample, sample_labels, value in samples or []
-               if sample == name and wanted <= set(sample_labels.items()))
+    return sum(
+        value
+        for sample, sample_labels, value in samples or []
+        if sample == name and wanted <= set(sample_labels.items())
+    )
 
 
 def by_label(samples: list[Sample] | None, name: str, label: str) -> dict[str, float]:

@@ -57,7 +57,8 @@ def run_pressure(base_url: str, *, chats: int = 40, username: str = "pressure") 
         started = time.perf_counter()
         response = session.post(
             f"{client.base}/conversations/{conversation_id}/messages",
-            json={"content": "the quick brown fox jumps over the lazy dog"}, timeout=30,
+            json={"content": "the quick brown fox jumps over the lazy dog"},
+            timeout=30,
         )
         if response.status_code != 202:
             errors.append(f"POST {response.status_code} {response.text[:200]}")
@@ -101,10 +102,13 @@ def abandon_streams(base_url: str, client: Client, conversation_ids: list[int], 
     for conversation_id in conversation_ids:
         response = client.http.post(
             f"{client.base}/conversations/{conversation_id}/messages",
-            json={"content": "a slow answer for readers who leave early"}, timeout=30,
+            json={"content": "a slow answer for readers who leave early"},
+            timeout=30,
         )
         response.raise_for_status()
-        reply_urls.append(f"{client.base}/conversations/{conversation_id}/messages/{response.json()['reply']['id']}/stream")
+        reply_urls.append(
+            f"{client.base}/conversations/{conversation_id}/messages/{response.json()['reply']['id']}/stream"
+        )
 
     def reader(index: int) -> bool:
         session = requests.Session()

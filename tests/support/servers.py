@@ -54,10 +54,20 @@ class GunicornServer:
     goes to ``log_dir/gunicorn-[NAME-]PORT.log`` (/tmp when no ``log_dir``).
     """
 
-    def __init__(self, database_uri: str, *, app: str = "wsgi:app", workers: int | None = 2,
-                 threads: int | None = 8, config: dict | None = None, env: dict | None = None,
-                 extra_args: list[str] | None = None, log_dir: str | Path | None = None,
-                 name: str | None = None, defaults: dict = TEST_CONFIG):
+    def __init__(
+        self,
+        database_uri: str,
+        *,
+        app: str = "wsgi:app",
+        workers: int | None = 2,
+        threads: int | None = 8,
+        config: dict | None = None,
+        env: dict | None = None,
+        extra_args: list[str] | None = None,
+        log_dir: str | Path | None = None,
+        name: str | None = None,
+        defaults: dict = TEST_CONFIG,
+    ):
         self.name = name or app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -73,11 +83,18 @@ class GunicornServer:
         for key, value in (env or {}).items():
             self.env[key] = str(value)
         self.workers = workers if workers is not None else int(self.env.get("CHATAPP_WORKERS", "2"))
-        self.args = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
-                     "--bind", f"127.0.0.1:{self.port}",
-                     # gunicorn 27's control socket has one default path per user:
-                     # concurrent servers would fight over it.
-                     "--no-control-socket"]
+        self.args = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            str(ROOT / "gunicorn.conf.py"),
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            # gunicorn 27's control socket has one default path per user:
+            # concurrent servers would fight over it.
+            "--no-control-socket",
+        ]
         if workers is not None:
             self.args += ["--workers", str(workers)]
         if threads is not None:
@@ -87,18 +104,19 @@ class GunicornServer:
         self.log_path = Path(log_dir or "/tmp") / f"{prefix}{self.port}.log"
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60.0) -> "GunicornServer":
+    def start(self, timeout: float = 60.0) -> GunicornServer:
         """Start gunicorn and wait until /healthz answers and every worker is up."""
-        self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(self.args, cwd=ROOT, env=self.env,
-                                        stdout=self._log, stderr=subprocess.STDOUT)
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - gunicorn writes to it until stop()
+        self.process = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name}: gunicorn exited early:\n{self.log()}")
             try:
-                if (requests.get(self.url + "/healthz", timeout=1).status_code == 200
-                        and len(self.worker_pids()) >= self.workers):
+                if (
+                    requests.get(self.url + "/healthz", timeout=1).status_code == 200
+                    and len(self.worker_pids()) >= self.workers
+                ):
                     return self
             except requests.RequestException:
                 pass
@@ -123,8 +141,7 @@ class GunicornServer:
         try:
             children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
         except OSError:
-            children = subprocess.run(["pgrep", "-P", str(self.process.pid)],
-                                      capture_output=True, text=True).stdout
+            children = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout
         return sorted(int(pid) for pid in children.split())
 
     def cpu_seconds(self) -> float:
@@ -150,7 +167,7 @@ class GunicornServer:
         if getattr(self, "_log", None) and not self._log.closed:
             self._log.close()
 
-    def __enter__(self) -> "GunicornServer":
+    def __enter__(self) -> GunicornServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

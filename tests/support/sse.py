@@ -15,8 +15,8 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import requests
 
@@ -81,8 +81,14 @@ class Reply:
     reset: bool = False  # a ``reset`` came: the text read before it was dropped
 
 
-def read_reply(session: requests.Session | None, url: str, *, headers: dict | None = None,
-               timeout: tuple | float = (10, 120), stop_after_first: bool = False) -> Reply:
+def read_reply(
+    session: requests.Session | None,
+    url: str,
+    *,
+    headers: dict | None = None,
+    timeout: tuple | float = (10, 120),
+    stop_after_first: bool = False,
+) -> Reply:
     """GET a reply's stream and read it to its ``done`` event (or, with ``stop_after_first``,
     to the first text delta, then hang up)."""
     http = session or requests

@@ -25,5 +25,14 @@ def chromium_missing_reason() -> str | None:
     return reason
 
 
+# How long an expect() assertion waits for the page to reach the expected state. Playwright's
+# default, 5 s, is also what some promises take (a revoked login ends its streams within one
+# 5 s re-check), and a test machine under load runs late: a bound, not a speed target.
+EXPECT_TIMEOUT_MS = 30_000
+
+
 def launch(playwright):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=EXPECT_TIMEOUT_MS)
     return playwright.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)

@@ -63,6 +63,6 @@ def test_too_long_name_is_refused_and_writes_nothing(client, app, alice):
     response = client.post("/settings/tokens", data={"name": "x" * 101})
     assert response.status_code == 422
     html = response.get_data(as_text=True)
-    assert "Field cannot be longer than 100 characters." in html
+    assert "Name must be 0-100 characters." in html
     assert 'id="new-token"' not in html
     assert count(app, ApiToken) == 0
