@@ -172,3 +172,18 @@ def describe_active_replies(uri: str) -> list[tuple]:
                 Message.status.in_([Status.PENDING, Status.STREAMING])
             )
         ).all()
+
+
+def busiest_worker(uri: str, pids: list[int]) -> int:
+    """Of ``pids``, the process holding the leases of the most replies in progress (a lease
+    owner is "host:pid:nonce"); the first pid when none holds any."""
+    from chatapp.chat.models import Message, Status
+
+    with inspect_db(uri) as session:
+        owners = session.scalars(
+            sa.select(Message.lease_owner).where(
+                Message.status.in_([Status.PENDING, Status.STREAMING]), Message.lease_owner.is_not(None)
+            )
+        ).all()
+    held = {pid: sum(1 for owner in owners if owner.split(":")[1] == str(pid)) for pid in pids}
+    return max(pids, key=lambda pid: held[pid])
