@@ -104,8 +104,9 @@ def enter_write_gate(session: Session) -> None:
         return
     # A plain Lock, not per-thread re-entrant: a thread that holds the gate in one
     # session and begins a write in another would wait here until the timeout. No code
-    # path does that (the request, unit_of_work in a request and record_token_use all
-    # share the request's session), and it would deadlock on SQLite's own lock anyway.
+    # path does that (a request's view and its after-request stamps share the request's
+    # session, one transaction after the other), and it would deadlock on SQLite's own
+    # lock anyway.
     lock = gate.lock
     if not lock.acquire(timeout=gate.timeout):
         # The same error SQLite gives after its busy timeout: retried by reply writers
