@@ -13,7 +13,7 @@ from flask.cli import shell_command
 from chatapp import create_app
 from chatapp.auth.models import User
 from chatapp.chat.models import Conversation
-from chatapp.db import db, policy, transaction, unit_of_work
+from chatapp.db import begin_write, db, policy, transaction, unit_of_work
 from chatapp.errors import handlers
 from tests.conftest import base_test_config
 from tests.helpers import NOTHING_HELD, checked_out, transaction_state, writer_holding_the_gate
@@ -79,6 +79,40 @@ def test_a_declaration_under_another_decorator_is_not_innermost():
     assert policy.declared_intent(outer(transaction("read")(view))) == "read"
     with pytest.raises(ValueError, match="intent"):
         transaction("writes")
+
+
+probe = Blueprint("probe", __name__)
+
+
+@probe.post("/probe/read-that-writes")
+@transaction("read")
+def read_that_writes():
+    """Declared a reader, but adds a user."""
+    db.session.add(User(username="sneaky", password_hash="x"))
+    db.session.flush()
+    return "", 201
+
+
+@probe.post("/probe/write-after/<int:begins>")
+@transaction("write-after")
+def write_after(begins):
+    """Updates users, beginning as a writer first only if told to."""
+    if begins:
+        begin_write()
+    db.session.execute(sa.update(User).values(password_hash="y"))
+    return "", 201
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_on_sqlite_a_view_that_writes_without_beginning_as_a_writer_fails_at_once(app):
+    app.register_blueprint(probe)
+    client = app.test_client()
+    with pytest.raises(RuntimeError, match="'read' view wrote without beginning as a writer"):
+        client.post("/probe/read-that-writes")
+    with pytest.raises(RuntimeError, match="'write-after' view wrote"):
+        client.post("/probe/write-after/0")
+    assert client.post("/probe/write-after/1").status_code == 201
+    assert count(app, User) == 0
 
 
 # --- refused requests never wait for the write lock ----------------------------------------

@@ -117,6 +117,11 @@ def enter_write_gate(session: Session) -> None:
     session.info[_WRITE_GATE_KEY] = lock
 
 
+def needs_write_gate(session: Session) -> bool:
+    """Whether the session's database is SQLite and the session is not inside the write gate."""
+    return _WRITE_GATE_KEY not in session.info and session.get_bind() in _WRITE_GATES
+
+
 def leave_write_gate(session: Session) -> None:
     """Let the next writer in; whichever path comes first releases, and only once."""
     lock = session.info.pop(_WRITE_GATE_KEY, None)
