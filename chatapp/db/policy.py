@@ -47,7 +47,9 @@ render (``chatapp.web.pages.render_page``).
 
 Work outside requests (threads, CLI commands, stream polls) uses ``unit_of_work()``,
 which has a session of its own. After-request hooks that stamp "last used" times write
-in their own short transaction after the view's has ended.
+in their own short transaction after the view's has ended. ``flask shell`` has no view:
+its session holds a transaction from its first query until ``db.session.commit()`` or
+``rollback()``, as the shell says when it starts.
 """
 
 from __future__ import annotations
