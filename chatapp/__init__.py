@@ -27,7 +27,7 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     from chatapp import api, cli, db, health, inputs, ops, rate_limits, security
     from chatapp.chat import runner, sweeper
-    from chatapp.db import schema
+    from chatapp.db import policy, schema
     from chatapp.errors import handlers
     from chatapp.extensions import csrf, login_manager
     from chatapp.web import bp as web_bp
@@ -47,4 +47,6 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(web_bp)
     cli.init_app(app)
+    # Every view says how its transaction begins (chatapp.db.policy); refuse one that does not.
+    policy.check_views(app)
     return app

@@ -23,9 +23,20 @@ def init_app(app: Flask) -> None:
     app.shell_context_processor(shell_context)
 
 
+# Flask's shell prints its own banner after the context is made; this note comes first.
+SHELL_NOTE = (
+    "chatapp: db.session opens a transaction at its first query and holds it (and its\n"
+    "locks; PostgreSQL shows it 'idle in transaction', SQLite may keep writers waiting)\n"
+    "until you call db.session.commit() or db.session.rollback(). End each piece of work\n"
+    "with one of them."
+)
+
+
 def shell_context() -> dict:
+    """The names ``flask shell`` preloads; says first how long the shell's session holds a transaction."""
     from chatapp import models
 
+    click.echo(SHELL_NOTE, err=True)
     names = {name: getattr(models, name) for name in models.__all__}
     return {"db": db, "sa": sa, **names}
 

@@ -7,7 +7,7 @@ import concurrent.futures
 import sqlalchemy as sa
 from flask import Blueprint, Flask, current_app
 
-from chatapp.db import unit_of_work
+from chatapp.db import transaction, unit_of_work
 from chatapp.errors.handlers import error_response
 
 bp = Blueprint("health", __name__)
@@ -17,6 +17,7 @@ _probe_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="ready
 
 
 @bp.get("/healthz")
+@transaction("none")
 def healthz():
     """Liveness: answers without touching the database."""
     return {"status": "ok"}
@@ -28,6 +29,7 @@ def _select_one(app: Flask) -> None:
 
 
 @bp.get("/readyz")
+@transaction("none")
 def readyz():
     """Readiness: 200 when the database answers SELECT 1 within 2 s, else 503."""
     future = _probe_pool.submit(_select_one, current_app._get_current_object())  # type: ignore[attr-defined]  # LocalProxy method

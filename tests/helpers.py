@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 from flask import Flask
 
-from chatapp.db import db
+from chatapp.auth.models import User
+from chatapp.db import db, sqlite, unit_of_work
 
 
 def checked_out(app: Flask) -> int:
@@ -52,3 +56,43 @@ class AuthActions:
     def headers(self, username: str = "alice", password: str = "correct horse") -> dict:
         self.register(username, password)
         return {"Authorization": f"Bearer {self.token(username, password)}"}
+
+
+@contextlib.contextmanager
+def writer_holding_the_gate(app, username: str = "holder"):
+    """A thread inside a write transaction (an insert, not committed) until the block ends."""
+    holding, done, errors = threading.Event(), threading.Event(), []
+
+    def hold():
+        try:
+            with unit_of_work(app) as session:
+                session.add(User(username=username, password_hash="x"))
+                session.flush()
+                holding.set()
+                assert done.wait(30), "the test never let the holder go"
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+            holding.set()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert holding.wait(10) and not errors, errors
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(30)
+        assert not thread.is_alive() and not errors, errors
+
+
+def transaction_state() -> dict:
+    """What the request holds right now: an open transaction, SQLite's write gate, connections."""
+    session = db.session() if db.session.registry.has() else None
+    return {
+        "in_transaction": session is not None and session.in_transaction(),
+        "holds_gate": session is not None and sqlite._WRITE_GATE_KEY in session.info,
+        "checked_out": sum(engine.pool.checkedout() for engine in db.engines.values()),
+    }
+
+
+NOTHING_HELD = {"in_transaction": False, "holds_gate": False, "checked_out": 0}

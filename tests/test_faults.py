@@ -92,46 +92,44 @@ def test_a_write_whose_connection_dies_is_not_retried_and_stores_nothing(app, cl
     assert count_rows(app, Message) == 0
 
 
-# --- a teardown that survives a dead connection -----------------------------------------
+# --- a view's end that survives a dead connection --------------------------------------
 
 
 @pytest.fixture
-def die_after_view(app):
-    """Once armed, the next request's connection dies after its view, before its teardown."""
+def die_as_view_ends(app):
+    """Once armed, the next request's connection dies as its transaction ends (commit or rollback)."""
     switch = {"armed": False, "kills": 0}
 
-    @app.after_request
-    def kill_after_view(response):
-        # App-wide after_request functions run last, after the blueprint's.
-        if switch["armed"] and db.session().in_transaction():
+    def kill(conn):
+        if switch["armed"]:
             switch["armed"] = False
             switch["kills"] += 1
-            kill_connection(db.session.connection())
-        return response
+            kill_connection(conn)
 
-    return switch
+    with hooked(app, "commit", kill), hooked(app, "rollback", kill):
+        yield switch
 
 
-def test_request_whose_connection_dies_after_its_view_succeeds(app, die_after_view, client, conversation):
+def test_request_whose_connection_dies_after_its_view_succeeds(app, die_as_view_ends, client, conversation):
     conversation_id, headers = conversation
-    die_after_view["armed"] = True
+    die_as_view_ends["armed"] = True
     with hooked(app, "before_cursor_execute", KillAt("FROM conversations", kill_on=())) as count:
         response = client.get(f"/api/v1/conversations/{conversation_id}", headers=headers)
-    # The teardown's rollback met a dead connection, and the answer stands.
+    # The end of the view's read met a dead connection, and the answer stands.
     assert response.status_code == 200, response.get_json()
     assert response.get_json()["id"] == conversation_id
-    assert die_after_view["kills"] == 1
+    assert die_as_view_ends["kills"] == 1
     assert count.seen == 1  # not retried: nothing failed that the client could see
     assert live_sessions() == 0 and checked_out(app) == 0
 
 
-def test_4xx_whose_connection_died_is_still_the_4xx(app, die_after_view, client, conversation):
+def test_4xx_whose_connection_died_is_still_the_4xx(app, die_as_view_ends, client, conversation):
     _, headers = conversation
-    die_after_view["armed"] = True
+    die_as_view_ends["armed"] = True
     response = client.get("/api/v1/conversations/999999", headers=headers)
     assert response.status_code == 404
     assert response.get_json()["error"]["code"] == "conversation_not_found"
-    assert die_after_view["kills"] == 1
+    assert die_as_view_ends["kills"] == 1
     assert live_sessions() == 0 and checked_out(app) == 0
 
 

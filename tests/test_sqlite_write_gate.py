@@ -7,7 +7,6 @@ instead of sleeping in SQLite's busy handler. The gate must be left on every pat
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -20,7 +19,7 @@ from chatapp.auth.models import User
 from chatapp.config import Defaults
 from chatapp.db import begin_write, db, dispose_engines_after_fork, is_transient, remove_session, unit_of_work
 from chatapp.db import sqlite as db_module
-from tests.helpers import checked_out
+from tests.helpers import checked_out, writer_holding_the_gate
 
 # The gate exists on SQLite only: these tests have no PostgreSQL leg.
 sqlite_only = pytest.mark.parametrize("backend", ["sqlite"])
@@ -37,33 +36,6 @@ def gate_lock(app) -> threading.Lock:
 def count_users(app) -> int:
     with unit_of_work(app, write=False) as session:
         return session.scalar(sa.select(sa.func.count()).select_from(User))
-
-
-@contextlib.contextmanager
-def writer_holding_the_gate(app, username: str = "holder"):
-    """A thread inside a write transaction (an insert, not committed) until the block ends."""
-    holding, done, errors = threading.Event(), threading.Event(), []
-
-    def hold():
-        try:
-            with unit_of_work(app) as session:
-                session.add(User(username=username, password_hash="x"))
-                session.flush()
-                holding.set()
-                assert done.wait(30), "the test never let the holder go"
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-            holding.set()
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    assert holding.wait(10) and not errors, errors
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join(30)
-        assert not thread.is_alive() and not errors, errors
 
 
 @sqlite_only

@@ -1,11 +1,11 @@
-"""How every API blueprint starts: JSON bodies only, writers begin as writers, optional auth."""
+"""How every API blueprint starts: JSON bodies only, optional auth (transactions: chatapp.db.policy)."""
 
 from __future__ import annotations
 
 from flask import request
 from flask_smorest import Blueprint
 
-from chatapp.api.auth import begin_write_for_unsafe_methods, record_token_use, require_user
+from chatapp.api.auth import record_token_use, require_user
 from chatapp.errors import AppError
 from chatapp.inputs import ArgumentsParser
 
@@ -31,12 +31,10 @@ class ApiBlueprint(Blueprint):
     ARGUMENTS_PARSER = ArgumentsParser()
 
 
-def api_blueprint(name: str, description: str, *, authenticated: bool, write_first: bool = True) -> Blueprint:
-    """A blueprint whose writers begin as writers (unless its views do it themselves)."""
+def api_blueprint(name: str, description: str, *, authenticated: bool) -> Blueprint:
+    """A blueprint that takes JSON bodies and, if ``authenticated``, authenticates every request first."""
     blp = ApiBlueprint(name, f"chatapp.api.{name}", description=description)
     blp.before_request(require_json_body)
-    if write_first:
-        blp.before_request(begin_write_for_unsafe_methods)
     if authenticated:
         blp.before_request(require_user)
     blp.after_request(record_token_use)

@@ -14,7 +14,7 @@ from chatapp.api.schemas import (
     json_response,
 )
 from chatapp.chat import services as chat
-from chatapp.db import db
+from chatapp.db import db, transaction
 
 blp = api_blueprint("conversations", "Conversations", authenticated=True)
 
@@ -24,6 +24,7 @@ blp = api_blueprint("conversations", "Conversations", authenticated=True)
 @blp.arguments(PageQuery(), location="query")
 @blp.response(200, ConversationPage)
 @error_responses(blp, 401, 422, 503)
+@transaction("read")
 def list_conversations(query):
     """List your conversations, most recently updated first."""
     # Rows, not objects, dumped by hand (see chatapp.api.schemas).
@@ -38,6 +39,7 @@ def list_conversations(query):
 @blp.arguments(ConversationIn, required=False)  # no body: a conversation titled "New chat"
 @blp.response(201, ConversationOut)
 @error_responses(blp, 400, 401, 413, 415, 422, 429, 503)
+@transaction("write")
 def create_conversation(body):
     """Start a conversation."""
     conversation = chat.create_conversation(current_user_id(), body.get("title"))
@@ -48,6 +50,7 @@ def create_conversation(body):
 @blp.get("/conversations/<int:conversation_id>")
 @blp.response(200, ConversationOut)
 @error_responses(blp, 401, 404, 503)
+@transaction("read")
 def get_conversation(conversation_id):
     """Read one of your conversations."""
     return chat.get_conversation(current_user_id(), conversation_id)
@@ -57,6 +60,7 @@ def get_conversation(conversation_id):
 @blp.arguments(ConversationPatch)
 @blp.response(200, ConversationOut)
 @error_responses(blp, 400, 401, 404, 413, 415, 422, 503)
+@transaction("write")
 def rename_conversation(body, conversation_id):
     """Rename one of your conversations."""
     conversation = chat.get_conversation(current_user_id(), conversation_id)
@@ -68,6 +72,7 @@ def rename_conversation(body, conversation_id):
 @blp.delete("/conversations/<int:conversation_id>")
 @blp.response(204)
 @error_responses(blp, 401, 404, 503)
+@transaction("write")
 def delete_conversation(conversation_id):
     """Delete one of your conversations and all its messages."""
     chat.delete_conversation(chat.get_conversation(current_user_id(), conversation_id))

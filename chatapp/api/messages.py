@@ -1,5 +1,6 @@
 """Messages: list, post (starts a reply), regenerate, stop and stream a reply."""
 
+import functools
 import weakref
 
 from flask import Response, current_app, g, request
@@ -21,7 +22,7 @@ from chatapp.chat import services as chat
 from chatapp.chat import stream_slots
 from chatapp.chat.runner import commit_and_start_reply, get_runner
 from chatapp.chat.stream import parse_last_event_id, reply_events
-from chatapp.db import db
+from chatapp.db import db, transaction
 from chatapp.errors import InvalidInput
 
 blp = api_blueprint("messages", "Messages and bot replies", authenticated=True)
@@ -51,11 +52,22 @@ def idempotency_key() -> str | None:
     return key
 
 
+def with_idempotency_key(view):
+    """Pass the checked Idempotency-Key header as ``key``, before the view's write begins."""
+
+    @functools.wraps(view)
+    def check_header_first(*args, **kwargs):
+        return view(*args, key=idempotency_key(), **kwargs)
+
+    return check_header_first
+
+
 # Schema instances, not classes: given a class, webargs builds an instance per request.
 @blp.get("/conversations/<int:conversation_id>/messages")
 @blp.arguments(PageQuery(), location="query")
 @blp.response(200, MessagePage)
 @error_responses(blp, 401, 404, 422, 503)
+@transaction("read")
 def list_messages(query, conversation_id):
     """List a conversation's messages, oldest first."""
     # The hottest read: an id-only ownership check, rows not objects, dumped by hand.
@@ -72,9 +84,10 @@ def list_messages(query, conversation_id):
 @blp.response(202, PostedMessage)
 @blp.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
 @error_responses(blp, 400, 401, 404, 409, 413, 415, 422, 429, 503)
-def post_message(body, conversation_id):
+@with_idempotency_key
+@transaction("write")
+def post_message(body, conversation_id, key):
     """Send a message; the bot's reply starts as "pending" and can be streamed."""
-    key = idempotency_key()
     chat.check_conversation(current_user_id(), conversation_id)
     message, reply, created = chat.post_message_to(conversation_id, body["content"], key)
     if created:
@@ -86,6 +99,7 @@ def post_message(body, conversation_id):
 @rate_limits.regenerations
 @blp.response(202, MessageOut)
 @error_responses(blp, 401, 404, 409, 429, 503)
+@transaction("write")
 def regenerate_reply(conversation_id, reply_id):
     """Restart a complete or failed reply from scratch."""
     conversation = chat.get_conversation(current_user_id(), conversation_id)
@@ -100,6 +114,7 @@ def regenerate_reply(conversation_id, reply_id):
 @blp.post("/conversations/<int:conversation_id>/messages/<int:reply_id>/stop")
 @blp.response(200, MessageOut)
 @error_responses(blp, 401, 404, 409, 503)
+@transaction("write")
 def stop_reply(conversation_id, reply_id):
     """Stop a reply being generated; it ends "stopped", keeping its text so far."""
     conversation = chat.get_conversation(current_user_id(), conversation_id)
@@ -123,6 +138,7 @@ def stop_reply(conversation_id, reply_id):
     }
 )
 @error_responses(blp, 400, 401, 404, 429, 503)
+@transaction("read")
 def stream_reply(conversation_id, reply_id):
     """Stream a reply's text as it is generated (stored text first)."""
     chat.check_conversation(current_user_id(), conversation_id)

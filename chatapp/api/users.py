@@ -3,17 +3,17 @@
 from flask import current_app, g
 
 from chatapp import rate_limits
-from chatapp.api.auth import require_user
+from chatapp.api.auth import authenticated
 from chatapp.api.blueprint import api_blueprint
 from chatapp.api.docs import error_responses
 from chatapp.api.schemas import Credentials, LoginSessionsEnded, TokenOut, TokenRequest, UserOut
 from chatapp.auth import login_sessions
 from chatapp.auth import services as auth
-from chatapp.db import begin_write, db
+from chatapp.db import begin_write, db, transaction
 from chatapp.errors import Forbidden, Unauthorized
 
-# Hashing passwords is slow: these views take the write lock themselves, after it.
-blp = api_blueprint("accounts", "Accounts and API tokens", authenticated=False, write_first=False)
+# Registering and creating a token need no credentials; the other two authenticate per view.
+blp = api_blueprint("accounts", "Accounts and API tokens", authenticated=False)
 
 
 @blp.post("/users")
@@ -21,6 +21,7 @@ blp = api_blueprint("accounts", "Accounts and API tokens", authenticated=False, 
 @blp.arguments(Credentials)
 @blp.response(201, UserOut)
 @error_responses(blp, 400, 403, 409, 413, 415, 422, 429, 503, authenticated=False)
+@transaction("write-after")
 def register(body):
     """Create an account."""
     if not current_app.config["REGISTRATION_OPEN"]:
@@ -39,6 +40,7 @@ def register(body):
 @blp.arguments(TokenRequest)
 @blp.response(201, TokenOut)
 @error_responses(blp, 400, 401, 413, 415, 422, 429, 503, authenticated=False)
+@transaction("write-after")
 def create_token(body):
     """Exchange a username and password for an API token (shown once)."""
     user = auth.find_login(body["username"])
@@ -58,10 +60,10 @@ def create_token(body):
 @blp.delete("/tokens/current")
 @blp.response(204)
 @error_responses(blp, 401, 503)
+@authenticated
+@transaction("write")
 def revoke_current_token():
     """Revoke the token this request was made with."""
-    begin_write()
-    require_user()
     if g.api_token is None:
         raise Unauthorized("only a Bearer token can revoke itself", code="invalid_token")
     auth.revoke_token(g.api_token)
@@ -73,10 +75,10 @@ def revoke_current_token():
 @blp.delete("/login-sessions")
 @blp.response(200, LoginSessionsEnded)
 @error_responses(blp, 401, 503)
+@authenticated
+@transaction("write")
 def end_login_sessions():
     """Log out every browser logged in to your account (API tokens keep working)."""
-    begin_write()
-    require_user()
     ended = login_sessions.end_other_sessions(g.user_id, keep=None)
     db.session.commit()
     g.pop("login_session", None)  # a cookie caller's own session ended too: nothing to stamp

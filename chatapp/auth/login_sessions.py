@@ -144,7 +144,7 @@ def record_use(response: Response) -> Response:
     if ref is None or response.status_code >= 400 or not needs_touch(ref.last_seen_at):
         return response
     try:
-        db.session.rollback()  # end the request's read; a write view has already committed
+        db.session.rollback()  # the view's transaction has ended (chatapp.db.policy); this is a write of its own
         begin_write()
         touch(ref.id)
         db.session.commit()

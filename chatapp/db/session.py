@@ -1,5 +1,5 @@
 """Sessions: how they end (always, even over a dead connection), the unit of work outside
-requests, and how a writer begins."""
+requests, and how a writer begins. Which request begins how: chatapp.db.policy."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def begin_write(session: Session | None = None) -> None:
     read snapshot, which SQLite refuses at once with "database is locked". Before that,
     the writer queues on this process's write gate (``chatapp.db.sqlite``), holding no
     connection, until the writer ahead of it ends its transaction. Elsewhere it just
-    begins. Call it before the first query of a unit of work that writes.
+    begins. Call it before the first query of a unit of work that writes; requests get
+    it from their view's ``@transaction`` (chatapp.db.policy).
     """
     session = session if session is not None else db.session()
     if session.in_transaction():
@@ -46,30 +47,27 @@ def begin_write(session: Session | None = None) -> None:
 def unit_of_work(app: Flask | None = None, *, write: bool = True) -> Iterator[Session]:
     """Run one unit of work outside a request: its own session, one commit, always removed.
 
-    Uses the current app context, or pushes one for ``app`` (background threads have
-    none). Commits when the block ends, rolls back if it raises, and always removes
-    the session so that its connection goes back to the pool.
+    Pushes an app context of its own (for ``app``, else the current app): Flask-SQLAlchemy
+    scopes sessions by app context, so the block's session is never the caller's, and
+    removing it leaves a caller's transaction and objects (a request's, a shell's) as they
+    were. Commits when the block ends, rolls back if it raises, and always removes the
+    session so that its connection goes back to the pool.
     """
-    ctx = None
-    if app is not None and not (
-        has_app_context() and current_app._get_current_object() is app  # type: ignore[attr-defined]
-    ):
-        ctx = app.app_context()
-        ctx.push()
-    elif app is None and not has_app_context():
-        raise RuntimeError("unit_of_work() needs an app context or an app to push one for")
-    session = db.session()
-    try:
-        if write:
-            begin_write(session)
-        yield session
-        session.commit()
-    finally:
-        # Closing rolls back whatever was not committed (the block raised, or the
-        # commit failed), and survives a connection that died meanwhile.
-        remove_session()
-        if ctx is not None:
-            ctx.pop()
+    if app is None:
+        if not has_app_context():
+            raise RuntimeError("unit_of_work() needs an app context or an app to push one for")
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+    with app.app_context():
+        session = db.session()
+        try:
+            if write:
+                begin_write(session)
+            yield session
+            session.commit()
+        finally:
+            # Closing rolls back whatever was not committed (the block raised, or the
+            # commit failed), and survives a connection that died meanwhile.
+            remove_session()
 
 
 def remove_session() -> None:

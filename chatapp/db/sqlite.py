@@ -105,8 +105,9 @@ def enter_write_gate(session: Session) -> None:
         return
     # A plain Lock, not per-thread re-entrant: a thread that holds the gate in one
     # session and begins a write in another would wait here until the timeout. No code
-    # path does that (the request, unit_of_work in a request and record_token_use all
-    # share the request's session), and it would deadlock on SQLite's own lock anyway.
+    # path does that (a request's view and its after-request stamps share the request's
+    # session, one transaction after the other), and it would deadlock on SQLite's own
+    # lock anyway.
     lock = gate.lock
     if not lock.acquire(timeout=gate.timeout):
         # The same error SQLite gives after its busy timeout: retried by reply writers
@@ -115,6 +116,11 @@ def enter_write_gate(session: Session) -> None:
             "BEGIN IMMEDIATE", {}, sqlite3.OperationalError("database is locked (write gate busy)")
         )
     session.info[_WRITE_GATE_KEY] = lock
+
+
+def needs_write_gate(session: Session) -> bool:
+    """Whether the session's database is SQLite and the session is not inside the write gate."""
+    return _WRITE_GATE_KEY not in session.info and session.get_bind() in _WRITE_GATES
 
 
 def leave_write_gate(session: Session) -> None:

@@ -9,6 +9,7 @@ from flask import Flask, jsonify, render_template, request
 from markupsafe import escape
 from werkzeug.exceptions import HTTPException
 
+from chatapp.db import remove_session
 from chatapp.errors import AppError
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,10 @@ def wants_json() -> bool:
 
 
 def error_response(status: int, code: str, message: str, headers: dict | None = None):
+    # Whatever failed, its transaction ends before the answer is built: no error page or
+    # JSON body is rendered holding a connection, let alone SQLite's write lock. Ending
+    # the session (not a rollback) keeps the loaded user readable for the page's header.
+    remove_session()
     if wants_json():
         response = jsonify({"error": {"code": code, "message": message}})
     else:

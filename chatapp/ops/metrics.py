@@ -34,6 +34,7 @@ from prometheus_client import (
 )
 from sqlalchemy import event
 
+from chatapp.db import transaction
 from chatapp.errors import Forbidden, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -265,6 +266,7 @@ def _is_local_scrape() -> bool:
 
 
 @bp.get("/metrics")
+@transaction("none")
 def metrics():
     """Prometheus text format; reads counters only, never the database."""
     config = current_app.config

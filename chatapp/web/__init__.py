@@ -10,15 +10,11 @@ from flask import Blueprint, request
 from flask_wtf.csrf import CSRFError
 
 from chatapp.auth import login_sessions
-from chatapp.db import begin_write
+from chatapp.db import remove_session
 from chatapp.errors.handlers import error_response, handle_http_exception
 from chatapp.web.forms import sentence
 
 bp = Blueprint("web", __name__)
-
-# Posts that hash a password first and then begin their own write (hashing is slow
-# and must not hold the write lock).
-_NO_EARLY_WRITE_POSTS = frozenset({"web.login", "web.register"})
 
 
 @bp.record_once
@@ -29,13 +25,6 @@ def _configure_login(state) -> None:
     login_manager.login_message_category = "info"
 
 
-@bp.before_request
-def begin_write_for_forms() -> None:
-    """A form that changes data takes the SQLite write lock before its first read."""
-    if request.method == "POST" and request.endpoint not in _NO_EARLY_WRITE_POSTS:
-        begin_write()
-
-
 # Every request a login cookie authenticated, pages and the API alike.
 bp.after_app_request(login_sessions.record_use)
 
@@ -44,6 +33,7 @@ bp.after_app_request(login_sessions.record_use)
 def too_many_requests(error):
     """Over a rate limit: the login form says so on the login page, other forms on the error page."""
     if request.endpoint == "web.login":
+        remove_session()  # an error page: rendered holding no transaction
         return accounts.too_many_logins(error)
     return handle_http_exception(error)
 

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from flask import current_app, flash, g, redirect, render_template, request, session, url_for
+from flask import current_app, flash, g, redirect, request, session, url_for
 from flask_login import current_user, login_required, login_user, logout_user
 
 from chatapp import rate_limits
 from chatapp.auth import login_sessions
 from chatapp.auth import services as auth
 from chatapp.auth.models import User
-from chatapp.db import begin_write, db
+from chatapp.db import begin_write, db, transaction
 from chatapp.errors import AppError
 from chatapp.web import bp
+from chatapp.web.pages import render_page
 from chatapp.web.forms import LoginForm, RegisterForm, add_error
 
 
@@ -54,12 +55,13 @@ def log_out() -> None:
 
 @bp.route("/register", methods=("GET", "POST"))
 @rate_limits.registration
+@transaction("write-after")
 def register():
     """Create an account and log in to it."""
     if current_user.is_authenticated:
         return redirect(url_for("web.index"))
     if not current_app.config["REGISTRATION_OPEN"]:
-        return render_template("auth/register.html", form=None), 403
+        return render_page("auth/register.html", form=None), 403
     form = RegisterForm()
     status = 422
     if form.validate_on_submit():
@@ -69,6 +71,7 @@ def register():
             auth.add_user(user)
             login_sessions.start(user)
         except AppError as error:
+            db.session.rollback()  # the form re-renders holding no write lock
             add_error(form, error, "username")
             status = error.status
         else:
@@ -76,12 +79,13 @@ def register():
             response = _log_in(user, url_for("web.index"))
             flash(f"Welcome, {user.username}! Start a conversation.", "success")
             return response
-    return render_template("auth/register.html", form=form), status if form.errors else 200
+    return render_page("auth/register.html", form=form), status if form.errors else 200
 
 
 @bp.route("/login", methods=("GET", "POST"))
 @rate_limits.login
 @rate_limits.login_per_username
+@transaction("write-after")
 def login():
     """Log in with a username and password."""
     if current_user.is_authenticated:
@@ -101,7 +105,7 @@ def login():
             return _log_in(user, _next_url())
         form.form_errors.append("Wrong username or password.")
         status = 401
-    return render_template("auth/login.html", form=form), status
+    return render_page("auth/login.html", form=form), status
 
 
 def too_many_logins(error):
@@ -110,11 +114,12 @@ def too_many_logins(error):
     form.form_errors.append(
         f"Too many requests to log in (limit: {error.description}). Wait a minute, then try again."
     )
-    return render_template("auth/login.html", form=form), 429
+    return render_page("auth/login.html", form=form), 429
 
 
 @bp.post("/logout")
 @login_required
+@transaction("write")
 def logout():
     """Log out: end this browser's login session on the server and forget the cookie."""
     login_sessions.end(current_user.id, login_sessions.current_session_id())

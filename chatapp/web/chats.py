@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from flask import current_app, flash, redirect, render_template, request, url_for
+from flask import current_app, flash, redirect, request, url_for
 from flask_login import current_user, login_required
 
 from chatapp import rate_limits
 from chatapp.chat import services as chat
 from chatapp.chat.runner import commit_and_start_reply, get_runner
-from chatapp.db import db
+from chatapp.db import begin_write, db, transaction
 from chatapp.errors import AppError, Conflict
 from chatapp.security import parse_bounded_int
 from chatapp.web import bp, pages
@@ -31,7 +31,7 @@ def _before_arg() -> int | None:
 def _render_conversation(conversation_id: int, *, message_form=None, rename_form=None, status=200):
     conversation = chat.get_conversation(current_user.id, conversation_id)
     per_page = current_app.config["WEB_MESSAGES_PER_PAGE"]
-    return render_template(
+    return pages.render_page(
         "chat/conversation.html",
         conversation=pages.conversation_item(conversation),
         history=pages.history(conversation.id, per_page, _before_arg()),
@@ -43,14 +43,16 @@ def _render_conversation(conversation_id: int, *, message_form=None, rename_form
 
 @bp.get("/")
 @login_required
+@transaction("read")
 def index():
     """Your conversations, newest first (or what to do when there are none)."""
-    return render_template("chat/index.html", sidebar=_sidebar())
+    return pages.render_page("chat/index.html", sidebar=_sidebar())
 
 
 @bp.post("/c")
 @login_required
 @rate_limits.conversations
+@transaction("write")
 def new_conversation():
     """Start a conversation and open it."""
     conversation = chat.create_conversation(current_user.id)
@@ -60,6 +62,7 @@ def new_conversation():
 
 @bp.get("/c/<int:conversation_id>")
 @login_required
+@transaction("read")
 def conversation(conversation_id: int):
     """A conversation: its history and the message box."""
     return _render_conversation(conversation_id)
@@ -67,29 +70,31 @@ def conversation(conversation_id: int):
 
 @bp.post("/c/<int:conversation_id>/rename")
 @login_required
+@transaction("write-after")
 def rename(conversation_id: int):
     """Give a conversation a new title."""
-    conversation = chat.get_conversation(current_user.id, conversation_id)
     form = RenameForm()
-    status = 422
-    if form.validate_on_submit():
-        try:
-            chat.rename_conversation(conversation, form.title.data)
-        except AppError as error:
-            add_error(form, error, "title")
-            status = error.status
-        else:
-            db.session.commit()
-            return redirect(url_for("web.conversation", conversation_id=conversation.id))
-    return _render_conversation(conversation.id, rename_form=form, status=status)
+    if not form.validate_on_submit():
+        return _render_conversation(conversation_id, rename_form=form, status=422)
+    begin_write()
+    conversation = chat.get_conversation(current_user.id, conversation_id)
+    try:
+        chat.rename_conversation(conversation, form.title.data)
+    except AppError as error:
+        db.session.rollback()  # the page re-renders holding no write lock
+        add_error(form, error, "title")
+        return _render_conversation(conversation_id, rename_form=form, status=error.status)
+    db.session.commit()
+    return redirect(url_for("web.conversation", conversation_id=conversation_id))
 
 
 @bp.get("/c/<int:conversation_id>/delete")
 @login_required
+@transaction("read")
 def confirm_delete(conversation_id: int):
     """Ask before deleting a conversation."""
     conversation = chat.get_conversation(current_user.id, conversation_id)
-    return render_template(
+    return pages.render_page(
         "chat/delete.html",
         conversation=pages.conversation_item(conversation),
         sidebar=_sidebar(conversation.id),
@@ -98,6 +103,7 @@ def confirm_delete(conversation_id: int):
 
 @bp.post("/c/<int:conversation_id>/delete")
 @login_required
+@transaction("write")
 def delete(conversation_id: int):
     """Delete a conversation and its messages."""
     conversation = chat.get_conversation(current_user.id, conversation_id)
@@ -111,26 +117,28 @@ def delete(conversation_id: int):
 @bp.post("/c/<int:conversation_id>/messages")
 @login_required
 @rate_limits.messages
+@transaction("write-after")
 def send_message(conversation_id: int):
     """Send a message without JavaScript; the page then shows the reply as it was when loaded."""
-    conversation = chat.get_conversation(current_user.id, conversation_id)
     form = MessageForm()
-    status = 422
-    if form.validate_on_submit():
-        try:
-            _message, reply = chat.post_message(conversation, form.content.data)
-        except AppError as error:
-            add_error(form, error, "content")
-            status = error.status
-        else:
-            commit_and_start_reply(current_app, reply.id, reply.attempt)
-            return redirect(url_for("web.conversation", conversation_id=conversation_id))
-    return _render_conversation(conversation.id, message_form=form, status=status)
+    if not form.validate_on_submit():
+        return _render_conversation(conversation_id, message_form=form, status=422)
+    begin_write()
+    conversation = chat.get_conversation(current_user.id, conversation_id)
+    try:
+        _message, reply = chat.post_message(conversation, form.content.data)
+    except AppError as error:
+        db.session.rollback()  # the page re-renders holding no write lock
+        add_error(form, error, "content")
+        return _render_conversation(conversation_id, message_form=form, status=error.status)
+    commit_and_start_reply(current_app, reply.id, reply.attempt)
+    return redirect(url_for("web.conversation", conversation_id=conversation_id))
 
 
 @bp.post("/c/<int:conversation_id>/messages/<int:reply_id>/regenerate")
 @login_required
 @rate_limits.regenerations
+@transaction("write")
 def regenerate(conversation_id: int, reply_id: int):
     """Generate a finished or failed reply again, without JavaScript."""
     conversation = chat.get_conversation(current_user.id, conversation_id)
@@ -141,6 +149,7 @@ def regenerate(conversation_id: int, reply_id: int):
 
 @bp.post("/c/<int:conversation_id>/messages/<int:reply_id>/stop")
 @login_required
+@transaction("write")
 def stop_reply(conversation_id: int, reply_id: int):
     """Stop a reply being generated, without JavaScript; it keeps its text so far."""
     conversation = chat.get_conversation(current_user.id, conversation_id)
@@ -157,10 +166,11 @@ def stop_reply(conversation_id: int, reply_id: int):
 
 @bp.get("/c/<int:conversation_id>/messages/<int:reply_id>")
 @login_required
+@transaction("read")
 def reply_fragment(conversation_id: int, reply_id: int):
     """One reply as HTML (sanitized Markdown), which the page swaps in when a stream ends."""
     conversation = chat.get_conversation(current_user.id, conversation_id)
-    return render_template(
+    return pages.render_page(
         "chat/_message.html",
         message=pages.reply_item(conversation, reply_id),
         conversation=pages.conversation_item(conversation),

@@ -1,22 +1,26 @@
-"""What templates get: plain, frozen data read in the view's session.
+"""What templates get: plain, frozen data read in the view's session, and how pages render.
 
 Templates never see ORM objects (besides Flask-Login's current user, loaded before any
 template renders), so nothing can lazy-load while a page renders or after the session ends.
+A page renders once its data is loaded and the transaction has ended (``render_page``):
+the template, and the Markdown of replies it shows, run holding no connection.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 
 import sqlalchemy as sa
+from flask import render_template
 from markupsafe import Markup
 
 from chatapp.auth import login_sessions as sessions
 from chatapp.auth import services as auth
 from chatapp.chat import services as chat
 from chatapp.chat.models import ACTIVE_STATUSES, Conversation, Message, Role
-from chatapp.db import db
+from chatapp.db import db, end_transaction
 from chatapp.web.markdown import render_markdown
 
 
@@ -42,13 +46,18 @@ class MessageItem:
     status: str
     content: str
     error: str | None
-    # Sanitized Markdown for finished assistant replies; None while a reply is generated.
-    html: Markup | None
     is_latest: bool
+    # Finished assistant replies show as Markdown; a reply being generated shows as text.
+    is_markdown: bool
 
     @property
     def is_active(self) -> bool:
         return self.status in {status.value for status in ACTIVE_STATUSES}
+
+    @cached_property
+    def html(self) -> Markup | None:
+        """Sanitized Markdown, rendered when the template asks: after the transaction ended."""
+        return render_markdown(self.content) if self.is_markdown else None
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,12 @@ class LoginSessionItem:
     is_current: bool
 
 
+def render_page(template: str, **context) -> str:
+    """End the request's transaction, then render: no template or Markdown runs inside one."""
+    end_transaction()
+    return render_template(template, **context)
+
+
 def conversation_item(conversation: Conversation) -> ConversationItem:
     return ConversationItem(conversation.id, conversation.title, conversation.updated_at)
 
@@ -97,8 +112,8 @@ def message_item(message: Message, is_latest: bool) -> MessageItem:
         status=status,
         content=message.content,
         error=message.error,
-        html=render_markdown(message.content) if finished else None,
         is_latest=is_latest,
+        is_markdown=finished,
     )
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from flask import current_app, flash, redirect, render_template, request, url_for
+from flask import current_app, flash, redirect, request, url_for
 from flask_login import current_user, login_required
 
 from chatapp.auth import login_sessions
 from chatapp.auth import services as auth
-from chatapp.db import db
+from chatapp.db import begin_write, db, transaction
 from chatapp.errors import NotFound
 from chatapp.web import bp, pages
 from chatapp.web.accounts import log_out
@@ -15,7 +15,7 @@ from chatapp.web.forms import TokenForm
 
 
 def _render_settings(form: TokenForm, new_token: str | None = None, status: int = 200):
-    return render_template(
+    return pages.render_page(
         "settings.html",
         form=form,
         new_token=new_token,
@@ -29,6 +29,7 @@ def _render_settings(form: TokenForm, new_token: str | None = None, status: int 
 
 @bp.get("/settings")
 @login_required
+@transaction("read")
 def settings():
     """Your API tokens and the browsers logged in to your account."""
     return _render_settings(TokenForm(formdata=None))
@@ -36,11 +37,13 @@ def settings():
 
 @bp.post("/settings/tokens")
 @login_required
+@transaction("write-after")
 def create_token():
     """Create an API token and show it, once."""
     form = TokenForm()
     if not form.validate_on_submit():
         return _render_settings(form, status=422)
+    begin_write()
     _row, token = auth.create_token(current_user.id, name=form.name.data.strip() or "web")
     db.session.commit()
     # Rendered, not flashed: the session cookie is signed but readable, no place for a secret.
@@ -50,6 +53,7 @@ def create_token():
 
 @bp.post("/settings/tokens/<int:token_id>/revoke")
 @login_required
+@transaction("write")
 def revoke_token(token_id: int):
     """Revoke one of your API tokens."""
     row = auth.find_user_token(current_user.id, token_id)
@@ -63,6 +67,7 @@ def revoke_token(token_id: int):
 
 @bp.post("/settings/sessions/<int:session_id>/end")
 @login_required
+@transaction("write")
 def end_login_session(session_id: int):
     """Log one of your browsers out (this one too, if it is this one)."""
     if not login_sessions.end(current_user.id, session_id):
@@ -78,6 +83,7 @@ def end_login_session(session_id: int):
 
 @bp.post("/settings/sessions/end-all")
 @login_required
+@transaction("write")
 def end_all_login_sessions():
     """Log out everywhere: end every browser login of your account, this one included."""
     ended = login_sessions.end_other_sessions(current_user.id, keep=None)
