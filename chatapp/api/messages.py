@@ -8,6 +8,7 @@ from chatapp import rate_limits
 from chatapp.api.auth import current_user_id
 from chatapp.api.blueprint import api_blueprint
 from chatapp.api.docs import error_responses
+from chatapp.api.fast_json import message_page_response
 from chatapp.api.schemas import (
     MessageIn,
     MessageOut,
@@ -61,9 +62,7 @@ def list_messages(query, conversation_id):
     # The hottest read: an id-only ownership check, rows not objects, dumped by hand.
     chat.check_conversation(current_user_id(), conversation_id)
     page = chat.list_messages(conversation_id, query["limit"], query["cursor"])
-    return json_response(
-        {"items": [message_json(row) for row in page.items], "next_cursor": page.next_cursor}
-    )
+    return message_page_response(page.items, page.next_cursor)
 
 
 @blp.post("/conversations/<int:conversation_id>/messages")
