@@ -33,7 +33,10 @@ class CookieSessionInterface(SecureCookieSessionInterface):
         if not session and not session.modified:
             # What Flask does for an empty session nobody changed: nothing but Vary.
             if session.accessed:
-                response.vary.add("Cookie")
+                if "Vary" in response.headers:
+                    response.vary.add("Cookie")
+                else:  # what vary.add() writes, without parsing and re-dumping the header
+                    response.headers["Vary"] = "Cookie"
             return
         super().save_session(app, session, response)
 

@@ -111,7 +111,9 @@ def _conversation_not_found() -> NotFound:
 
 def check_conversation(owner_id: int, conversation_id: int) -> int:
     """get_conversation() for views that need only the id: reads the id alone, no object."""
-    found = db.session.execute(
+    # Core on the session's connection: the session's execute() adds ORM dispatch that a
+    # statement of plain columns never uses.
+    found = db.session.connection().execute(
         _OWNED_CONVERSATION, {"conversation_id": conversation_id, "owner_id": owner_id}
     ).scalar()
     if found is None:
@@ -205,7 +207,7 @@ def list_messages(conversation_id: int, limit: int, cursor: str | None = None) -
         (last_id,) = _decode_cursor(cursor, 1)
         params["after_id"] = _cursor_id(last_id)
         query = _MESSAGE_PAGE_AFTER
-    rows = db.session.execute(query, params).all()
+    rows = db.session.connection().execute(query, params).all()
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
