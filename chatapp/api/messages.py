@@ -60,8 +60,9 @@ def idempotency_key() -> str | None:
 def list_messages(query, conversation_id):
     """List a conversation's messages, oldest first."""
     # The hottest read: an id-only ownership check, rows not objects, dumped by hand.
-    chat.check_conversation(current_user_id(), conversation_id)
-    page = chat.list_messages(conversation_id, query["limit"], query["cursor"])
+    connection = db.session.connection()  # both reads on it, fetched from the session once
+    chat.check_conversation(current_user_id(), conversation_id, connection)
+    page = chat.list_messages(conversation_id, query["limit"], query["cursor"], connection)
     return message_page_response(page.items, page.next_cursor)
 
 
