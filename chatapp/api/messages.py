@@ -8,6 +8,7 @@ from chatapp import rate_limits
 from chatapp.api.auth import current_user_id
 from chatapp.api.blueprint import api_blueprint
 from chatapp.api.docs import error_responses
+from chatapp.api.fast_args import PAGE_QUERY_PARSER
 from chatapp.api.fast_json import message_page_response
 from chatapp.api.schemas import (
     MessageIn,
@@ -26,6 +27,8 @@ from chatapp.db import db
 from chatapp.errors import InvalidInput
 
 blp = api_blueprint("messages", "Messages and bot replies", authenticated=True)
+# Plain page queries (?limit=&cursor=) skip the schema load; see chatapp.api.fast_args.
+blp.ARGUMENTS_PARSER = PAGE_QUERY_PARSER
 
 IDEMPOTENCY_KEY_MAX = 100
 IDEMPOTENCY_KEY_PARAMETER = {
