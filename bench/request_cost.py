@@ -9,6 +9,16 @@ one every 5 s when the stream is served by the worker running its reply, one eve
 STREAM_POLL_INTERVAL when it is not), hence how many replies/s two cores can carry at most.
 
     python bench/request_cost.py [--backend sqlite postgresql] [--profile]
+    python bench/request_cost.py --throughput [--rounds 5] [--seconds 8] [--connections 32]
+
+--throughput measures instead the target of a cheaper request: requests/s of
+GET /api/v1/conversations/<id>/messages (20 of 50) on chatapp, the textbook app and the
+core floor, each under gunicorn (gunicorn.conf.py, 2 workers x 8 threads by default,
+chatapp with every production feature on, MAX_REQUESTS=0), loaded by wrk with 32
+connections; rounds interleaved (the order rotates), so that the apps of one round saw
+the same background load. It prints each round with the load average, each app's server
+CPU per request, and the ratios chatapp/textbook and chatapp/core floor per round and
+their medians (targets: >= 1.0x the textbook app, >= 0.8x the core floor).
 
 --profile adds, for the messages-list request, where chatapp's and the textbook app's
 CPU goes, by package (cProfile; its overhead inflates every figure about 2x).
@@ -30,16 +40,21 @@ import pstats
 import secrets
 import sys
 import time
+
+import requests
 from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.apps import BENCH_CONFIG  # noqa: E402
+from bench.apps import BENCH_CONFIG, Server  # noqa: E402
 from bench.core_floor_app import build_core_floor  # noqa: E402
 from bench.databases import Database, backends, seed  # noqa: E402
 from bench.lifecycle import ROOT, workdir  # noqa: E402
-from bench.report import finish, fmt, machine_report, table  # noqa: E402
+from bench.load import load  # noqa: E402
+from bench.metrics import checked_out_by_pid  # noqa: E402
+from bench.report import finish, fmt, loadavg, machine_report, median, table  # noqa: E402
+from tests.support.metrics import scrape  # noqa: E402
 
 CONTENT = "the quick brown fox jumps over the lazy dog"
 WORDS = len(CONTENT.split())
@@ -215,12 +230,114 @@ def _profile(fn, n: int) -> collections.Counter:
     return totals
 
 
+# --- --throughput: chatapp against the textbook app and the core floor, under gunicorn ----
+
+THROUGHPUT_APPS = [
+    ("textbook", "bench.textbook_app:app"),
+    ("core_floor", "bench.core_floor_app:app"),
+    ("chatapp", "wsgi:app"),
+]
+TARGET_VS_TEXTBOOK, TARGET_VS_FLOOR = 1.0, 0.8
+
+
+def throughput(backend: str, wd: Path, args) -> dict:
+    with Database(backend, wd) as database:
+        seeded = seed(database.uri, conversations=2, messages=50)
+        path = f"/api/v1/conversations/{seeded.conversation_ids[0]}/messages?limit=20"
+        headers = {"Authorization": f"Bearer {seeded.token}"}
+        servers = {}
+        try:
+            for name, module in THROUGHPUT_APPS:
+                servers[name] = Server(module, database.uri, wd, name=f"cost-{name}-{backend}",
+                                       workers=args.workers, threads=args.threads,
+                                       env={"CHATAPP_MAX_REQUESTS": 0}).start()
+            pages = set()
+            for name, server in servers.items():
+                response = requests.get(server.url + path, headers=headers, timeout=10)
+                response.raise_for_status()
+                pages.add(tuple((m["id"], m["content"]) for m in response.json()["items"]))
+            if len(pages) != 1:
+                raise RuntimeError(f"the apps disagree on the page: {pages}")
+            for server in servers.values():  # every worker thread's connection, caches
+                load(server.url + path, headers=headers, seconds=2, connections=args.connections)
+            rounds: list[dict] = []
+            order = list(servers)
+            for round_no in range(args.rounds):
+                results = {}
+                for name in order[round_no % len(order):] + order[:round_no % len(order)]:
+                    server = servers[name]
+                    cpu_before = server.cpu_seconds()
+                    result = load(server.url + path, headers=headers, seconds=args.seconds,
+                                  connections=args.connections)
+                    result.server_cpu_seconds = server.cpu_seconds() - cpu_before
+                    if result.non_2xx or result.socket_errors:
+                        raise RuntimeError(f"{name}: {result.non_2xx} non-2xx, {result.socket_errors} socket errors")
+                    results[name] = result
+                    time.sleep(0.3)
+                loadavg = loadavg()
+                rounds.append({"results": results, "loadavg": loadavg})
+                print(f"# {backend} round {round_no + 1}: " + ", ".join(
+                    f"{name} {r.rps:,.0f} req/s ({1000 * r.server_cpu_seconds / max(r.requests, 1):.2f} ms CPU/req)"
+                    for name, r in results.items())
+                      + f"; chatapp/textbook {results['chatapp'].rps / results['textbook'].rps:.2f}x, "
+                      f"chatapp/core floor {results['chatapp'].rps / results['core_floor'].rps:.2f}x; load {loadavg}",
+                      flush=True)
+            leaks = checked_out_by_pid(scrape(servers["chatapp"].url))
+        finally:
+            for server in servers.values():
+                server.stop()
+    return {"rounds": rounds, "checked_out_after": leaks}
+
+
+def throughput_main(args) -> int:
+    print(machine_report())
+    print(f"# messages list under gunicorn: {args.rounds} interleaved rounds x {args.seconds:g} s per app, "
+          f"wrk -c{args.connections}, gunicorn workers={args.workers} threads={args.threads}", flush=True)
+    rows, verdicts = [], []
+    with workdir() as wd:
+        for backend in backends(args.backend):
+            data = throughput(backend, wd, args)
+            rounds = data["rounds"]
+            for name, _module in THROUGHPUT_APPS:
+                results = [r["results"][name] for r in rounds]
+                rows.append([backend, name, fmt(median([r.rps for r in results]), 0),
+                             " / ".join(fmt(r.rps, 0) for r in results),
+                             fmt(median([1000 * r.server_cpu_seconds / max(r.requests, 1) for r in results]), 2),
+                             fmt(median([r.p50_ms for r in results]))])
+            vs_textbook = [r["results"]["chatapp"].rps / r["results"]["textbook"].rps for r in rounds]
+            vs_floor = [r["results"]["chatapp"].rps / r["results"]["core_floor"].rps for r in rounds]
+            verdicts.append(
+                f"{backend}: chatapp / textbook per round {' '.join(f'{x:.2f}' for x in vs_textbook)}, median "
+                f"{median(vs_textbook):.2f}x (target >= {TARGET_VS_TEXTBOOK}x: "
+                f"{'met' if median(vs_textbook) >= TARGET_VS_TEXTBOOK else 'MISSED'}); chatapp / core floor "
+                f"{' '.join(f'{x:.2f}' for x in vs_floor)}, median {median(vs_floor):.2f}x (target >= "
+                f"{TARGET_VS_FLOOR}x: {'met' if median(vs_floor) >= TARGET_VS_FLOOR else 'MISSED'}); "
+                f"load average per round: {' | '.join(r['loadavg'] for r in rounds)}; chatapp connections "
+                f"checked out after: {data['checked_out_after'] or 'no /metrics'}")
+    print()
+    print(table(["db", "app", "req/s (median)", "rounds", "server CPU ms/req (median)", "p50 ms"], rows))
+    print()
+    for line in verdicts:
+        print("- " + line)
+    print(f"load average at end: {loadavg()}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"])
     parser.add_argument("-n", type=int, default=200, help="calls per round (5 rounds)")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--throughput", action="store_true",
+                        help="requests/s under gunicorn and wrk against the textbook app and the core floor")
+    parser.add_argument("--rounds", type=int, default=5, help="--throughput: interleaved rounds")
+    parser.add_argument("--seconds", type=float, default=8, help="--throughput: seconds per app and round")
+    parser.add_argument("--connections", type=int, default=32, help="--throughput: wrk connections")
+    parser.add_argument("--workers", type=int, default=2, help="--throughput: gunicorn workers")
+    parser.add_argument("--threads", type=int, default=8, help="--throughput: gunicorn threads per worker")
     args = parser.parse_args(argv)
+    if args.throughput:
+        return throughput_main(args)
     print(machine_report())
     from chatapp.config import Defaults
 

@@ -7,13 +7,14 @@ import os
 from flask import Flask
 
 from chatapp.config import Defaults, check_history_budget, check_input_limits, check_secret_key
+from chatapp.flask_app import ChatFlask
 
 __version__ = "0.1.0"
 
 
 def create_app(test_config: dict | None = None) -> Flask:
     """Create and configure an app; binds extensions, touches no database."""
-    app = Flask(__name__, instance_relative_config=True)
+    app = ChatFlask(__name__, instance_relative_config=True)
     app.config.from_object(Defaults)
     app.config.from_pyfile("config.py", silent=True)
     app.config.from_prefixed_env("CHATAPP")

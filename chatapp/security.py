@@ -63,11 +63,24 @@ def refuse_nul_characters() -> None:
     """PostgreSQL text cannot hold NUL (storing one is a 500): refuse it in query strings and forms.
 
     JSON bodies are checked field by field by the API's schemas, which name the field.
+    Parsed only when they can hold one: a decoded query string has a NUL only if the raw
+    one has a NUL byte or "%00", and Werkzeug parses a form only from these two types
+    (request.form is empty otherwise), so most requests parse neither here.
     """
-    for values in (request.args, request.form):
-        for key, value in values.items(multi=True):
-            if "\x00" in key or "\x00" in value:
-                raise InvalidInput("text must not contain NUL characters")
+    query = request.query_string
+    if b"\x00" in query or b"%00" in query:
+        _refuse_nul(request.args)
+    if request.mimetype in _FORM_TYPES:
+        _refuse_nul(request.form)
+
+
+_FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
+
+
+def _refuse_nul(values) -> None:
+    for key, value in values.items(multi=True):
+        if "\x00" in key or "\x00" in value:
+            raise InvalidInput("text must not contain NUL characters")
 
 
 def init_app(app: Flask) -> None:

@@ -4,6 +4,7 @@ from chatapp import rate_limits
 from chatapp.api.auth import current_user_id
 from chatapp.api.blueprint import api_blueprint
 from chatapp.api.docs import error_responses
+from chatapp.api.fast_args import PAGE_QUERY_PARSER
 from chatapp.api.schemas import (
     ConversationIn,
     ConversationOut,
@@ -17,6 +18,8 @@ from chatapp.chat import services as chat
 from chatapp.db import db, transaction
 
 blp = api_blueprint("conversations", "Conversations", authenticated=True)
+# Plain page queries (?limit=&cursor=) skip the schema load; see chatapp.api.fast_args.
+blp.ARGUMENTS_PARSER = PAGE_QUERY_PARSER
 
 
 # A schema instance, not the class: given a class, webargs builds an instance per request.

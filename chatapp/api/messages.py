@@ -9,6 +9,8 @@ from chatapp import rate_limits
 from chatapp.api.auth import current_user_id
 from chatapp.api.blueprint import api_blueprint
 from chatapp.api.docs import error_responses
+from chatapp.api.fast_args import PAGE_QUERY_PARSER
+from chatapp.api.fast_json import message_page_response
 from chatapp.api.schemas import (
     MessageIn,
     MessageOut,
@@ -26,6 +28,8 @@ from chatapp.db import db, transaction
 from chatapp.errors import InvalidInput
 
 blp = api_blueprint("messages", "Messages and bot replies", authenticated=True)
+# Plain page queries (?limit=&cursor=) skip the schema load; see chatapp.api.fast_args.
+blp.ARGUMENTS_PARSER = PAGE_QUERY_PARSER
 
 IDEMPOTENCY_KEY_MAX = 100
 IDEMPOTENCY_KEY_PARAMETER = {
@@ -71,11 +75,10 @@ def with_idempotency_key(view):
 def list_messages(query, conversation_id):
     """List a conversation's messages, oldest first."""
     # The hottest read: an id-only ownership check, rows not objects, dumped by hand.
-    chat.check_conversation(current_user_id(), conversation_id)
-    page = chat.list_messages(conversation_id, query["limit"], query["cursor"])
-    return json_response(
-        {"items": [message_json(row) for row in page.items], "next_cursor": page.next_cursor}
-    )
+    connection = db.session.connection()  # both reads on it, fetched from the session once
+    chat.check_conversation(current_user_id(), conversation_id, connection)
+    page = chat.list_messages(conversation_id, query["limit"], query["cursor"], connection)
+    return message_page_response(page.items, page.next_cursor)
 
 
 @blp.post("/conversations/<int:conversation_id>/messages")

@@ -212,7 +212,9 @@ def find_active_token(token: str) -> sa.Row | None:
     """The unrevoked token a request presents, as a plain row: id, user_id, last_used_at."""
     if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
         return None
-    return db.session.execute(_ACTIVE_TOKEN, {"token_hash": hash_token(token)}).first()
+    # Core on the session's connection (its transaction, begun here if not yet): the
+    # session's execute() adds ORM dispatch this plain-column statement never uses.
+    return db.session.connection().execute(_ACTIVE_TOKEN, {"token_hash": hash_token(token)}).first()
 
 
 def token_needs_touch(token: ApiToken | sa.Row) -> bool:

@@ -64,6 +64,16 @@ def configure_engine(engine: sa.Engine, config) -> None:
     @event.listens_for(engine, "begin")
     def on_begin(connection):
         mode = connection.get_execution_options().get(SQLITE_BEGIN_OPTION, "DEFERRED")
+        if mode == "DEFERRED":
+            # A reader's BEGIN takes no lock and cannot be busy: sent straight to the
+            # driver, without SQLAlchemy's statement machinery around it (every request
+            # begins one). Should it fail all the same, it is sent again the usual way,
+            # which raises SQLAlchemy's error (and runs its error handling) if it fails again.
+            try:
+                connection.connection.driver_connection.execute("BEGIN DEFERRED").close()
+                return
+            except sqlite3.Error:
+                pass
         connection.exec_driver_sql(f"BEGIN {mode}")
 
     _WRITE_GATES[engine] = _WriteGate(int(config["SQLITE_BUSY_TIMEOUT_MS"]) / 1000)

@@ -178,14 +178,26 @@ def _watch_engine(engine, bind: str, warn_after: float) -> None:
     # StaticPool (in-memory SQLite) has no queue, no size and no overflow.
     queued = hasattr(pool, "overflow")
 
+    # Under gunicorn every set() is a write to this worker's metrics file (a lock, a
+    # pid check, a pack into the mmap). The size never changes and the overflow seldom
+    # does: each is written when its value changes (or in a new process, whose files
+    # start empty), not on every checkout and checkin.
+    written: dict = {}
+
+    def set_if_changed(gauge, value, pid) -> None:
+        if written.get(gauge) != (pid, value):
+            gauge.set(value)
+            written[gauge] = (pid, value)
+
     def record_pool(returning: bool) -> None:
         checked_out_gauge.set(held["count"])
         if queued:
             overflow = pool.overflow()
             if returning and pool.checkedin() >= pool.size():
                 overflow -= 1  # the pool is full: it closes the connection coming back
-            size_gauge.set(pool.size())
-            overflow_gauge.set(max(overflow, 0))
+            pid = os.getpid()
+            set_if_changed(size_gauge, pool.size(), pid)
+            set_if_changed(overflow_gauge, max(overflow, 0), pid)
 
     @event.listens_for(engine, "checkout")
     def on_checkout(dbapi_connection, record, proxy):

@@ -357,3 +357,37 @@ def default_limit():
 def test_a_configured_default_limit_keeps_the_hook(default_limit, app, client):
     assert limiter._check_request_limit in app.before_request_funcs[None]
     assert [client.get("/healthz").status_code for _ in range(3)] == [200, 200, 429]
+
+
+@pytest.mark.parametrize("query", [
+    "", "limit=20", "limit=1", "limit=100", "limit=007", "cursor=abc", "limit=5&cursor=MTI",
+    "limit=0", "limit=101", "limit=-1", "limit=+5", "limit= 5", "limit=5.0", "limit=", "limit=１２",
+    "limit=1_0", "cursor=", "cursor=" + "x" * 201, "cursor=" + "x" * 200, "limit=5&limit=6",
+    "other=1", "limit=5&other=1", "cursor=a&cursor=b",
+])
+def test_the_page_query_shortcut_reads_what_webargs_reads(app, query):
+    """chatapp.api.fast_args answers a plain page query as PageQuery through webargs would,
+    and leaves everything else (errors, unknown or repeated parameters) to webargs."""
+    from webargs.flaskparser import FlaskParser
+    from werkzeug.exceptions import HTTPException
+
+    from chatapp.api.fast_args import PAGE_QUERY_PARSER, _plain_page_query
+    from chatapp.api.schemas import PageQuery
+
+    def outcome(parser):
+        try:
+            return parser.parse(PageQuery(), location="query")
+        except HTTPException as error:
+            return ("error", error.code, getattr(error, "data", {}).get("messages"))
+
+    with app.test_request_context(f"/api/v1/conversations?{query}"):
+        assert outcome(PAGE_QUERY_PARSER) == outcome(FlaskParser())
+        shortcut = _plain_page_query(flask_request())
+        if shortcut is not None:
+            assert shortcut == FlaskParser().parse(PageQuery(), location="query")
+
+
+def flask_request():
+    from flask import request
+
+    return request
