@@ -46,8 +46,7 @@ accesslog = os.environ.get("CHATAPP_ACCESS_LOG", "-")
 # Common log format plus the request id (X-Request-ID, set or echoed by the app) and
 # the time to the last byte sent, in milliseconds (a stream's whole life).
 access_log_format = (
-    '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" '
-    "request_id=%({x-request-id}o)s duration_ms=%(M)s"
+    '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" request_id=%({x-request-id}o)s duration_ms=%(M)s'
 )
 
 

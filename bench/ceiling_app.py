@@ -61,9 +61,7 @@ else:
         return value.isoformat()
 
 
-TOKEN_SQL, CONVERSATION_SQL, MESSAGES_SQL = (
-    sql.format(p=PARAM) for sql in (TOKEN_SQL, CONVERSATION_SQL, MESSAGES_SQL)
-)
+TOKEN_SQL, CONVERSATION_SQL, MESSAGES_SQL = (sql.format(p=PARAM) for sql in (TOKEN_SQL, CONVERSATION_SQL, MESSAGES_SQL))
 
 
 def _connection():
@@ -74,8 +72,9 @@ def _connection():
 
 
 def _error(status: int, code: str, message: str) -> Response:
-    return Response(json.dumps({"error": {"code": code, "message": message}}), status=status,
-                    mimetype="application/json")
+    return Response(
+        json.dumps({"error": {"code": code, "message": message}}), status=status, mimetype="application/json"
+    )
 
 
 app = Flask(__name__)
@@ -104,8 +103,16 @@ def list_messages(conversation_id: int):
         rows = rows[:limit]
         next_cursor = str(rows[-1][0])  # not chatapp's opaque cursor; not followed here
     items = [
-        {"id": r[0], "conversation_id": r[1], "role": r[2], "content": r[3], "status": r[4],
-         "error": r[5], "created_at": _stamp(r[6]), "updated_at": _stamp(r[7])}
+        {
+            "id": r[0],
+            "conversation_id": r[1],
+            "role": r[2],
+            "content": r[3],
+            "status": r[4],
+            "error": r[5],
+            "created_at": _stamp(r[6]),
+            "updated_at": _stamp(r[7]),
+        }
         for r in rows
     ]
     return Response(json.dumps({"items": items, "next_cursor": next_cursor}), mimetype="application/json")

@@ -40,8 +40,16 @@ def build_core_floor(database_uri: str):
         conversations.c.owner_id == sa.bindparam("owner_id"),
     )
     messages_sql = (
-        sa.select(messages.c.id, messages.c.conversation_id, messages.c.role, messages.c.content,
-                  messages.c.status, messages.c.error, messages.c.created_at, messages.c.updated_at)
+        sa.select(
+            messages.c.id,
+            messages.c.conversation_id,
+            messages.c.role,
+            messages.c.content,
+            messages.c.status,
+            messages.c.error,
+            messages.c.created_at,
+            messages.c.updated_at,
+        )
         .where(messages.c.conversation_id == sa.bindparam("conversation_id"))
         .order_by(messages.c.id)
         .limit(sa.bindparam("limit", type_=sa.Integer))
@@ -50,8 +58,9 @@ def build_core_floor(database_uri: str):
     app = Flask("core_floor")
 
     def error(status: int, code: str, message: str) -> Response:
-        return Response(json.dumps({"error": {"code": code, "message": message}}), status=status,
-                        mimetype="application/json")
+        return Response(
+            json.dumps({"error": {"code": code, "message": message}}), status=status, mimetype="application/json"
+        )
 
     @app.get("/healthz")
     def healthz():
@@ -64,27 +73,33 @@ def build_core_floor(database_uri: str):
             return error(401, "unauthorized", "authentication required")
         limit = min(max(request.args.get("limit", 20, type=int), 1), 100)
         with engine.connect() as connection:
-            user_id = connection.execute(
-                token_sql, {"token_hash": hashlib.sha256(token.encode()).hexdigest()}).scalar()
+            user_id = connection.execute(token_sql, {"token_hash": hashlib.sha256(token.encode()).hexdigest()}).scalar()
             if user_id is None:
                 return error(401, "invalid_token", "the token is invalid or revoked")
-            if connection.execute(conversation_sql, {"conversation_id": conversation_id,
-                                                     "owner_id": user_id}).scalar() is None:
+            if (
+                connection.execute(conversation_sql, {"conversation_id": conversation_id, "owner_id": user_id}).scalar()
+                is None
+            ):
                 return error(404, "conversation_not_found", "conversation not found")
-            rows = connection.execute(messages_sql, {"conversation_id": conversation_id,
-                                                     "limit": limit + 1}).all()
+            rows = connection.execute(messages_sql, {"conversation_id": conversation_id, "limit": limit + 1}).all()
         next_cursor = None
         if len(rows) > limit:
             rows = rows[:limit]
             next_cursor = str(rows[-1].id)  # as the ceiling's: not chatapp's opaque cursor
         items = [
-            {"id": r.id, "conversation_id": r.conversation_id, "role": r.role.value,
-             "content": r.content, "status": r.status.value, "error": r.error,
-             "created_at": r.created_at.isoformat(), "updated_at": r.updated_at.isoformat()}
+            {
+                "id": r.id,
+                "conversation_id": r.conversation_id,
+                "role": r.role.value,
+                "content": r.content,
+                "status": r.status.value,
+                "error": r.error,
+                "created_at": r.created_at.isoformat(),
+                "updated_at": r.updated_at.isoformat(),
+            }
             for r in rows
         ]
-        return Response(json.dumps({"items": items, "next_cursor": next_cursor}),
-                        mimetype="application/json")
+        return Response(json.dumps({"items": items, "next_cursor": next_cursor}), mimetype="application/json")
 
     return app, engine
 

@@ -37,28 +37,35 @@ def replies_in_progress(uri: str) -> list[tuple]:
     engine = sa.create_engine(uri)
     try:
         with engine.connect() as conn:
-            return conn.execute(sa.text(
-                "SELECT id, status, attempt, content FROM messages WHERE role = 'assistant'"
-            )).all()
+            return conn.execute(
+                sa.text("SELECT id, status, attempt, content FROM messages WHERE role = 'assistant'")
+            ).all()
     finally:
         engine.dispose()
 
 
 def run(backend: str, chats: int, wd: Path) -> dict:
     with Database(backend, wd) as database:
-        env = {"CHATAPP_BOT_ECHO_DELAY": BOT_SECONDS, "CHATAPP_RATELIMIT_ENABLED": "false",
-               "CHATAPP_METRICS_PUBLIC": "true"}
-        with Server("wsgi:app", database.uri, wd, name=f"durable-{backend}", workers=2, threads=16,
-                    env=env) as server:
+        env = {
+            "CHATAPP_BOT_ECHO_DELAY": BOT_SECONDS,
+            "CHATAPP_RATELIMIT_ENABLED": "false",
+            "CHATAPP_METRICS_PUBLIC": "true",
+        }
+        with Server("wsgi:app", database.uri, wd, name=f"durable-{backend}", workers=2, threads=16, env=env) as server:
             credentials = {"username": "bench", "password": "correct horse"}
             requests.post(server.url + "/api/v1/users", json=credentials, timeout=30)
             token = requests.post(server.url + "/api/v1/tokens", json=credentials, timeout=30).json()["token"]
             headers = {"Authorization": f"Bearer {token}", "Connection": "close"}
             for n in range(chats):
-                conversation = requests.post(server.url + "/api/v1/conversations", json={},
-                                             headers=headers, timeout=30).json()
-                requests.post(f"{server.url}/api/v1/conversations/{conversation['id']}/messages",
-                              json={"content": f"{n} {WORDS}"}, headers=headers, timeout=30)
+                conversation = requests.post(
+                    server.url + "/api/v1/conversations", json={}, headers=headers, timeout=30
+                ).json()
+                requests.post(
+                    f"{server.url}/api/v1/conversations/{conversation['id']}/messages",
+                    json={"content": f"{n} {WORDS}"},
+                    headers=headers,
+                    timeout=30,
+                )
             time.sleep(1.0)
             victim = server.worker_pids()[0]
             os.kill(victim, signal.SIGKILL)
@@ -74,14 +81,23 @@ def run(backend: str, chats: int, wd: Path) -> dict:
                 time.sleep(0.1)
             rows = replies_in_progress(database.uri)
             orphans = sum(1 for _, _, attempt, _ in rows if attempt > 0)
-            whole = sum(1 for _, status, _, content in rows
-                        if status == "complete" and content.split(" ", 1)[1] == WORDS)
+            whole = sum(
+                1 for _, status, _, content in rows if status == "complete" and content.split(" ", 1)[1] == WORDS
+            )
             samples = scrape(server.url) or []
-    statements = {labels.get("kind"): value for name, labels, value in samples
-                  if name == "chatapp_reply_lease_statements_total"}
-    return {"backend": backend, "chats": chats, "orphans": orphans, "whole": whole,
-            "accepting_s": accepting, "complete_s": complete,
-            "renewals": statements.get("renew", 0.0), "checks": statements.get("check", 0.0)}
+    statements = {
+        labels.get("kind"): value for name, labels, value in samples if name == "chatapp_reply_lease_statements_total"
+    }
+    return {
+        "backend": backend,
+        "chats": chats,
+        "orphans": orphans,
+        "whole": whole,
+        "accepting_s": accepting,
+        "complete_s": complete,
+        "renewals": statements.get("renew", 0.0),
+        "checks": statements.get("check", 0.0),
+    }
 
 
 def main() -> None:
@@ -96,13 +112,33 @@ def main() -> None:
     with workdir(args.keep_logs) as wd:
         for backend in backends(args.backend or ["sqlite", "postgresql"]):
             results.append(run(backend, args.chats, wd))
-    print(table(
-        ["db", "chats", "orphaned", "complete & whole", "accepting again (s)", "orphans complete (s)",
-         "lease renewals / reply", "stop checks / reply"],
-        [[r["backend"], r["chats"], r["orphans"], r["whole"], fmt(r["accepting_s"] or float("nan")),
-          fmt(r["complete_s"] or float("nan")), fmt(r["renewals"] / r["chats"], 2),
-          fmt(r["checks"] / r["chats"], 2)] for r in results],
-    ))
+    print(
+        table(
+            [
+                "db",
+                "chats",
+                "orphaned",
+                "complete & whole",
+                "accepting again (s)",
+                "orphans complete (s)",
+                "lease renewals / reply",
+                "stop checks / reply",
+            ],
+            [
+                [
+                    r["backend"],
+                    r["chats"],
+                    r["orphans"],
+                    r["whole"],
+                    fmt(r["accepting_s"] or float("nan")),
+                    fmt(r["complete_s"] or float("nan")),
+                    fmt(r["renewals"] / r["chats"], 2),
+                    fmt(r["checks"] / r["chats"], 2),
+                ]
+                for r in results
+            ],
+        )
+    )
     print("(counters of the surviving worker and the replacement; the killed worker's are lost)")
     finish(args.json, results)
 

@@ -111,9 +111,18 @@ def client_loop(index: int, base: str, token: str, own: list[int], shared: list[
         return response
 
     actions = [
-        (20, "list conversations"), (20, "list messages"), (10, "get conversation"),
-        (18, "post + stream"), (5, "rename"), (5, "create + delete"), (6, "healthz"),
-        (3, "readyz"), (6, "404"), (3, "401"), (2, "page 2"), (2, "metrics"),
+        (20, "list conversations"),
+        (20, "list messages"),
+        (10, "get conversation"),
+        (18, "post + stream"),
+        (5, "rename"),
+        (5, "create + delete"),
+        (6, "healthz"),
+        (3, "readyz"),
+        (6, "404"),
+        (3, "401"),
+        (2, "page 2"),
+        (2, "metrics"),
     ]
     weights = [w for w, _ in actions]
     try:
@@ -128,20 +137,28 @@ def client_loop(index: int, base: str, token: str, own: list[int], shared: list[
                 first = call(action, "GET", f"{api}/conversations/{shared[0]}/messages", params={"limit": 10})
                 cursor = first.json().get("next_cursor") if first.ok else None
                 if cursor:
-                    call(action, "GET", f"{api}/conversations/{shared[0]}/messages",
-                         params={"limit": 10, "cursor": cursor})
+                    call(
+                        action,
+                        "GET",
+                        f"{api}/conversations/{shared[0]}/messages",
+                        params={"limit": 10, "cursor": cursor},
+                    )
             elif action == "get conversation":
                 call(action, "GET", f"{api}/conversations/{conversation}")
             elif action == "post + stream":
                 mine = rng.choice(own)
-                posted = call("post message", "POST", f"{api}/conversations/{mine}/messages",
-                              json={"content": CONTENT}, expected=(202,))
+                posted = call(
+                    "post message",
+                    "POST",
+                    f"{api}/conversations/{mine}/messages",
+                    json={"content": CONTENT},
+                    expected=(202,),
+                )
                 if posted.status_code == 202:
                     if counter.take() is None:
                         raise StopIteration
                     reply = posted.json()["reply"]["id"]
-                    stream = read_reply(http, f"{api}/conversations/{mine}/messages/{reply}/stream",
-                                        timeout=(10, 60))
+                    stream = read_reply(http, f"{api}/conversations/{mine}/messages/{reply}/stream", timeout=(10, 60))
                     status = stream.status
                     key = f"stream {stream.http_status} {status}"
                     with counter.lock:
@@ -149,14 +166,24 @@ def client_loop(index: int, base: str, token: str, own: list[int], shared: list[
                         if status != "complete":
                             counter.unexpected.append(key)
             elif action == "rename":
-                call(action, "PATCH", f"{api}/conversations/{rng.choice(own)}",
-                     json={"title": f"renamed {rng.random():.6f}"})
+                call(
+                    action,
+                    "PATCH",
+                    f"{api}/conversations/{rng.choice(own)}",
+                    json={"title": f"renamed {rng.random():.6f}"},
+                )
             elif action == "create + delete":
-                created = call("create conversation", "POST", f"{api}/conversations",
-                               json={"title": "short-lived"}, expected=(201,))
+                created = call(
+                    "create conversation",
+                    "POST",
+                    f"{api}/conversations",
+                    json={"title": "short-lived"},
+                    expected=(201,),
+                )
                 if created.status_code == 201:
-                    call("delete conversation", "DELETE", f"{api}/conversations/{created.json()['id']}",
-                         expected=(204,))
+                    call(
+                        "delete conversation", "DELETE", f"{api}/conversations/{created.json()['id']}", expected=(204,)
+                    )
             elif action == "healthz":
                 call(action, "GET", f"{base}/healthz")
             elif action == "readyz":
@@ -164,8 +191,13 @@ def client_loop(index: int, base: str, token: str, own: list[int], shared: list[
             elif action == "404":
                 call(action, "GET", f"{api}/conversations/99999999", expected=(404,))
             elif action == "401":
-                call(action, "GET", f"{api}/conversations", expected=(401,),
-                     headers={"Authorization": "Bearer chat_not-a-real-token"})
+                call(
+                    action,
+                    "GET",
+                    f"{api}/conversations",
+                    expected=(401,),
+                    headers={"Authorization": "Bearer chat_not-a-real-token"},
+                )
             elif action == "metrics":
                 call(action, "GET", f"{base}/metrics", expected=(200, 404))
     except StopIteration:
@@ -176,18 +208,36 @@ def run_backend(backend: str, args, wd: Path) -> dict:
     with Database(backend, wd) as database:
         seeded = seed(database.uri, conversations=args.clients * 3 + 20, messages=40)
         shared = seeded.conversation_ids[:20]
-        server = Server("wsgi:app", database.uri, wd, name=f"memory-{backend}",
-                        workers=args.workers, threads=args.threads,
-                        env={"CHATAPP_MAX_REQUESTS": 0, "CHATAPP_BOT_ECHO_DELAY": 0,
-                             **dict(f"CHATAPP_{item}".split("=", 1) for item in args.env)}).start()
+        server = Server(
+            "wsgi:app",
+            database.uri,
+            wd,
+            name=f"memory-{backend}",
+            workers=args.workers,
+            threads=args.threads,
+            env={
+                "CHATAPP_MAX_REQUESTS": 0,
+                "CHATAPP_BOT_ECHO_DELAY": 0,
+                **dict(f"CHATAPP_{item}".split("=", 1) for item in args.env),
+            },
+        ).start()
         try:
             pids_before = server.worker_pids()
             counter = Counter(args.requests, server)
             started = time.monotonic()
             clients = [
-                threading.Thread(target=client_loop, daemon=True, args=(
-                    i, server.url, seeded.token,
-                    seeded.conversation_ids[20 + 3 * i:23 + 3 * i], shared, counter))
+                threading.Thread(
+                    target=client_loop,
+                    daemon=True,
+                    args=(
+                        i,
+                        server.url,
+                        seeded.token,
+                        seeded.conversation_ids[20 + 3 * i : 23 + 3 * i],
+                        shared,
+                        counter,
+                    ),
+                )
                 for i in range(args.clients)
             ]
             for thread in clients:
@@ -200,8 +250,11 @@ def run_backend(backend: str, args, wd: Path) -> dict:
             files = []
             if backend == "sqlite":
                 base = Path(database.uri.split(":///", 1)[1])
-                files = [(path.name, path.stat().st_size) for path in
-                         (base, Path(f"{base}-wal"), Path(f"{base}-shm")) if path.exists()]
+                files = [
+                    (path.name, path.stat().st_size)
+                    for path in (base, Path(f"{base}-wal"), Path(f"{base}-shm"))
+                    if path.exists()
+                ]
             counter.rss.append((counter.count, final_rss))
             time.sleep(1.5)  # replies finishing, streams closing
             samples = scrape(server.url)
@@ -213,13 +266,23 @@ def run_backend(backend: str, args, wd: Path) -> dict:
             server.stop()
     at_1000 = next(rss for n, rss in counter.rss if n >= 1000)
     return {
-        "backend": backend, "requests": counter.count, "seconds": seconds, "rss": counter.rss,
-        "rss_1000": sum(at_1000.values()), "rss_end": sum(final_rss.values()),
+        "backend": backend,
+        "requests": counter.count,
+        "seconds": seconds,
+        "rss": counter.rss,
+        "rss_1000": sum(at_1000.values()),
+        "rss_end": sum(final_rss.values()),
         "per_worker": {pid: (at_1000.get(pid, 0), final_rss.get(pid, 0)) for pid in final_rss},
-        "statuses": counter.statuses, "unexpected": counter.unexpected,
-        "checked_out": checked_out, "pg": pg, "recycled": pids_before != pids_after,
-        "tracebacks": tracebacks, "loadavg": loadavg(),
-        "mappings": mappings, "sqlite_files": files, "threads": counter.threads,
+        "statuses": counter.statuses,
+        "unexpected": counter.unexpected,
+        "checked_out": checked_out,
+        "pg": pg,
+        "recycled": pids_before != pids_after,
+        "tracebacks": tracebacks,
+        "loadavg": loadavg(),
+        "mappings": mappings,
+        "sqlite_files": files,
+        "threads": counter.threads,
     }
 
 
@@ -230,14 +293,20 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra chatapp setting, CHATAPP_KEY=VALUE (repeatable)")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra chatapp setting, CHATAPP_KEY=VALUE (repeatable)",
+    )
     parser.add_argument("--json", help="also write the raw figures to this file")
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args(argv)
     print(machine_report())
-    print(f"# memory: {args.requests} mixed requests from {args.clients} client threads; settings {args.env}",
-          flush=True)
+    print(
+        f"# memory: {args.requests} mixed requests from {args.clients} client threads; settings {args.env}", flush=True
+    )
     results, rows, verdicts = [], [], []
     with workdir(args.keep_logs) as wd:
         for backend in backends(args.backend):
@@ -246,13 +315,22 @@ def main(argv=None) -> int:
             growth = (r["rss_end"] - r["rss_1000"]) / r["rss_1000"]
             per_worker = ", ".join(f"{a / 1024:.1f}->{b / 1024:.1f}" for a, b in r["per_worker"].values())
             idle_tx = sum(v for k, v in r["pg"].items() if k.startswith("idle in transaction"))
-            rows.append([
-                backend, r["requests"], fmt(r["requests"] / r["seconds"], 0),
-                fmt(r["rss_1000"] / 1024), fmt(r["rss_end"] / 1024), f"{growth * 100:+.1f}%", per_worker,
-                len(r["unexpected"]), fmt(sum(r["checked_out"].values()), 0) if r["checked_out"] else "no /metrics",
-                (f"{sum(r['pg'].values())} open, {idle_tx} idle in tx" if backend == "postgresql" else "-"),
-                "yes" if r["recycled"] else "no", r["tracebacks"],
-            ])
+            rows.append(
+                [
+                    backend,
+                    r["requests"],
+                    fmt(r["requests"] / r["seconds"], 0),
+                    fmt(r["rss_1000"] / 1024),
+                    fmt(r["rss_end"] / 1024),
+                    f"{growth * 100:+.1f}%",
+                    per_worker,
+                    len(r["unexpected"]),
+                    fmt(sum(r["checked_out"].values()), 0) if r["checked_out"] else "no /metrics",
+                    (f"{sum(r['pg'].values())} open, {idle_tx} idle in tx" if backend == "postgresql" else "-"),
+                    "yes" if r["recycled"] else "no",
+                    r["tracebacks"],
+                ]
+            )
             verdicts.append(
                 f"{backend}: RSS growth 1,000 -> {r['requests']:,}: {growth * 100:+.1f}% "
                 f"({'met' if growth < TARGET_GROWTH else 'MISSED'} < 10%); checked out at the end: "
@@ -263,16 +341,35 @@ def main(argv=None) -> int:
             curve = "  ".join(f"{n}:{sum(rss.values()) / 1024:.1f}" for n, rss in r["rss"])
             print(f"# {backend} RSS (MiB, all workers) by request number: {curve}", flush=True)
             print(f"# {backend} answers: {dict(sorted(r['statuses'].items()))}", flush=True)
-            print(f"# {backend} threads (all workers) by request number: "
-                  + "  ".join(f"{n}:{t}" for n, t in r["threads"]), flush=True)
+            print(
+                f"# {backend} threads (all workers) by request number: "
+                + "  ".join(f"{n}:{t}" for n, t in r["threads"]),
+                flush=True,
+            )
             for pid, mapping in r["mappings"].items():
                 print(f"# {backend} worker {pid} resident kB by mapping at the end: {mapping}", flush=True)
             if r["sqlite_files"]:
                 print(f"# {backend} database files at the end (bytes): {r['sqlite_files']}", flush=True)
     print()
-    print(table(["db", "requests", "req/s", "RSS MiB @1,000", "RSS MiB @end", "growth", "per worker MiB",
-                 "unexpected", "checked out at end", "PostgreSQL backends at end", "recycled", "tracebacks"],
-                rows))
+    print(
+        table(
+            [
+                "db",
+                "requests",
+                "req/s",
+                "RSS MiB @1,000",
+                "RSS MiB @end",
+                "growth",
+                "per worker MiB",
+                "unexpected",
+                "checked out at end",
+                "PostgreSQL backends at end",
+                "recycled",
+                "tracebacks",
+            ],
+            rows,
+        )
+    )
     print_verdicts(verdicts)
     finish(args.json, results)
     return 0

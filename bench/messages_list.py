@@ -53,8 +53,15 @@ def run_backend(backend: str, args, wd: Path) -> dict:
         servers = {}
         try:
             for name, module in APPS:
-                servers[name] = Server(module, database.uri, wd, name=f"{name}-{backend}",
-                                       workers=args.workers, threads=args.threads, env=env).start()
+                servers[name] = Server(
+                    module,
+                    database.uri,
+                    wd,
+                    name=f"{name}-{backend}",
+                    workers=args.workers,
+                    threads=args.threads,
+                    env=env,
+                ).start()
             # Same answer from every app: same ids, same content.
             answers = {}
             for name, server in servers.items():
@@ -68,17 +75,25 @@ def run_backend(backend: str, args, wd: Path) -> dict:
             rounds: dict[str, list] = {name: [] for name in servers}
             order = list(servers)
             for round_no in range(args.rounds):
-                for name in order[round_no % len(order):] + order[:round_no % len(order)]:
+                for name in order[round_no % len(order) :] + order[: round_no % len(order)]:
                     server = servers[name]
                     cpu_before = server.cpu_seconds()
-                    result = load(server.url + path, headers=headers, seconds=args.seconds,
-                                  connections=args.connections, tool=args.tool)
+                    result = load(
+                        server.url + path,
+                        headers=headers,
+                        seconds=args.seconds,
+                        connections=args.connections,
+                        tool=args.tool,
+                    )
                     result.server_cpu_seconds = server.cpu_seconds() - cpu_before
                     result.extra["loadavg"] = loadavg()
                     rounds[name].append(result)
-                    print(f"# {backend} round {round_no + 1} {name}: {result.rps:,.0f} req/s "
-                          f"(server CPU {result.server_cpu_pct:.0f}%, load generator CPU "
-                          f"{result.loader_cpu_pct:.0f}%, load {result.extra['loadavg']})", flush=True)
+                    print(
+                        f"# {backend} round {round_no + 1} {name}: {result.rps:,.0f} req/s "
+                        f"(server CPU {result.server_cpu_pct:.0f}%, load generator CPU "
+                        f"{result.loader_cpu_pct:.0f}%, load {result.extra['loadavg']})",
+                        flush=True,
+                    )
                     time.sleep(0.5)
             leaks = checked_out_by_pid(scrape(servers["chatapp"].url))
         finally:
@@ -92,16 +107,21 @@ def summarize(backend: str, data: dict, rows: list, verdicts: list) -> None:
     rps = {name: median([r.rps for r in results]) for name, results in rounds.items()}
     for name, results in rounds.items():
         ratio = rps[name] / rps["ceiling"]
-        rows.append([
-            backend, name, fmt(rps[name], 0),
-            " / ".join(fmt(r.rps, 0) for r in results),
-            f"{ratio:.2f}x",
-            f"{rps[name] / rps['textbook']:.2f}x",
-            fmt(median([r.p50_ms for r in results])), fmt(median([r.p99_ms for r in results])),
-            sum(r.non_2xx + r.socket_errors for r in results),
-            fmt(median([r.server_cpu_pct for r in results]), 0) + "%",
-            fmt(median([r.loader_cpu_pct for r in results]), 0) + "%",
-        ])
+        rows.append(
+            [
+                backend,
+                name,
+                fmt(rps[name], 0),
+                " / ".join(fmt(r.rps, 0) for r in results),
+                f"{ratio:.2f}x",
+                f"{rps[name] / rps['textbook']:.2f}x",
+                fmt(median([r.p50_ms for r in results])),
+                fmt(median([r.p99_ms for r in results])),
+                sum(r.non_2xx + r.socket_errors for r in results),
+                fmt(median([r.server_cpu_pct for r in results]), 0) + "%",
+                fmt(median([r.loader_cpu_pct for r in results]), 0) + "%",
+            ]
+        )
     chat = rps["chatapp"]
     verdicts.append(
         f"{backend}: chatapp {chat / rps['ceiling']:.2f}x the ceiling (target >= {TARGET_VS_CEILING}x: "
@@ -128,9 +148,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     print(machine_report())
-    print(f"# messages list: {args.rounds} rounds x {args.seconds:g} s per app, {args.connections} connections, "
-          f"page of {args.limit} from {args.messages} messages, gunicorn workers={args.workers or 'conf'} "
-          f"threads={args.threads or 'conf'}", flush=True)
+    print(
+        f"# messages list: {args.rounds} rounds x {args.seconds:g} s per app, {args.connections} connections, "
+        f"page of {args.limit} from {args.messages} messages, gunicorn workers={args.workers or 'conf'} "
+        f"threads={args.threads or 'conf'}",
+        flush=True,
+    )
     rows, verdicts, raw = [], [], {}
     with workdir(args.keep_logs) as wd:
         for backend in backends(args.backend):
@@ -138,8 +161,24 @@ def main(argv=None) -> int:
             raw[backend] = {name: [r.__dict__ for r in results] for name, results in data["rounds"].items()}
             summarize(backend, data, rows, verdicts)
     print()
-    print(table(["db", "app", "req/s (median)", "rounds", "vs ceiling", "vs textbook", "p50 ms", "p99 ms",
-                 "errors", "server CPU", "wrk CPU"], rows))
+    print(
+        table(
+            [
+                "db",
+                "app",
+                "req/s (median)",
+                "rounds",
+                "vs ceiling",
+                "vs textbook",
+                "p50 ms",
+                "p99 ms",
+                "errors",
+                "server CPU",
+                "wrk CPU",
+            ],
+            rows,
+        )
+    )
     print_verdicts(verdicts)
     finish(args.json, raw)
     return 0

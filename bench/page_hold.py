@@ -55,11 +55,17 @@ def main(base: str) -> None:
 
     uri, drop = scratch_url(base)
     try:
-        app = create_app({
-            "SECRET_KEY": "page-hold-bench-" + "x" * 32, "SQLALCHEMY_DATABASE_URI": uri,
-            "WTF_CSRF_ENABLED": False, "RATELIMIT_ENABLED": False, "REPLY_SWEEP_INTERVAL": 0,
-            "PASSWORD_HASH_METHOD": "pbkdf2:sha256:1000", "HOLD_WARN_SECONDS": 60,
-        })
+        app = create_app(
+            {
+                "SECRET_KEY": "page-hold-bench-" + "x" * 32,
+                "SQLALCHEMY_DATABASE_URI": uri,
+                "WTF_CSRF_ENABLED": False,
+                "RATELIMIT_ENABLED": False,
+                "REPLY_SWEEP_INTERVAL": 0,
+                "PASSWORD_HASH_METHOD": "pbkdf2:sha256:1000",
+                "HOLD_WARN_SECONDS": 60,
+            }
+        )
         with app.app_context():
             upgrade_to_latest()
         client = app.test_client()
@@ -71,10 +77,17 @@ def main(base: str) -> None:
             db.session.add(conversation)
             db.session.flush()
             for number in range(50):
-                db.session.add(Message(conversation_id=conversation.id, role=Role.USER,
-                                       status=Status.COMPLETE, content=f"question {number}"))
-                db.session.add(Message(conversation_id=conversation.id, role=Role.ASSISTANT,
-                                       status=Status.COMPLETE, content=REPLY))
+                db.session.add(
+                    Message(
+                        conversation_id=conversation.id,
+                        role=Role.USER,
+                        status=Status.COMPLETE,
+                        content=f"question {number}",
+                    )
+                )
+                db.session.add(
+                    Message(conversation_id=conversation.id, role=Role.ASSISTANT, status=Status.COMPLETE, content=REPLY)
+                )
             db.session.commit()
             conversation_id = conversation.id
             engine = db.engine
@@ -101,10 +114,11 @@ def main(base: str) -> None:
             totals.append(time.perf_counter() - started)
             assert response.status_code == 200 and response.data.count(b"<h2>") >= 50
             per_request.append(sum(holds))
-        print(f"{engine.dialect.name}: {RUNS} requests of a 100-message page (50 replies of "
-              f"{len(REPLY)} characters)")
-        print(f"  connection held per request: median {statistics.median(per_request) * 1000:.1f} ms, "
-              f"max {max(per_request) * 1000:.1f} ms")
+        print(f"{engine.dialect.name}: {RUNS} requests of a 100-message page (50 replies of {len(REPLY)} characters)")
+        print(
+            f"  connection held per request: median {statistics.median(per_request) * 1000:.1f} ms, "
+            f"max {max(per_request) * 1000:.1f} ms"
+        )
         print(f"  whole request:               median {statistics.median(totals) * 1000:.1f} ms")
         with app.app_context():
             db.engine.dispose()

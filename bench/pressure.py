@@ -53,9 +53,15 @@ CONFIGS = {
 def run_config(name: str, backend: str, args, wd: Path) -> dict:
     config = CONFIGS[name]
     with Database(backend, wd) as database:
-        server = Server("wsgi:app", database.uri, wd, name=f"pressure-{name}-{backend}",
-                        workers=config["workers"], threads=config["threads"],
-                        env={**config["env"], "CHATAPP_BOT_ECHO_DELAY": args.delay})
+        server = Server(
+            "wsgi:app",
+            database.uri,
+            wd,
+            name=f"pressure-{name}-{backend}",
+            workers=config["workers"],
+            threads=config["threads"],
+            env={**config["env"], "CHATAPP_BOT_ECHO_DELAY": args.delay},
+        )
         server.start()
         try:
             with MetricsSampler(server.url, interval=0.2) as sampler, PgSampler(database) as pg:
@@ -68,24 +74,36 @@ def run_config(name: str, backend: str, args, wd: Path) -> dict:
             server.stop()
     errors = figures["errors"]
     return {
-        "config": name, "backend": backend, "workers": config["workers"] or "conf",
-        "threads": config["threads"] or "conf", "pool_limit": config["pool_limit"],
-        "errors": errors, "complete": figures["complete"], "chats": args.chats,
-        "wall": figures["wall_seconds"], "reply_max": figures["reply_seconds_max"],
-        "reply_median": figures["reply_seconds_median"], "get_count": figures["get_count"],
-        "get_p50": figures["get_p50_ms"], "get_p95": figures["get_p95_ms"],
-        "max_checked_out": sampler.max_by_pid, "metrics_samples": sampler.samples,
+        "config": name,
+        "backend": backend,
+        "workers": config["workers"] or "conf",
+        "threads": config["threads"] or "conf",
+        "pool_limit": config["pool_limit"],
+        "errors": errors,
+        "complete": figures["complete"],
+        "chats": args.chats,
+        "wall": figures["wall_seconds"],
+        "reply_max": figures["reply_seconds_max"],
+        "reply_median": figures["reply_seconds_median"],
+        "get_count": figures["get_count"],
+        "get_p50": figures["get_p50_ms"],
+        "get_p95": figures["get_p95_ms"],
+        "max_checked_out": sampler.max_by_pid,
+        "metrics_samples": sampler.samples,
         "busy_503": sum("database_busy" in e for e in errors),
-        "pool_timeouts_logged": len(re.findall(r"database pool exhausted|database unavailable \(TimeoutError\)",
-                                               log)),
+        "pool_timeouts_logged": len(re.findall(r"database pool exhausted|database unavailable \(TimeoutError\)", log)),
         "checked_out_after": checked_out_by_pid(after),
         "holds": hold_summary(after),
         "pg_idle_tx_max": sum(v for k, v in pg.max_by_state.items() if k.startswith("idle in transaction")),
-        "pg_idle_tx_after": idle_tx, "pg_max_total": pg.max_total,
-        "tracebacks": log.count("Traceback"), "loadavg": loadavg(),
+        "pg_idle_tx_after": idle_tx,
+        "pg_max_total": pg.max_total,
+        "tracebacks": log.count("Traceback"),
+        "loadavg": loadavg(),
         # Streams that held a worker thread for over half the bot time (gunicorn's access
         # log: duration_ms is from the thread taking the request to the last byte).
-        "long_streams": sum(int(ms) > 500 * args.delay for ms in re.findall(r"/stream HTTP[^\n]*duration_ms=(\d+)", log)),
+        "long_streams": sum(
+            int(ms) > 500 * args.delay for ms in re.findall(r"/stream HTTP[^\n]*duration_ms=(\d+)", log)
+        ),
     }
 
 
@@ -109,20 +127,34 @@ def main(argv=None) -> int:
                 for _ in range(args.repeat):
                     r = run_config(name, backend, args, wd)
                     results.append(r)
-                    print(f"# {backend} {name}: {r['complete']}/{r['chats']} in {r['wall']:.2f} s, GET p95 "
-                          f"{r['get_p95']:.0f} ms, long streams {r['long_streams']}, errors {len(r['errors'])}, "
-                          f"load {r['loadavg']}", flush=True)
+                    print(
+                        f"# {backend} {name}: {r['complete']}/{r['chats']} in {r['wall']:.2f} s, GET p95 "
+                        f"{r['get_p95']:.0f} ms, long streams {r['long_streams']}, errors {len(r['errors'])}, "
+                        f"load {r['loadavg']}",
+                        flush=True,
+                    )
     for r in results:
         max_out = max(r["max_checked_out"].values(), default=None)
-        rows.append([
-            r["backend"], r["config"], f"{r['workers']}x{r['threads']}", len(r["errors"]),
-            f"{r['complete']}/{r['chats']}", fmt(r["wall"], 2), fmt(r["reply_median"], 2),
-            fmt(r["get_p50"], 0), fmt(r["get_p95"], 0), r["get_count"], r["long_streams"],
-            f"{fmt(max_out, 0) if max_out is not None else '-'} ({r['metrics_samples']} samples)",
-            r["busy_503"], r["pool_timeouts_logged"],
-            fmt(sum(r["checked_out_after"].values()), 0) if r["checked_out_after"] else "-",
-            f"{r['pg_idle_tx_max']}/{r['pg_max_total']}" if r["backend"] == "postgresql" else "-",
-        ])
+        rows.append(
+            [
+                r["backend"],
+                r["config"],
+                f"{r['workers']}x{r['threads']}",
+                len(r["errors"]),
+                f"{r['complete']}/{r['chats']}",
+                fmt(r["wall"], 2),
+                fmt(r["reply_median"], 2),
+                fmt(r["get_p50"], 0),
+                fmt(r["get_p95"], 0),
+                r["get_count"],
+                r["long_streams"],
+                f"{fmt(max_out, 0) if max_out is not None else '-'} ({r['metrics_samples']} samples)",
+                r["busy_503"],
+                r["pool_timeouts_logged"],
+                fmt(sum(r["checked_out_after"].values()), 0) if r["checked_out_after"] else "-",
+                f"{r['pg_idle_tx_max']}/{r['pg_max_total']}" if r["backend"] == "postgresql" else "-",
+            ]
+        )
         checks = {
             "errors": not r["errors"],
             "complete": r["complete"] == r["chats"],
@@ -132,12 +164,35 @@ def main(argv=None) -> int:
             "no pool timeouts": r["busy_503"] == 0 and r["pool_timeouts_logged"] == 0,
         }
         missed = [k for k, ok in checks.items() if not ok]
-        verdicts.append(f"{r['backend']} {r['config']}: " + ("all targets met" if not missed else
-                        "MISSED: " + ", ".join(missed)) + (f"; errors: {r['errors'][:3]}" if r["errors"] else ""))
+        verdicts.append(
+            f"{r['backend']} {r['config']}: "
+            + ("all targets met" if not missed else "MISSED: " + ", ".join(missed))
+            + (f"; errors: {r['errors'][:3]}" if r["errors"] else "")
+        )
     print()
-    print(table(["db", "config", "workers x threads", "errors", "replies", "all replies s", "reply median s",
-                 "GET p50 ms", "GET p95 ms", "GETs", "long streams", "max checked out/worker", "503 busy",
-                 "pool timeouts (log)", "checked out after", "PG idle-in-tx/total (max)"], rows))
+    print(
+        table(
+            [
+                "db",
+                "config",
+                "workers x threads",
+                "errors",
+                "replies",
+                "all replies s",
+                "reply median s",
+                "GET p50 ms",
+                "GET p95 ms",
+                "GETs",
+                "long streams",
+                "max checked out/worker",
+                "503 busy",
+                "pool timeouts (log)",
+                "checked out after",
+                "PG idle-in-tx/total (max)",
+            ],
+            rows,
+        )
+    )
     print_verdicts(verdicts)
     print()
     print("Connection hold times by holder (chatapp_db_connection_hold_seconds, all workers):")

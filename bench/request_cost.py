@@ -40,10 +40,10 @@ import pstats
 import secrets
 import sys
 import time
-
-import requests
 from datetime import timedelta
 from pathlib import Path
+
+import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -105,21 +105,34 @@ def measure(backend: str, wd: Path, n: int, profile: bool) -> tuple[dict, dict]:
         headers = {"Authorization": f"Bearer {seeded.token}"}
         listing = f"/api/v1/conversations/{seeded.conversation_ids[0]}/messages?limit=20"
         # The per-user bounds as the gunicorn benchmarks set them: one user sends every request.
-        app = create_app({"SECRET_KEY": secrets.token_hex(32), "SQLALCHEMY_DATABASE_URI": database.uri,
-                          "REPLY_SWEEP_INTERVAL": 0, "BOT_ECHO_DELAY": 0, **BENCH_CONFIG})
+        app = create_app(
+            {
+                "SECRET_KEY": secrets.token_hex(32),
+                "SQLALCHEMY_DATABASE_URI": database.uri,
+                "REPLY_SWEEP_INTERVAL": 0,
+                "BOT_ECHO_DELAY": 0,
+                **BENCH_CONFIG,
+            }
+        )
         app.extensions[EXTENSION_KEY] = _NoRunner()
         # Both read the database URL when imported: import afresh for every backend.
         textbook = _fresh_import("bench.textbook_app")
         textbook.bot.delay = 0.0
         ceiling = _fresh_import("bench.ceiling_app").app
         floor, floor_engine = build_core_floor(database.uri)
-        clients = {"chatapp": app.test_client(), "textbook": textbook.app.test_client(),
-                   "core floor": floor.test_client(), "ceiling": ceiling.test_client()}
+        clients = {
+            "chatapp": app.test_client(),
+            "textbook": textbook.app.test_client(),
+            "core floor": floor.test_client(),
+            "ceiling": ceiling.test_client(),
+        }
 
         for name, client in clients.items():
+
             def get(client=client):
                 response = client.get(listing, headers=headers)
                 assert response.status_code == 200, response.data
+
             costs[f"GET messages (20 of 50): {name}"] = cpu_ms(get, n)
             if profile and name in ("chatapp", "textbook"):
                 profiles[name] = _profile(get, n)
@@ -129,41 +142,57 @@ def measure(backend: str, wd: Path, n: int, profile: bool) -> tuple[dict, dict]:
         client = clients["chatapp"]
 
         def post():
-            response = client.post(f"/api/v1/conversations/{post_conv}/messages", json={"content": CONTENT},
-                                   headers=headers)
+            response = client.post(
+                f"/api/v1/conversations/{post_conv}/messages", json={"content": CONTENT}, headers=headers
+            )
             assert response.status_code == 202, response.data
             # Let the next POST through (one reply in progress per conversation).
             with unit_of_work(app) as session:
                 session.get(Message, response.json["reply"]["id"]).status = Status.COMPLETE
+
         costs["chatapp POST message (202, reply not run)"] = cpu_ms(post, max(20, n // 4))
 
         with unit_of_work(app) as session:
             now = utcnow()
-            done = Message(conversation_id=stream_conv, role=Role.ASSISTANT, content=CONTENT,
-                           status=Status.COMPLETE, created_at=now, updated_at=now)
+            done = Message(
+                conversation_id=stream_conv,
+                role=Role.ASSISTANT,
+                content=CONTENT,
+                status=Status.COMPLETE,
+                created_at=now,
+                updated_at=now,
+            )
             session.add(done)
             session.flush()
             done_id = done.id
 
         def stream():
-            response = client.get(f"/api/v1/conversations/{stream_conv}/messages/{done_id}/stream",
-                                  headers=headers)
+            response = client.get(f"/api/v1/conversations/{stream_conv}/messages/{done_id}/stream", headers=headers)
             body = response.get_data()
             assert b"event: done" in body, body
+
         costs["chatapp stream request (reply already complete)"] = cpu_ms(stream, max(20, n // 4))
 
         def poll():
             with unit_of_work(app, write=False):
                 services.read_reply_progress(done_id, 0)
+
         costs["chatapp one stream poll (unit of work + read)"] = cpu_ms(poll, n)
 
         # A reply this process holds the lease of, as the reply runner's writer does.
         owner = leases.process_owner()
         with unit_of_work(app) as session:
             now = utcnow()
-            pending = Message(conversation_id=stream_conv, role=Role.ASSISTANT, content="",
-                              status=Status.STREAMING, created_at=now, updated_at=now,
-                              lease_owner=owner, lease_expires_at=now + timedelta(hours=1))
+            pending = Message(
+                conversation_id=stream_conv,
+                role=Role.ASSISTANT,
+                content="",
+                status=Status.STREAMING,
+                created_at=now,
+                updated_at=now,
+                lease_owner=owner,
+                lease_expires_at=now + timedelta(hours=1),
+            )
             session.add(pending)
             session.flush()
             pending_id = pending.id
@@ -182,18 +211,25 @@ def measure(backend: str, wd: Path, n: int, profile: bool) -> tuple[dict, dict]:
                 pending_ids.append(reply.id)
         queue = iter(pending_ids)
         costs["chatapp reply pipeline, 0 s bot (history + finish)"] = cpu_ms(
-            lambda: generate_reply(app, next(queue)), calls)
+            lambda: generate_reply(app, next(queue)), calls
+        )
 
         tclient = clients["textbook"]
         # A fresh conversation per call too: the textbook reply reads the whole history.
         with unit_of_work(app):
-            textbook_ids = iter([services.create_conversation(seeded.user_id, "textbook").id
-                                 for _ in range(calls * 6 + max(5, calls // 10))])
+            textbook_ids = iter(
+                [
+                    services.create_conversation(seeded.user_id, "textbook").id
+                    for _ in range(calls * 6 + max(5, calls // 10))
+                ]
+            )
 
         def textbook_post():
-            response = tclient.post(f"/api/v1/conversations/{next(textbook_ids)}/messages",
-                                    json={"content": CONTENT}, headers=headers)
+            response = tclient.post(
+                f"/api/v1/conversations/{next(textbook_ids)}/messages", json={"content": CONTENT}, headers=headers
+            )
             assert response.status_code == 201, response.data
+
         costs["textbook POST message incl. reply (0 s bot)"] = cpu_ms(textbook_post, calls)
 
         with app.app_context():
@@ -248,11 +284,17 @@ def throughput(backend: str, wd: Path, args) -> dict:
         servers = {}
         try:
             for name, module in THROUGHPUT_APPS:
-                servers[name] = Server(module, database.uri, wd, name=f"cost-{name}-{backend}",
-                                       workers=args.workers, threads=args.threads,
-                                       env={"CHATAPP_MAX_REQUESTS": 0}).start()
+                servers[name] = Server(
+                    module,
+                    database.uri,
+                    wd,
+                    name=f"cost-{name}-{backend}",
+                    workers=args.workers,
+                    threads=args.threads,
+                    env={"CHATAPP_MAX_REQUESTS": 0},
+                ).start()
             pages = set()
-            for name, server in servers.items():
+            for server in servers.values():
                 response = requests.get(server.url + path, headers=headers, timeout=10)
                 response.raise_for_status()
                 pages.add(tuple((m["id"], m["content"]) for m in response.json()["items"]))
@@ -264,24 +306,29 @@ def throughput(backend: str, wd: Path, args) -> dict:
             order = list(servers)
             for round_no in range(args.rounds):
                 results = {}
-                for name in order[round_no % len(order):] + order[:round_no % len(order)]:
+                for name in order[round_no % len(order) :] + order[: round_no % len(order)]:
                     server = servers[name]
                     cpu_before = server.cpu_seconds()
-                    result = load(server.url + path, headers=headers, seconds=args.seconds,
-                                  connections=args.connections)
+                    result = load(
+                        server.url + path, headers=headers, seconds=args.seconds, connections=args.connections
+                    )
                     result.server_cpu_seconds = server.cpu_seconds() - cpu_before
                     if result.non_2xx or result.socket_errors:
                         raise RuntimeError(f"{name}: {result.non_2xx} non-2xx, {result.socket_errors} socket errors")
                     results[name] = result
                     time.sleep(0.3)
-                loadavg = loadavg()
-                rounds.append({"results": results, "loadavg": loadavg})
-                print(f"# {backend} round {round_no + 1}: " + ", ".join(
-                    f"{name} {r.rps:,.0f} req/s ({1000 * r.server_cpu_seconds / max(r.requests, 1):.2f} ms CPU/req)"
-                    for name, r in results.items())
-                      + f"; chatapp/textbook {results['chatapp'].rps / results['textbook'].rps:.2f}x, "
-                      f"chatapp/core floor {results['chatapp'].rps / results['core_floor'].rps:.2f}x; load {loadavg}",
-                      flush=True)
+                load_now = loadavg()
+                rounds.append({"results": results, "loadavg": load_now})
+                print(
+                    f"# {backend} round {round_no + 1}: "
+                    + ", ".join(
+                        f"{name} {r.rps:,.0f} req/s ({1000 * r.server_cpu_seconds / max(r.requests, 1):.2f} ms CPU/req)"
+                        for name, r in results.items()
+                    )
+                    + f"; chatapp/textbook {results['chatapp'].rps / results['textbook'].rps:.2f}x, "
+                    f"chatapp/core floor {results['chatapp'].rps / results['core_floor'].rps:.2f}x; load {load_now}",
+                    flush=True,
+                )
             leaks = checked_out_by_pid(scrape(servers["chatapp"].url))
         finally:
             for server in servers.values():
@@ -291,8 +338,11 @@ def throughput(backend: str, wd: Path, args) -> dict:
 
 def throughput_main(args) -> int:
     print(machine_report())
-    print(f"# messages list under gunicorn: {args.rounds} interleaved rounds x {args.seconds:g} s per app, "
-          f"wrk -c{args.connections}, gunicorn workers={args.workers} threads={args.threads}", flush=True)
+    print(
+        f"# messages list under gunicorn: {args.rounds} interleaved rounds x {args.seconds:g} s per app, "
+        f"wrk -c{args.connections}, gunicorn workers={args.workers} threads={args.threads}",
+        flush=True,
+    )
     rows, verdicts = [], []
     with workdir() as wd:
         for backend in backends(args.backend):
@@ -300,10 +350,16 @@ def throughput_main(args) -> int:
             rounds = data["rounds"]
             for name, _module in THROUGHPUT_APPS:
                 results = [r["results"][name] for r in rounds]
-                rows.append([backend, name, fmt(median([r.rps for r in results]), 0),
-                             " / ".join(fmt(r.rps, 0) for r in results),
-                             fmt(median([1000 * r.server_cpu_seconds / max(r.requests, 1) for r in results]), 2),
-                             fmt(median([r.p50_ms for r in results]))])
+                rows.append(
+                    [
+                        backend,
+                        name,
+                        fmt(median([r.rps for r in results]), 0),
+                        " / ".join(fmt(r.rps, 0) for r in results),
+                        fmt(median([1000 * r.server_cpu_seconds / max(r.requests, 1) for r in results]), 2),
+                        fmt(median([r.p50_ms for r in results])),
+                    ]
+                )
             vs_textbook = [r["results"]["chatapp"].rps / r["results"]["textbook"].rps for r in rounds]
             vs_floor = [r["results"]["chatapp"].rps / r["results"]["core_floor"].rps for r in rounds]
             verdicts.append(
@@ -313,7 +369,8 @@ def throughput_main(args) -> int:
                 f"{' '.join(f'{x:.2f}' for x in vs_floor)}, median {median(vs_floor):.2f}x (target >= "
                 f"{TARGET_VS_FLOOR}x: {'met' if median(vs_floor) >= TARGET_VS_FLOOR else 'MISSED'}); "
                 f"load average per round: {' | '.join(r['loadavg'] for r in rounds)}; chatapp connections "
-                f"checked out after: {data['checked_out_after'] or 'no /metrics'}")
+                f"checked out after: {data['checked_out_after'] or 'no /metrics'}"
+            )
     print()
     print(table(["db", "app", "req/s (median)", "rounds", "server CPU ms/req (median)", "p50 ms"], rows))
     print()
@@ -328,8 +385,11 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"])
     parser.add_argument("-n", type=int, default=200, help="calls per round (5 rounds)")
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--throughput", action="store_true",
-                        help="requests/s under gunicorn and wrk against the textbook app and the core floor")
+    parser.add_argument(
+        "--throughput",
+        action="store_true",
+        help="requests/s under gunicorn and wrk against the textbook app and the core floor",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="--throughput: interleaved rounds")
     parser.add_argument("--seconds", type=float, default=8, help="--throughput: seconds per app and round")
     parser.add_argument("--connections", type=int, default=32, help="--throughput: wrk connections")
@@ -348,12 +408,21 @@ def main(argv=None) -> int:
             all_costs[backend] = costs
             for name, totals in profiles.items():
                 print(f"\n# {backend}: where {name}'s messages-list CPU goes (cProfile, ms/request, inflated)")
-                print(table(["package", "ms"], [[k, f"{v:.3f}"] for k, v in totals.most_common(14)]
-                            + [["total", f"{sum(totals.values()):.3f}"]]))
+                print(
+                    table(
+                        ["package", "ms"],
+                        [[k, f"{v:.3f}"] for k, v in totals.most_common(14)]
+                        + [["total", f"{sum(totals.values()):.3f}"]],
+                    )
+                )
     names = list(next(iter(all_costs.values())))
     print()
-    print(table(["operation (CPU ms, median of 5 rounds)", *all_costs],
-                [[name, *(fmt(all_costs[b][name], 2) for b in all_costs)] for name in names]))
+    print(
+        table(
+            ["operation (CPU ms, median of 5 rounds)", *all_costs],
+            [[name, *(fmt(all_costs[b][name], 2) for b in all_costs)] for name in names],
+        )
+    )
 
     # What a whole reply costs chatapp, and what two cores could carry.
     from chatapp.chat.stream import LIVE_RECHECK_SECONDS
@@ -365,27 +434,52 @@ def main(argv=None) -> int:
             # EchoBot yields WORDS chunks evenly over the delay; a write happens at the
             # first chunk after each flush interval, so at most one per chunk.
             writes = min(WORDS - 1, delay / flush)
-            common_part = (c["chatapp POST message (202, reply not run)"]
-                           + c["chatapp stream request (reply already complete)"]
-                           + writes * c["chatapp one reply write (append)"]
-                           + c["chatapp reply pipeline, 0 s bot (history + finish)"])
+            common_part = (
+                c["chatapp POST message (202, reply not run)"]
+                + c["chatapp stream request (reply already complete)"]
+                + writes * c["chatapp one reply write (append)"]
+                + c["chatapp reply pipeline, 0 s bot (history + finish)"]
+            )
             one_read = c["chatapp one stream poll (unit of work + read)"]
             # In the reply's own worker the stream waits for the writer and reads the
             # database only every LIVE_RECHECK_SECONDS; in another worker it polls.
             live = common_part + int(delay // LIVE_RECHECK_SECONDS) * one_read
             polling = common_part + (delay / poll) * one_read
             textbook = c["textbook POST message incl. reply (0 s bot)"]
-            budget_rows.append([backend, fmt(delay, 1), fmt(live, 1), fmt(2000 / live, 0),
-                                fmt(polling, 1), fmt(2000 / polling, 0),
-                                fmt(textbook, 1), fmt(2000 / textbook, 0)])
+            budget_rows.append(
+                [
+                    backend,
+                    fmt(delay, 1),
+                    fmt(live, 1),
+                    fmt(2000 / live, 0),
+                    fmt(polling, 1),
+                    fmt(2000 / polling, 0),
+                    fmt(textbook, 1),
+                    fmt(2000 / textbook, 0),
+                ]
+            )
     print()
-    print(f"Per reply of {WORDS} words (REPLY_FLUSH_INTERVAL={flush:g} s; a stream in another worker polls "
-          f"every STREAM_POLL_INTERVAL={poll:g} s, one in the reply's worker reads every "
-          f"{LIVE_RECHECK_SECONDS:g} s): POST + stream request + min(words-1, delay/flush) writes + pipeline "
-          "+ the stream's reads; '2-core max' = 2000 ms / CPU ms, if nothing else ran:")
-    print(table(["db", "bot s", "chatapp CPU ms/reply", "2-core max replies/s",
-                 "same, stream polling", "2-core max replies/s (polling)",
-                 "textbook CPU ms/reply", "textbook 2-core max replies/s"], budget_rows))
+    print(
+        f"Per reply of {WORDS} words (REPLY_FLUSH_INTERVAL={flush:g} s; a stream in another worker polls "
+        f"every STREAM_POLL_INTERVAL={poll:g} s, one in the reply's worker reads every "
+        f"{LIVE_RECHECK_SECONDS:g} s): POST + stream request + min(words-1, delay/flush) writes + pipeline "
+        "+ the stream's reads; '2-core max' = 2000 ms / CPU ms, if nothing else ran:"
+    )
+    print(
+        table(
+            [
+                "db",
+                "bot s",
+                "chatapp CPU ms/reply",
+                "2-core max replies/s",
+                "same, stream polling",
+                "2-core max replies/s (polling)",
+                "textbook CPU ms/reply",
+                "textbook 2-core max replies/s",
+            ],
+            budget_rows,
+        )
+    )
     finish(None, None)
     return 0
 

@@ -51,8 +51,10 @@ def shipped_gunicorn() -> tuple[int, int]:
     text = (ROOT / "gunicorn.conf.py").read_text()
     workers = re.search(r'CHATAPP_WORKERS", "(\d+)"', text)
     threads = re.search(r'CHATAPP_THREADS", "(\d+)"', text)
-    return (int(workers.group(1)) if workers else SHIPPED_WORKERS,
-            int(threads.group(1)) if threads else SHIPPED_THREADS)
+    return (
+        int(workers.group(1)) if workers else SHIPPED_WORKERS,
+        int(threads.group(1)) if threads else SHIPPED_THREADS,
+    )
 
 
 def error_code(response: requests.Response) -> str:
@@ -110,12 +112,28 @@ def chat_loop(kind: str, base: str, token: str, conversation_id: int, until: flo
                 tally.done.append((finished, finished - started))
 
 
-def run_one(kind: str, module: str, backend: str, database: Database, conversations: list[int], token: str,
-            delay: float, args, wd: Path, env: dict) -> dict:
+def run_one(
+    kind: str,
+    module: str,
+    backend: str,
+    database: Database,
+    conversations: list[int],
+    token: str,
+    delay: float,
+    args,
+    wd: Path,
+    env: dict,
+) -> dict:
     workers, threads = args.workers, args.threads
-    server = Server(module, database.uri, wd, name=f"{kind.replace(' ', '_')}-{backend}-{delay:g}",
-                    workers=args.workers_arg, threads=args.threads_arg,
-                    env={"CHATAPP_BOT_ECHO_DELAY": delay, "CHATAPP_MAX_REQUESTS": 0, **env})
+    server = Server(
+        module,
+        database.uri,
+        wd,
+        name=f"{kind.replace(' ', '_')}-{backend}-{delay:g}",
+        workers=args.workers_arg,
+        threads=args.threads_arg,
+        env={"CHATAPP_BOT_ECHO_DELAY": delay, "CHATAPP_MAX_REQUESTS": 0, **env},
+    )
     server.start()
     try:
         warmup = delay + 2.0
@@ -126,8 +144,10 @@ def run_one(kind: str, module: str, backend: str, database: Database, conversati
         before = resource.getrusage(resource.RUSAGE_SELF)
         cpu_before = server.cpu_seconds()
         with MetricsSampler(server.url, interval=0.5) as sampler, PgSampler(database) as pg:
-            chats = [threading.Thread(target=chat_loop, args=(kind, server.url, token, cid, until, tally),
-                                      daemon=True) for cid in conversations]
+            chats = [
+                threading.Thread(target=chat_loop, args=(kind, server.url, token, cid, until, tally), daemon=True)
+                for cid in conversations
+            ]
             for thread in chats:
                 thread.start()
             time.sleep(max(0.0, t0 + warmup + window / 2 - time.monotonic()))
@@ -149,18 +169,36 @@ def run_one(kind: str, module: str, backend: str, database: Database, conversati
     ceiling = workers * threads / delay
     rate = len(counted) / window
     return {
-        "app": kind, "backend": backend, "delay": delay, "chats": len(conversations),
-        "replies": len(counted), "window": window, "rate": rate, "ceiling": ceiling,
-        "reply_p50": percentile(counted, 50), "reply_p95": percentile(counted, 95),
-        "errors": tally.errors, "busy_503": tally.busy, "stuck_clients": stuck,
+        "app": kind,
+        "backend": backend,
+        "delay": delay,
+        "chats": len(conversations),
+        "replies": len(counted),
+        "window": window,
+        "rate": rate,
+        "ceiling": ceiling,
+        "reply_p50": percentile(counted, 50),
+        "reply_p95": percentile(counted, 95),
+        "errors": tally.errors,
+        "busy_503": tally.busy,
+        "stuck_clients": stuck,
         # Pool timeouts as the servers log them: chatapp's 503 handler, chatapp's reply
         # writer retrying, and SQLAlchemy's own message (the textbook app's 500s).
-        "pool_timeouts_logged": len(re.findall(r"database pool exhausted|QueuePool limit of size|"
-                                               r"database unavailable \(TimeoutError\)", log)),
+        "pool_timeouts_logged": len(
+            re.findall(
+                r"database pool exhausted|QueuePool limit of size|"
+                r"database unavailable \(TimeoutError\)",
+                log,
+            )
+        ),
         "tracebacks": log.count("Traceback"),
-        "max_checked_out_by_pid": sampler.max_by_pid, "metrics_samples": sampler.samples,
-        "checked_out_after": checked_out, "holds": holds, "clients_per_worker": sorted(spread.values()),
-        "pg_max_by_state": pg.max_by_state, "pg_max_total": pg.max_total,
+        "max_checked_out_by_pid": sampler.max_by_pid,
+        "metrics_samples": sampler.samples,
+        "checked_out_after": checked_out,
+        "holds": holds,
+        "clients_per_worker": sorted(spread.values()),
+        "pg_max_by_state": pg.max_by_state,
+        "pg_max_total": pg.max_total,
         "client_cpu_pct": 100 * ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) / wall,
         "server_cpu_pct": 100 * server_cpu / wall,
         "loadavg": loadavg(),
@@ -175,8 +213,13 @@ def main(argv=None) -> int:
     parser.add_argument("--window", type=float, default=10.0, help="measuring seconds (at least 4 x delay)")
     parser.add_argument("--workers", dest="workers_arg", type=int, default=None)
     parser.add_argument("--threads", dest="threads_arg", type=int, default=None)
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
-                        help="also run chatapp with these CHATAPP_* settings (repeatable)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="also run chatapp with these CHATAPP_* settings (repeatable)",
+    )
     parser.add_argument("--apps", nargs="+", default=None, help="run only these apps (textbook, chatapp, variants)")
     parser.add_argument("--json", help="also write the raw figures to this file")
     parser.add_argument("--keep-logs", action="store_true")
@@ -196,11 +239,14 @@ def main(argv=None) -> int:
     from chatapp.config import Defaults
 
     print(machine_report())
-    print(f"# slow bot: {chats} concurrent chats, gunicorn {args.workers} workers x {args.threads} threads, "
-          f"delays {args.delays}, window >= {args.window:g} s; chatapp shipped REPLY_WORKERS="
-          f"{Defaults.REPLY_WORKERS}, STREAM_POLL_INTERVAL={Defaults.STREAM_POLL_INTERVAL}, "
-          f"REPLY_FLUSH_INTERVAL={Defaults.REPLY_FLUSH_INTERVAL}, pool {Defaults.SQLALCHEMY_ENGINE_OPTIONS}; "
-          f"variants {[(name, env) for name, _, env in apps[2:]]}", flush=True)
+    print(
+        f"# slow bot: {chats} concurrent chats, gunicorn {args.workers} workers x {args.threads} threads, "
+        f"delays {args.delays}, window >= {args.window:g} s; chatapp shipped REPLY_WORKERS="
+        f"{Defaults.REPLY_WORKERS}, STREAM_POLL_INTERVAL={Defaults.STREAM_POLL_INTERVAL}, "
+        f"REPLY_FLUSH_INTERVAL={Defaults.REPLY_FLUSH_INTERVAL}, pool {Defaults.SQLALCHEMY_ENGINE_OPTIONS}; "
+        f"variants {[(name, env) for name, _, env in apps[2:]]}",
+        flush=True,
+    )
     results = []
     with workdir(args.keep_logs) as wd:
         for backend in backends(args.backend):
@@ -212,31 +258,61 @@ def main(argv=None) -> int:
                 for delay in args.delays:
                     for kind, module, env in apps:
                         start = next(ids) * chats
-                        result = run_one(kind, module, backend, database,
-                                         seeded.conversation_ids[start:start + chats], seeded.token,
-                                         delay, args, wd, env)
+                        result = run_one(
+                            kind,
+                            module,
+                            backend,
+                            database,
+                            seeded.conversation_ids[start : start + chats],
+                            seeded.token,
+                            delay,
+                            args,
+                            wd,
+                            env,
+                        )
                         results.append(result)
-                        print(f"# {backend} delay {delay:g} {kind}: {result['rate']:.1f} replies/s "
-                              f"(ceiling {result['ceiling']:.1f}), errors {result['errors']}, "
-                              f"server CPU {result['server_cpu_pct']:.0f}%, client CPU "
-                              f"{result['client_cpu_pct']:.0f}%, load {result['loadavg']}", flush=True)
+                        print(
+                            f"# {backend} delay {delay:g} {kind}: {result['rate']:.1f} replies/s "
+                            f"(ceiling {result['ceiling']:.1f}), errors {result['errors']}, "
+                            f"server CPU {result['server_cpu_pct']:.0f}%, client CPU "
+                            f"{result['client_cpu_pct']:.0f}%, load {result['loadavg']}",
+                            flush=True,
+                        )
 
     rows, verdicts = [], []
     for r in results:
-        textbook = next((x for x in results if x["backend"] == r["backend"] and x["delay"] == r["delay"]
-                         and x["app"] == "textbook"), None)
+        textbook = next(
+            (
+                x
+                for x in results
+                if x["backend"] == r["backend"] and x["delay"] == r["delay"] and x["app"] == "textbook"
+            ),
+            None,
+        )
         vs_textbook = r["rate"] / textbook["rate"] if textbook and textbook["rate"] else float("nan")
         pg = r["pg_max_by_state"]
-        rows.append([
-            r["backend"], fmt(r["delay"], 1), r["app"], r["replies"], fmt(r["rate"]), fmt(r["ceiling"]),
-            f"{r['rate'] / r['ceiling']:.2f}x", f"{vs_textbook:.2f}x",
-            fmt(r["reply_p50"], 2), fmt(r["reply_p95"], 2),
-            sum(r["errors"].values()), r["busy_503"], r["pool_timeouts_logged"],
-            max(r["max_checked_out_by_pid"].values(), default="-"),
-            f"{pg.get('idle in transaction', 0)}/{r['pg_max_total']}" if r["backend"] == "postgresql" else "-",
-            "/".join(map(str, r["clients_per_worker"])) or "-",
-            fmt(r["server_cpu_pct"], 0) + "%", fmt(r["client_cpu_pct"], 0) + "%",
-        ])
+        rows.append(
+            [
+                r["backend"],
+                fmt(r["delay"], 1),
+                r["app"],
+                r["replies"],
+                fmt(r["rate"]),
+                fmt(r["ceiling"]),
+                f"{r['rate'] / r['ceiling']:.2f}x",
+                f"{vs_textbook:.2f}x",
+                fmt(r["reply_p50"], 2),
+                fmt(r["reply_p95"], 2),
+                sum(r["errors"].values()),
+                r["busy_503"],
+                r["pool_timeouts_logged"],
+                max(r["max_checked_out_by_pid"].values(), default="-"),
+                f"{pg.get('idle in transaction', 0)}/{r['pg_max_total']}" if r["backend"] == "postgresql" else "-",
+                "/".join(map(str, r["clients_per_worker"])) or "-",
+                fmt(r["server_cpu_pct"], 0) + "%",
+                fmt(r["client_cpu_pct"], 0) + "%",
+            ]
+        )
         if r["app"].startswith("chatapp"):
             ok_ceiling = r["rate"] >= 0.9 * r["ceiling"]
             ok_textbook = vs_textbook >= 2.0
@@ -249,10 +325,31 @@ def main(argv=None) -> int:
                 f"checked out after: {r['checked_out_after'] or '-'}"
             )
     print()
-    print(table(["db", "bot s", "app", "replies", "replies/s", "ceiling", "vs ceiling", "vs textbook",
-                 "reply p50 s", "reply p95 s", "errors", "503 busy", "pool timeouts (log)",
-                 "max checked out/worker", "PG idle-in-tx/total (max)", "clients per worker", "server CPU",
-                 "client CPU"], rows))
+    print(
+        table(
+            [
+                "db",
+                "bot s",
+                "app",
+                "replies",
+                "replies/s",
+                "ceiling",
+                "vs ceiling",
+                "vs textbook",
+                "reply p50 s",
+                "reply p95 s",
+                "errors",
+                "503 busy",
+                "pool timeouts (log)",
+                "max checked out/worker",
+                "PG idle-in-tx/total (max)",
+                "clients per worker",
+                "server CPU",
+                "client CPU",
+            ],
+            rows,
+        )
+    )
     print_verdicts(verdicts)
     print()
     print("chatapp connection hold times by holder (chatapp_db_connection_hold_seconds, all workers):")

@@ -79,9 +79,14 @@ class Message(db.Model):
 
     def to_dict(self):
         return {
-            "id": self.id, "conversation_id": self.conversation_id, "role": self.role,
-            "content": self.content, "status": self.status, "error": self.error,
-            "created_at": _iso(self.created_at), "updated_at": _iso(self.updated_at),
+            "id": self.id,
+            "conversation_id": self.conversation_id,
+            "role": self.role,
+            "content": self.content,
+            "status": self.status,
+            "error": self.error,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
         }
 
 
@@ -112,9 +117,13 @@ def list_messages(conversation_id):
     user = current_user()
     conversation = db.first_or_404(db.select(Conversation).filter_by(id=conversation_id, owner_id=user.id))
     limit = min(max(request.args.get("limit", 20, type=int), 1), 100)
-    messages = db.session.execute(
-        db.select(Message).filter_by(conversation_id=conversation.id).order_by(Message.id).limit(limit + 1)
-    ).scalars().all()
+    messages = (
+        db.session.execute(
+            db.select(Message).filter_by(conversation_id=conversation.id).order_by(Message.id).limit(limit + 1)
+        )
+        .scalars()
+        .all()
+    )
     next_cursor = str(messages[limit - 1].id) if len(messages) > limit else None
     return jsonify(items=[m.to_dict() for m in messages[:limit]], next_cursor=next_cursor)
 
@@ -134,9 +143,13 @@ def post_message(conversation_id):
     # The textbook part: ask the bot inside the request. The history query checks a
     # connection out again and the session keeps it (and its transaction) until the
     # commit below, for as long as the bot takes.
-    history = db.session.execute(
-        db.select(Message).filter_by(conversation_id=conversation.id, status="complete").order_by(Message.id)
-    ).scalars().all()
+    history = (
+        db.session.execute(
+            db.select(Message).filter_by(conversation_id=conversation.id, status="complete").order_by(Message.id)
+        )
+        .scalars()
+        .all()
+    )
     text = "".join(bot.stream([{"role": m.role, "content": m.content} for m in history]))
 
     reply = Message(conversation_id=conversation.id, role="assistant", content=text, status="complete")

@@ -180,9 +180,7 @@ def check_secret_key(config) -> None:
         return
     key = config.get("SECRET_KEY")
     if not key or key == DEFAULT_SECRET_KEY:
-        raise ConfigError(
-            f"chatapp: SECRET_KEY is missing or left at its default. {_HOW_TO_SET_SECRET_KEY}"
-        )
+        raise ConfigError(f"chatapp: SECRET_KEY is missing or left at its default. {_HOW_TO_SET_SECRET_KEY}")
     if isinstance(key, str):
         size = len(key.encode("utf-8"))
     elif isinstance(key, bytes):

@@ -105,7 +105,9 @@ def decode_json(data: bytes | bytearray | str) -> Any:
         try:
             text = bytes(data).decode("utf-8")
         except UnicodeDecodeError as error:
-            raise InvalidJSON(f"the body is not UTF-8 text (byte {error.start} cannot start or continue a character)") from None
+            raise InvalidJSON(
+                f"the body is not UTF-8 text (byte {error.start} cannot start or continue a character)"
+            ) from None
     else:
         text = data
     try:
@@ -150,7 +152,8 @@ class ArgumentsParser(FlaskParser):
             abort(400, exc=error, messages={"json": [f"the body is not valid JSON: {error}"]})
         if not isinstance(value, dict):
             # Every body the API reads is an object (marshmallow would say "_schema: Invalid input type.").
-            kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+            kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+            kind = kinds.get(type(value), "a number")
             abort(422, messages={"json": [f"the body must be a JSON object, not {kind}"]})
         return value
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 
 from flask import Flask, current_app, g, request
-from flask.globals import request_ctx
-from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_login import current_user
 
@@ -76,9 +74,7 @@ def per_user(key: str, scope: str):
     user gets the same allowance whichever they use. Decorate the view under the checks
     that establish who the user is (the API's before_request, or @login_required).
     """
-    return limiter.shared_limit(
-        lambda: current_app.config[key], scope, key_func=user_key, methods=["POST"]
-    )
+    return limiter.shared_limit(lambda: current_app.config[key], scope, key_func=user_key, methods=["POST"])
 
 
 messages = per_user("RATELIMIT_MESSAGES", "user-messages")
@@ -106,44 +102,6 @@ def init_app(app: Flask) -> None:
         # any other hook's, so it goes. Its after_request (X-RateLimit-* headers) and
         # teardown stay.
         app.before_request_funcs[None].remove(limiter._check_request_limit)
-    _skip_limiter_hooks_when_no_limit_ran(app)
-
-
-# Where Flask-Limiter keeps a request's limit state, on the request context (private, hence
-# the upper bound on flask-limiter); it is created the first time a limit is evaluated.
-_LIMITER_REQUEST_STATE = "_limiter_request_context"
-
-
-def _skip_limiter_hooks_when_no_limit_ran(app: Flask) -> None:
-    """Run Flask-Limiter's after_request (X-RateLimit-* headers, deductions of limits that
-    count failures only) and teardown (reset) only for requests that evaluated a limit.
-
-    A request that evaluated none has no limit state: the after_request would find no
-    limit to report and no deduction to make, the teardown nothing to reset, but each
-    first creates the state to look at it. Every request but the limited POSTs is one.
-    """
-    inject = next(
-        (f for f in app.after_request_funcs.get(None, [])
-         if getattr(f, "func", None) is getattr(Limiter, "_Limiter__inject_headers") and f.args == (limiter,)),
-        None,
-    )
-    release = getattr(limiter, "_Limiter__release_context")
-    teardowns = app.teardown_request_funcs.get(None, [])
-    if inject is None or release not in teardowns:
-        return  # not registered on this app (or moved by a new version): left as they are
-
-    def inject_headers(response):
-        if not hasattr(request_ctx._get_current_object(), _LIMITER_REQUEST_STATE):
-            return response
-        return inject(response)
-
-    def release_context(exc=None):
-        if hasattr(request_ctx._get_current_object(), _LIMITER_REQUEST_STATE):
-            release(exc)
-
-    funcs = app.after_request_funcs[None]
-    funcs[funcs.index(inject)] = inject_headers
-    teardowns[teardowns.index(release)] = release_context
 
 
 def _limits_beyond_decorators() -> bool:

@@ -51,12 +51,21 @@ More ideas on [visitlisboa.com](https://www.visitlisboa.com)."""
 
 HISTORY = [
     ("Weekend in Lisbon", "Plan a relaxed weekend in Lisbon for me.", MARKDOWN_REPLY),
-    ("Sourdough starter", "How often should I feed a sourdough starter?",
-     "Once a day at room temperature, or once a week if it lives in the fridge."),
-    ("SQL window functions", "Explain ROW_NUMBER() in one sentence.",
-     "`ROW_NUMBER()` numbers the rows of each partition in the order you give it, starting at 1."),
-    ("Birthday gift ideas", "Gift ideas for a friend who likes hiking?",
-     "- a good headlamp\n- merino socks\n- a trail guide for your region"),
+    (
+        "Sourdough starter",
+        "How often should I feed a sourdough starter?",
+        "Once a day at room temperature, or once a week if it lives in the fridge.",
+    ),
+    (
+        "SQL window functions",
+        "Explain ROW_NUMBER() in one sentence.",
+        "`ROW_NUMBER()` numbers the rows of each partition in the order you give it, starting at 1.",
+    ),
+    (
+        "Birthday gift ideas",
+        "Gift ideas for a friend who likes hiking?",
+        "- a good headlamp\n- merino socks\n- a trail guide for your region",
+    ),
 ]
 STREAMED = (
     "Streaming replies arrive word by word, the way you already know from other chat apps, "
@@ -71,8 +80,13 @@ STOPPED = (
 
 def seed(database_uri: str) -> int:
     """The user and a few finished conversations; returns the id of the one to show."""
-    app = create_app({"SQLALCHEMY_DATABASE_URI": database_uri, "SECRET_KEY": secrets.token_hex(32),
-                      "PASSWORD_HASH_METHOD": "pbkdf2:sha256:1000"})
+    app = create_app(
+        {
+            "SQLALCHEMY_DATABASE_URI": database_uri,
+            "SECRET_KEY": secrets.token_hex(32),
+            "PASSWORD_HASH_METHOD": "pbkdf2:sha256:1000",
+        }
+    )
     with unit_of_work(app):
         user = auth.create_user(USERNAME, PASSWORD)
         shown = None
@@ -95,8 +109,10 @@ def main() -> None:
         uri = f"sqlite:///{tmp}/screens.sqlite"
         migrate(uri)
         lisbon = seed(uri)
-        with GunicornServer(uri, workers=1, threads=8, config={"BOT_ECHO_DELAY": 8}) as server, \
-                sync_playwright() as playwright:
+        with (
+            GunicornServer(uri, workers=1, threads=8, config={"BOT_ECHO_DELAY": 8}) as server,
+            sync_playwright() as playwright,
+        ):
             browser = launch(playwright)
             try:
                 shoot(browser, server.url, lisbon)

@@ -27,8 +27,7 @@ def kill_connection(connection: sa.Connection) -> None:
     pid = dbapi_connection.info.backend_pid
     with psycopg.connect(admin_dsn(connection.engine.url), autocommit=True) as admin:
         admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE pid = %s AND datname = current_database()",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s AND datname = current_database()",
             (pid,),
         )
         # Wait until it is gone, so that the next statement fails every time.
@@ -67,7 +66,6 @@ def hooked(app, event_name: str, hook):
         yield hook
     finally:
         event.remove(engine, event_name, hook)
-
 
 
 class CommitFault:

@@ -40,16 +40,12 @@ class AuthActions:
         self._client = client
 
     def register(self, username: str = "alice", password: str = "correct horse") -> dict:
-        response = self._client.post(
-            "/api/v1/users", json={"username": username, "password": password}
-        )
+        response = self._client.post("/api/v1/users", json={"username": username, "password": password})
         assert response.status_code == 201, response.get_json()
         return response.get_json()
 
     def token(self, username: str = "alice", password: str = "correct horse") -> str:
-        response = self._client.post(
-            "/api/v1/tokens", json={"username": username, "password": password}
-        )
+        response = self._client.post("/api/v1/tokens", json={"username": username, "password": password})
         assert response.status_code == 201, response.get_json()
         return response.get_json()["token"]
 

@@ -7,8 +7,11 @@ import pytest
 from chatapp.chat.bots import BotError, EchoBot, OpenAIBot, bot_from_config, masked_url
 from tests.fake_openai import FakeOpenAIServer
 
-HISTORY = [{"role": "user", "content": "first"}, {"role": "assistant", "content": "first"},
-           {"role": "user", "content": "say  this\nback"}]
+HISTORY = [
+    {"role": "user", "content": "first"},
+    {"role": "assistant", "content": "first"},
+    {"role": "user", "content": "say  this\nback"},
+]
 
 
 def test_echo_answers_the_last_user_message_word_by_word():

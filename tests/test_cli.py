@@ -60,9 +60,7 @@ def test_create_token_prints_a_token_stored_only_hashed(runner, app):
 def test_commands_refuse_an_uninitialised_database(tmp_path):
     from chatapp import create_app
 
-    app = create_app(
-        {"TESTING": True, "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'empty.sqlite'}"}
-    )
+    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'empty.sqlite'}"})
     runner = app.test_cli_runner()
     result = runner.invoke(args=["create-user", "alice", "--password-stdin"], input="s3cret-pass\n")
     assert result.exit_code != 0

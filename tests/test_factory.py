@@ -121,9 +121,7 @@ def test_config_order_defaults_instance_env_test_config(clean_env, tmp_path, mon
     assert app.config["BOT_ENGINE"] == "from-test-config"
 
 
-def test_default_database_is_sqlite_in_instance_folder_and_factory_touches_nothing(
-    clean_env, tmp_path, monkeypatch
-):
+def test_default_database_is_sqlite_in_instance_folder_and_factory_touches_nothing(clean_env, tmp_path, monkeypatch):
     instance = tmp_path / "instance"
     monkeypatch.setattr("flask.Flask.auto_find_instance_path", lambda self: str(instance))
     app = create_app({"SECRET_KEY": KEY})
@@ -166,8 +164,11 @@ def test_healthz_does_not_touch_the_database(tmp_path):
     # The database URL points nowhere reachable; healthz must still answer. (The reaper,
     # which the first request of a process starts, is off so that nothing else connects.)
     app = create_app(
-        {"TESTING": True, "SQLALCHEMY_DATABASE_URI": "postgresql+psycopg://nobody@127.0.0.1:1/x",
-         "REPLY_SWEEP_INTERVAL": 0}
+        {
+            "TESTING": True,
+            "SQLALCHEMY_DATABASE_URI": "postgresql+psycopg://nobody@127.0.0.1:1/x",
+            "REPLY_SWEEP_INTERVAL": 0,
+        }
     )
     connects = []
     with app.app_context():

@@ -28,7 +28,7 @@ from chatapp.chat import services as chat_services
 from chatapp.chat.models import Message, Role, Status
 from chatapp.chat.pipeline import generate_reply
 from chatapp.chat.sweeper import sweep_once
-from chatapp.db import db, unit_of_work
+from chatapp.db import unit_of_work
 from tests.faults import KillAt, commit_answer_lost, hooked, kill_connection, killed_at_commit
 from tests.helpers import checked_out, live_sessions, wait_for_background_work
 from tests.support.databases import active_replies, busiest_worker, describe_active_replies
@@ -84,7 +84,8 @@ def test_a_write_whose_connection_dies_is_not_retried_and_stores_nothing(app, cl
     with hooked(app, "before_cursor_execute", KillAt("INSERT INTO messages")) as hook:
         response = client.post(
             f"/api/v1/conversations/{conversation_id}/messages",
-            json={"content": "hello"}, headers=headers,
+            json={"content": "hello"},
+            headers=headers,
         )
     assert response.status_code == 503
     assert response.get_json()["error"]["code"] == "database_unavailable"
@@ -156,8 +157,7 @@ def test_unit_of_work_whose_commit_cannot_happen_raises_and_stores_nothing(app):
 
 def post_message(client, conversation, content: str = "alpha beta"):
     conversation_id, headers = conversation
-    return client.post(f"/api/v1/conversations/{conversation_id}/messages",
-                       json={"content": content}, headers=headers)
+    return client.post(f"/api/v1/conversations/{conversation_id}/messages", json={"content": content}, headers=headers)
 
 
 def test_post_whose_commit_landed_unseen_still_starts_its_reply(app, client, conversation):
@@ -295,17 +295,23 @@ SERVER_CONFIG = {"RATELIMIT_ENABLED": "false", "REPLY_SWEEP_INTERVAL": 1}
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["postgresql"])
 def test_terminating_every_connection_under_load_fails_no_request(
-    database_uri, postgres_database, tmp_path,
+    database_uri,
+    postgres_database,
+    tmp_path,
 ):
-    with GunicornServer(database_uri, workers=2, threads=8, config=SERVER_CONFIG,
-                        log_dir=tmp_path) as server:
+    with GunicornServer(database_uri, workers=2, threads=8, config=SERVER_CONFIG, log_dir=tmp_path) as server:
         tokens = register_clients(server.url, 6)
         traffic = Traffic(server.url, tokens, reads)
         for token in tokens:
             created = traffic.call("setup", "POST", "/api/v1/conversations", token, {"title": "t"})
             traffic.conversations.append(created.body["id"])
-            posted = traffic.call("setup", "POST", f"/api/v1/conversations/{created.body['id']}/messages",
-                                  token, {"content": "some history"})
+            posted = traffic.call(
+                "setup",
+                "POST",
+                f"/api/v1/conversations/{created.body['id']}/messages",
+                token,
+                {"content": "some history"},
+            )
             assert posted.status == 202
         traffic.calls.clear()
         traffic.start()
@@ -324,8 +330,10 @@ def test_terminating_every_connection_under_load_fails_no_request(
         log = server.log_text()
         idle_in_transaction = no_idle_in_transaction(postgres_database)
     mid_request = sum(state != "idle" for state in caught)
-    print(f"\n{rounds} rounds terminated {len(caught)} backends, {mid_request} mid-request; "
-          f"{len(traffic.calls)} requests; retries logged: {log.count('retrying GET')}")
+    print(
+        f"\n{rounds} rounds terminated {len(caught)} backends, {mid_request} mid-request; "
+        f"{len(traffic.calls)} requests; retries logged: {log.count('retrying GET')}"
+    )
     assert mid_request >= 3, f"the load never had a transaction open when terminated: {caught}"
     failed = [call for call in traffic.calls if not call.ok]
     assert failed == [], f"{len(failed)} of {len(traffic.calls)} requests failed: {failed[:10]}"
@@ -346,7 +354,12 @@ def proxied(database_uri, postgres_database):
 # so that outage lasts longer than pool_timeout plus the slack allowed below.
 @pytest.mark.parametrize("mode, outage_seconds", [("refuse", 4.0), ("blackhole", 9.0)])
 def test_database_unreachable_for_seconds_under_load(
-    mode, outage_seconds, proxied, database_uri, postgres_database, tmp_path,
+    mode,
+    outage_seconds,
+    proxied,
+    database_uri,
+    postgres_database,
+    tmp_path,
 ):
     proxy, app_uri = proxied
     pool_timeout = 5
@@ -354,10 +367,8 @@ def test_database_unreachable_for_seconds_under_load(
     # for the check that follows, gets a 503, and its reply was never handed to a runner:
     # a sweep claims it once it has gone unclaimed for REPLY_LEASE_SECONDS.
     stale_after = 15
-    config = {**SERVER_CONFIG, "BOT_ECHO_DELAY": 1.5, "DATABASE_CONNECT_TIMEOUT": 2,
-              "REPLY_WRITE_RETRY_SECONDS": 60}
-    with GunicornServer(app_uri, workers=2, threads=8, config=config,
-                        log_dir=tmp_path) as server:
+    config = {**SERVER_CONFIG, "BOT_ECHO_DELAY": 1.5, "DATABASE_CONNECT_TIMEOUT": 2, "REPLY_WRITE_RETRY_SECONDS": 60}
+    with GunicornServer(app_uri, workers=2, threads=8, config=config, log_dir=tmp_path) as server:
         traffic = Traffic(server.url, register_clients(server.url, 4), chats, pause=0.2).start()
         readiness = []
         try:
@@ -372,7 +383,8 @@ def test_database_unreachable_for_seconds_under_load(
             proxy.set_mode("pass")
             restored = time.monotonic()
             ready_again = wait_until(
-                lambda: requests.get(server.url + "/readyz", timeout=30).status_code == 200, 15,
+                lambda: requests.get(server.url + "/readyz", timeout=30).status_code == 200,
+                15,
             )
             ready_after = time.monotonic() - restored
             time.sleep(max(0.0, restored + 4.0 - time.monotonic()))
@@ -421,8 +433,10 @@ def test_database_unreachable_for_seconds_under_load(
     assert settled, f"replies still pending or streaming: {stuck}\n{app_log(log)}"
     acked_ids = {item.message_id for item in traffic.acked}
     unacknowledged = [m for m in rows.values() if m.role is Role.USER and m.id not in acked_ids]
-    print(f"replies acknowledged: {sorted(collections.Counter(rows[a.reply_id].status.value for a in traffic.acked).items())}; "
-          f"messages stored though their POST was not acknowledged: {len(unacknowledged)}")
+    print(
+        f"replies acknowledged: {sorted(collections.Counter(rows[a.reply_id].status.value for a in traffic.acked).items())}; "
+        f"messages stored though their POST was not acknowledged: {len(unacknowledged)}"
+    )
     # The pipeline carried every acknowledged reply through the outage, text whole and once.
     for item in traffic.acked:
         reply = rows[item.reply_id]
@@ -443,10 +457,14 @@ def worker_dead(pid: int) -> bool:
 def test_worker_killed_under_load(backend, database_uri, request, tmp_path):
     # The default lease and sweep: what an operator gets after a crash.
     lease, sweep = 10.0, 2.0
-    config = {**SERVER_CONFIG, "BOT_ECHO_DELAY": 3, "REPLY_LEASE_SECONDS": lease,
-              "REPLY_SWEEP_INTERVAL": sweep, "REPLY_WORKERS": 64}
-    with GunicornServer(database_uri, workers=2, threads=8, config=config,
-                        log_dir=tmp_path) as server:
+    config = {
+        **SERVER_CONFIG,
+        "BOT_ECHO_DELAY": 3,
+        "REPLY_LEASE_SECONDS": lease,
+        "REPLY_SWEEP_INTERVAL": sweep,
+        "REPLY_WORKERS": 64,
+    }
+    with GunicornServer(database_uri, workers=2, threads=8, config=config, log_dir=tmp_path) as server:
         traffic = Traffic(server.url, register_clients(server.url, 4), chats, pause=0.5).start()
         try:
             # Enough replies in flight that both workers are generating some.
@@ -459,7 +477,8 @@ def test_worker_killed_under_load(backend, database_uri, request, tmp_path):
             killed = time.monotonic()
             # The master replaces the worker.
             replaced = wait_until(
-                lambda: len(pids := server.worker_pids()) == 2 and victim not in pids, 20,
+                lambda: len(pids := server.worker_pids()) == 2 and victim not in pids,
+                20,
             )
             time.sleep(max(0.0, killed + 3.0 - time.monotonic()))
         finally:
@@ -469,14 +488,16 @@ def test_worker_killed_under_load(backend, database_uri, request, tmp_path):
         settled_after = time.monotonic() - killed
         stuck = describe_active_replies(database_uri)
         after_replacement = [
-            requests.get(server.url + "/api/v1/conversations", timeout=30,
-                         headers={"Authorization": f"Bearer {traffic.tokens[0]}", "Connection": "close"})
+            requests.get(
+                server.url + "/api/v1/conversations",
+                timeout=30,
+                headers={"Authorization": f"Bearer {traffic.tokens[0]}", "Connection": "close"},
+            )
             for _ in range(6)
         ]
         log = server.log_text()
         idle_in_transaction = (
-            no_idle_in_transaction(request.getfixturevalue("postgres_database"))
-            if backend == "postgresql" else []
+            no_idle_in_transaction(request.getfixturevalue("postgres_database")) if backend == "postgresql" else []
         )
     calls = traffic.calls
     before = [a for a in traffic.acked if a.started < killed]
@@ -484,10 +505,12 @@ def test_worker_killed_under_load(backend, database_uri, request, tmp_path):
     rows = assert_acked_messages_stored(database_uri, traffic.acked)
     # A reply run again after its process died is on a later attempt than it started on.
     taken_over = [a for a in before if rows[a.reply_id].attempt > 0]
-    print(f"\n[{backend}] {len(calls)} requests; {len(before)} messages acknowledged before the kill, "
-          f"{len(since)} after; {len(taken_over)} orphaned replies taken over; no reply in progress "
-          f"{settled_after:.1f} s after the kill; requests cut by the kill: "
-          f"{[c for c in calls if c.status is None]}")
+    print(
+        f"\n[{backend}] {len(calls)} requests; {len(before)} messages acknowledged before the kill, "
+        f"{len(since)} after; {len(taken_over)} orphaned replies taken over; no reply in progress "
+        f"{settled_after:.1f} s after the kill; requests cut by the kill: "
+        f"{[c for c in calls if c.status is None]}"
+    )
     assert settled, f"replies still pending or streaming: {stuck}\n{app_log(log)}"
     assert replaced, "the master did not replace the killed worker"
     assert all(r.status_code == 200 for r in after_replacement)

@@ -62,8 +62,10 @@ class SteadyLoad:
             try:
                 if i % 4 == 0:
                     response = http.post(
-                        self.url + "/api/v1/conversations", json={"title": f"t{n}-{i}"},
-                        headers=self.headers, timeout=CLIENT_TIMEOUT,
+                        self.url + "/api/v1/conversations",
+                        json={"title": f"t{n}-{i}"},
+                        headers=self.headers,
+                        timeout=CLIENT_TIMEOUT,
                     )
                     expected = 201
                 else:
@@ -121,8 +123,11 @@ def test_hup_reload_under_load_fails_no_request(database_uri, tmp_path):
             wait_for(lambda: load.served() >= 20, "load to get going")
             server.process.send_signal(signal.SIGHUP)
             # New workers replace every old one while the requests keep coming...
-            wait_for(lambda: len(server.worker_pids()) == 2 and not old & set(server.worker_pids()),
-                     "the old workers to be replaced", timeout=120)
+            wait_for(
+                lambda: len(server.worker_pids()) == 2 and not old & set(server.worker_pids()),
+                "the old workers to be replaced",
+                timeout=120,
+            )
             # ...and the new ones serve them.
             after_reload = load.served()
             wait_for(lambda: load.served() >= after_reload + 20, "requests served by the new workers")
@@ -137,9 +142,11 @@ def test_workers_recycled_by_max_requests_fail_no_request(database_uri, tmp_path
         headers = make_user(server)
         seen = set(server.worker_pids())
         with SteadyLoad(server.url, headers) as load:
+
             def recycled_twice() -> bool:
                 seen.update(server.worker_pids())
                 return len(seen) >= 6
+
             wait_for(recycled_twice, "workers to be recycled by max_requests")
         assert load.failures == [], load.failures[:5]
     print(f"\nmax_requests recycling: {len(seen)} workers over {load.ok} requests, 0 failed")
@@ -178,8 +185,7 @@ class DatabaseLock:
 def checked_out(server: GunicornServer) -> float:
     text = requests.get(server.url + "/metrics", timeout=10).text
     return sum(
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-        if line.startswith("chatapp_db_pool_checked_out{")
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("chatapp_db_pool_checked_out{")
     )
 
 
@@ -198,7 +204,9 @@ def test_exhausted_pool_answers_503_with_retry_after_and_recovers(database_uri, 
             # This write waits on the lock inside the database, holding the pool's only connection.
             blocked: dict = {}
             writer = threading.Thread(
-                target=lambda: blocked.update(response=requests.post(url, json={"title": "late"}, headers=headers, timeout=120)),
+                target=lambda: blocked.update(
+                    response=requests.post(url, json={"title": "late"}, headers=headers, timeout=120)
+                ),
                 daemon=True,
             )
             writer.start()
@@ -254,7 +262,9 @@ def test_a_stream_the_client_drops_gives_its_slot_back(database_uri, tmp_path):
         words = " ".join(f"w{n}" for n in range(60))  # one word every 0.1 s for 6 s
         posted = requests.post(
             f"{server.url}/api/v1/conversations/{conversation['id']}/messages",
-            json={"content": words}, headers=headers, timeout=CLIENT_TIMEOUT,
+            json={"content": words},
+            headers=headers,
+            timeout=CLIENT_TIMEOUT,
         ).json()
         url = f"{server.url}/api/v1/conversations/{conversation['id']}/messages/{posted['reply']['id']}/stream"
 

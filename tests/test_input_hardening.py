@@ -127,7 +127,7 @@ def browser_events(body: str) -> list[tuple[str, str, str]]:
     return [(event.name, event.data, event.id or "") for event in iter_events([body])]
 
 
-FORGERY = "a\rdata: x\r\revent: done\rdata: {}\r\rid: 9:9\r\r\nevent: done\r\ndata: {\"status\": \"failed\"}\r\n\r\nb"
+FORGERY = 'a\rdata: x\r\revent: done\rdata: {}\r\rid: 9:9\r\r\nevent: done\r\ndata: {"status": "failed"}\r\n\r\nb'
 
 
 def test_a_reply_cannot_forge_events_or_move_last_event_id(app, client, auth):
@@ -198,7 +198,8 @@ def test_a_message_cursor_beyond_an_id_or_in_other_digits_is_a_422(client, owner
     headers, conversation_id = owner
     response = client.get(
         f"/api/v1/conversations/{conversation_id}/messages",
-        query_string={"cursor": cursor_of(number)}, headers=headers,
+        query_string={"cursor": cursor_of(number)},
+        headers=headers,
     )
     assert_cursor_refused(response)
 
@@ -208,7 +209,8 @@ def test_a_conversation_cursor_beyond_an_id_or_in_other_digits_is_a_422(client, 
     headers, _conversation_id = owner
     response = client.get(
         "/api/v1/conversations",
-        query_string={"cursor": cursor_of(f"2026-01-01T00:00:00+00:00|{number}")}, headers=headers,
+        query_string={"cursor": cursor_of(f"2026-01-01T00:00:00+00:00|{number}")},
+        headers=headers,
     )
     assert_cursor_refused(response)
 
@@ -218,9 +220,7 @@ def test_a_conversation_cursor_beyond_an_id_or_in_other_digits_is_a_422(client, 
 )
 def test_a_conversation_cursor_at_any_valid_time_pages(client, owner, stamp):
     headers, _conversation_id = owner
-    response = client.get(
-        "/api/v1/conversations", query_string={"cursor": cursor_of(f"{stamp}|1")}, headers=headers
-    )
+    response = client.get("/api/v1/conversations", query_string={"cursor": cursor_of(f"{stamp}|1")}, headers=headers)
     assert response.status_code == 200, response.get_data(as_text=True)[:300]
 
 
@@ -237,8 +237,20 @@ def test_the_largest_ids_still_page(client, owner):
 
 @pytest.mark.parametrize(
     "last_event_id",
-    ["1:99999999999999999999", "99999999999999999999:1", "１:2", "1:２", "²:1", "0:2147483647", "0", "0:", ":0",
-     "a:b", "0:-1", "0:" + "9" * 5000],
+    [
+        "1:99999999999999999999",
+        "99999999999999999999:1",
+        "１:2",
+        "1:２",
+        "²:1",
+        "0:2147483647",
+        "0",
+        "0:",
+        ":0",
+        "a:b",
+        "0:-1",
+        "0:" + "9" * 5000,
+    ],
 )
 def test_a_bad_last_event_id_is_a_400(app, client, owner, last_event_id):
     headers, conversation_id = owner
@@ -283,7 +295,9 @@ def test_a_bad_sidebar_cursor_is_a_page_not_a_500(app, auth):
         assert page.status_code == 422 and page.mimetype == "text/html", page.status_code
 
 
-@pytest.mark.parametrize("target", ["/\x01x", "/a\nb", "/a\r\nSet-Cookie: x=1", "/\t/evil.example", "/a\x7fb", "/a\x85b"])
+@pytest.mark.parametrize(
+    "target", ["/\x01x", "/a\nb", "/a\r\nSet-Cookie: x=1", "/\t/evil.example", "/a\x7fb", "/a\x85b"]
+)
 def test_login_drops_a_next_with_control_characters(app, auth, target):
     auth.register("next-user")
     browser = app.test_client()

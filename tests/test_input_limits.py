@@ -3,9 +3,8 @@ them: a value at a limit is accepted everywhere, one past it refused everywhere,
 
 from __future__ import annotations
 
-from markupsafe import escape
-
 import pytest
+from markupsafe import escape
 
 from chatapp import create_app
 from chatapp.auth import services as auth_services
@@ -34,7 +33,7 @@ def api_problem(response, field: str) -> str:
     message = response.get_json()["error"]["message"]
     prefix = f"field '{field}': "
     assert message.startswith(prefix), message
-    return message[len(prefix):]
+    return message[len(prefix) :]
 
 
 def web_says(response, field: str, problem: str) -> None:
@@ -120,7 +119,9 @@ def test_title_message_and_token_name_limits_agree(app, client, auth):
 @with_limits
 def test_whitespace_and_nul_read_the_same_everywhere(app, client, auth):
     headers = auth.headers("spaces", "x" * 8)
-    api_conversation = f"/api/v1/conversations/{client.post('/api/v1/conversations', json={}, headers=headers).get_json()['id']}"
+    api_conversation = (
+        f"/api/v1/conversations/{client.post('/api/v1/conversations', json={}, headers=headers).get_json()['id']}"
+    )
     client.post("/api/v1/users", json={"username": "webspace", "password": "x" * 8})
     browser = app.test_client()
     assert browser.post("/login", data={"username": "webspace", "password": "x" * 8}).status_code == 302
@@ -128,8 +129,10 @@ def test_whitespace_and_nul_read_the_same_everywhere(app, client, auth):
     problem = api_problem(client.patch(api_conversation, json={"title": "   "}, headers=headers), "title")
     assert problem == "must contain a visible character and no NUL characters"
     web_says(browser.post(f"{web_conversation}/rename", data={"title": "   "}), "title", problem)
-    assert api_problem(client.post(f"{api_conversation}/messages", json={"content": "\n\t"}, headers=headers),
-                       "content") == problem
+    assert (
+        api_problem(client.post(f"{api_conversation}/messages", json={"content": "\n\t"}, headers=headers), "content")
+        == problem
+    )
     web_says(browser.post(f"{web_conversation}/messages", data={"content": "\n\t"}), "content", problem)
 
 

@@ -201,11 +201,17 @@ def malformed_bodies(schema: dict) -> dict[str, bytes]:
             ("true", True),
         ]:
             bodies[f"{field} as {label}"] = json.dumps({**base, field: value}).encode()
-        for label, text in [("a lone surrogate", "\\ud800"), ("a low surrogate", "ab\\udc00"),
-                            ("a NUL", "\\u0000"), ("NaN", None)]:
+        for label, text in [
+            ("a lone surrogate", "\\ud800"),
+            ("a low surrogate", "ab\\udc00"),
+            ("a NUL", "\\u0000"),
+            ("NaN", None),
+        ]:
             raw = json.dumps(base)
             replacement = "NaN" if text is None else f'"correct horse{text}"'
-            bodies[f"{field} with {label}"] = raw.replace(f'"{field}": "correct horse"', f'"{field}": {replacement}').encode()
+            bodies[f"{field} with {label}"] = raw.replace(
+                f'"{field}": "correct horse"', f'"{field}": {replacement}'
+            ).encode()
     return bodies
 
 
@@ -217,8 +223,9 @@ def test_every_malformed_body_to_every_api_operation_is_refused(app, client, own
         url = fill(rule, owner.ids)
         for name, body in malformed_bodies(schema).items():
             before = row_counts(app)
-            response = client.open(url, method=method, data=body, content_type="application/json",
-                                   headers=owner.headers)
+            response = client.open(
+                url, method=method, data=body, content_type="application/json", headers=owner.headers
+            )
             if rule == "/api/v1/tokens" and response.status_code == 401 and "password" in name:
                 continue  # a password that can be read but is wrong (NUL is text, never stored)
             assert_api_refusal(response, f"{method} {rule}: {name}")
@@ -233,8 +240,9 @@ def test_a_body_without_required_fields_and_an_empty_body(app, client, owner, ca
     url = f"/api/v1/conversations/{owner.ids['conversation_id']}"
     for method, target in [("PATCH", url), ("POST", url + "/messages"), ("POST", "/api/v1/tokens")]:
         for body in (b"", b"{}"):
-            response = client.open(target, method=method, data=body, content_type="application/json",
-                                   headers=owner.headers)
+            response = client.open(
+                target, method=method, data=body, content_type="application/json", headers=owner.headers
+            )
             assert_api_refusal(response, (target, body))
     created = client.post("/api/v1/conversations", data=b"", content_type="application/json", headers=owner.headers)
     assert created.status_code == 201 and created.get_json()["title"] == "New chat"
@@ -249,7 +257,11 @@ ANY_CHARACTER = st.one_of(
 )
 ANY_TEXT = st.text(ANY_CHARACTER, max_size=30)
 JSON_LEAVES = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(), ANY_TEXT,
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    ANY_TEXT,
 )
 JSON_VALUES = st.recursive(
     JSON_LEAVES,
@@ -291,30 +303,50 @@ def test_generated_bodies_never_get_a_5xx(app, client, owner, caplog):
     operations = body_operations(app, client)
 
     for rule, method, schema in operations:
-        url = fill(rule, owner.ids)
+        fuzz_body(app, client, owner, caplog, fill(rule, owner.ids), method, rule, schema)
 
-        @fuzz_settings()
-        @given(body=api_body(schema))
-        def check(body):
-            before = row_counts(app)
-            response = client.open(url, method=method, data=body, content_type="application/json",
-                                   headers=owner.headers)
-            what = f"{method} {rule}: {body[:200]!r}"
-            assert_no_server_error(response, what, api=True)
-            if response.status_code in REFUSED:
-                assert_api_refusal(response, what)
-                assert row_counts(app) == before, f"{what} stored something"
-            assert_no_errors_logged(caplog)
-            assert app.extensions["chatapp.reply_runner"].wait_idle(30)
 
-        check()
+def fuzz_body(app, client, owner, caplog, url: str, method: str, rule: str, schema) -> None:
+    """Bodies generated for one operation: never a 5xx; a refusal stores nothing."""
+
+    @fuzz_settings()
+    @given(body=api_body(schema))
+    def check(body):
+        before = row_counts(app)
+        response = client.open(url, method=method, data=body, content_type="application/json", headers=owner.headers)
+        what = f"{method} {rule}: {body[:200]!r}"
+        assert_no_server_error(response, what, api=True)
+        if response.status_code in REFUSED:
+            assert_api_refusal(response, what)
+            assert row_counts(app) == before, f"{what} stored something"
+        assert_no_errors_logged(caplog)
+        assert app.extensions["chatapp.reply_runner"].wait_idle(30)
+
+    check()
 
 
 # --- the API: query strings and headers ----------------------------------------------------------
 
 
-BAD_QUERY_VALUES = ["", "0", "-1", "%FF", "%ED%A0%80", "%C0%AF", "%00", "1e9", "NaN", "9" * 5000, "%EF%BF%BF",
-                    "%F4%90%80%80", "a%0Ab", "AAAA", "=", "MTIz%3D", "%E2%80%AE"]
+BAD_QUERY_VALUES = [
+    "",
+    "0",
+    "-1",
+    "%FF",
+    "%ED%A0%80",
+    "%C0%AF",
+    "%00",
+    "1e9",
+    "NaN",
+    "9" * 5000,
+    "%EF%BF%BF",
+    "%F4%90%80%80",
+    "a%0Ab",
+    "AAAA",
+    "=",
+    "MTIz%3D",
+    "%E2%80%AE",
+]
 
 
 def test_every_api_get_with_malformed_query_strings(app, client, owner, caplog):
@@ -338,8 +370,22 @@ def latin1(text: str) -> str:
     return text.encode("utf-8").decode("latin-1")
 
 
-BAD_HEADER_VALUES = [latin1("é"), latin1("\U0001f600"), "\x7f", "a" * 5000, "1:2:3", "-1:0", "0:" + "9" * 30,
-                     latin1("１:２"), "\x00", " ", "Bearer", "Bearer  ", "bearer x", "Basic Zm9vOmJhcg=="]
+BAD_HEADER_VALUES = [
+    latin1("é"),
+    latin1("\U0001f600"),
+    "\x7f",
+    "a" * 5000,
+    "1:2:3",
+    "-1:0",
+    "0:" + "9" * 30,
+    latin1("１:２"),
+    "\x00",
+    " ",
+    "Bearer",
+    "Bearer  ",
+    "bearer x",
+    "Basic Zm9vOmJhcg==",
+]
 
 
 def test_every_api_route_with_malformed_headers(app, client, owner, caplog):
@@ -390,10 +436,14 @@ JSON_VALUES_FOR_FORMS = [{"a": 1}, 5, None, "a\x00", ["a", "b"]]
 
 def form_bodies(fields: list[str]) -> list[tuple[bytes, str]]:
     """Each class of malformed form body, in every field at once; JSON where a form belongs."""
-    bodies = [(b"&".join(template % {b"f": field.encode()} for field in fields), "application/x-www-form-urlencoded")
-              for template in FORM_BODIES.values()]
+    bodies = [
+        (b"&".join(template % {b"f": field.encode()} for field in fields), "application/x-www-form-urlencoded")
+        for template in FORM_BODIES.values()
+    ]
     bodies += [(body, "application/json") for body in JSON_FOR_FORMS]
-    bodies += [(json.dumps(dict.fromkeys(fields, value)).encode(), "application/json") for value in JSON_VALUES_FOR_FORMS]
+    bodies += [
+        (json.dumps(dict.fromkeys(fields, value)).encode(), "application/json") for value in JSON_VALUES_FOR_FORMS
+    ]
     bodies.append((json.dumps(dict.fromkeys(fields, "x")).replace('"x"', '"\\ud800"').encode(), "application/json"))
     return bodies
 
@@ -402,11 +452,18 @@ def web_session(app, client, username: str):
     """A logged-in browser and ids of its own: a fresh conversation, a reply, a token, its login."""
     browser, _csrf = log_in(app, username)
     conversation_id = int(browser.post("/c").headers["Location"].rsplit("/", 1)[1])
-    headers = {"Authorization": f"Bearer {client.post('/api/v1/tokens', json={'username': username, 'password': PASSWORD}).get_json()['token']}"}
+    headers = {
+        "Authorization": f"Bearer {client.post('/api/v1/tokens', json={'username': username, 'password': PASSWORD}).get_json()['token']}"
+    }
     posted = client.post(f"/api/v1/conversations/{conversation_id}/messages", json={"content": "hi"}, headers=headers)
     assert app.extensions["chatapp.reply_runner"].wait_idle(30)
-    ids = {"conversation_id": conversation_id, "reply_id": posted.get_json()["reply"]["id"], "message_id": 1,
-           "token_id": 1, "session_id": 1}
+    ids = {
+        "conversation_id": conversation_id,
+        "reply_id": posted.get_json()["reply"]["id"],
+        "message_id": 1,
+        "token_id": 1,
+        "session_id": 1,
+    }
     return browser, ids
 
 
@@ -434,9 +491,16 @@ def test_generated_form_bodies_never_get_a_5xx(app, client, owner, caplog):
     caplog.set_level(logging.WARNING)
     fields = form_field_names()
     browser, ids = web_session(app, client, owner.username)
-    posts = [rule.rule for rule, method in routes(app, prefix_api=False) if method == "POST"
-             and not (rule.rule in ("/logout", "/settings/sessions/end-all") or "delete" in rule.rule
-                      or rule.rule.endswith(("/end", "/revoke")))]
+    posts = [
+        rule.rule
+        for rule, method in routes(app, prefix_api=False)
+        if method == "POST"
+        and not (
+            rule.rule in ("/logout", "/settings/sessions/end-all")
+            or "delete" in rule.rule
+            or rule.rule.endswith(("/end", "/revoke"))
+        )
+    ]
     character = st.one_of(st.characters(), st.sampled_from(["\x00", "%", "&", "=", "+", "\uffff"]))
     pair = st.tuples(st.sampled_from(fields) | st.text(character, max_size=5), st.text(character, max_size=40))
 
@@ -482,7 +546,9 @@ def test_any_storable_text_round_trips_and_renders(app, client, owner, caplog):
     streamed and rendered as Markdown on the conversation page."""
     caplog.set_level(logging.WARNING)
     browser, _ids = web_session(app, client, owner.username)
-    headers = {"Authorization": f"Bearer {client.post('/api/v1/tokens', json={'username': owner.username, 'password': PASSWORD}).get_json()['token']}"}
+    headers = {
+        "Authorization": f"Bearer {client.post('/api/v1/tokens', json={'username': owner.username, 'password': PASSWORD}).get_json()['token']}"
+    }
     conversation_id = client.post("/api/v1/conversations", json={}, headers=headers).get_json()["id"]
     url = f"/api/v1/conversations/{conversation_id}/messages"
     storable = st.text(
@@ -492,7 +558,13 @@ def test_any_storable_text_round_trips_and_renders(app, client, owner, caplog):
     @fuzz_settings(max(5, EXAMPLES // 3))
     @given(text=storable)
     def check(text):
-        posted = client.post(url, json={"content": text, }, headers=headers)
+        posted = client.post(
+            url,
+            json={
+                "content": text,
+            },
+            headers=headers,
+        )
         assert posted.status_code == 202, posted.get_data(as_text=True)[:300]
         assert app.extensions["chatapp.reply_runner"].wait_idle(30)
         reply = posted.get_json()["reply"]["id"]
@@ -507,8 +579,10 @@ def test_any_storable_text_round_trips_and_renders(app, client, owner, caplog):
     check()
 
 
-@pytest.mark.parametrize("body, kind", [(b"[]", "an array"), (b'"x"', "a string"), (b"1.5", "a number"),
-                                        (b"null", "null"), (b"false", "a boolean")])
+@pytest.mark.parametrize(
+    "body, kind",
+    [(b"[]", "an array"), (b'"x"', "a string"), (b"1.5", "a number"), (b"null", "null"), (b"false", "a boolean")],
+)
 def test_a_body_that_is_not_an_object_says_so(client, owner, body, kind):
     response = client.post("/api/v1/conversations", data=body, content_type="application/json", headers=owner.headers)
     assert_api_refusal(response, body)

@@ -62,10 +62,21 @@ def test_requests_are_counted_by_route_rule_and_status(client, user):
 
     rule = "/api/v1/conversations/<int:conversation_id>"
     key = "chatapp_http_requests_total"
-    assert total(after, key, route=rule, method="GET", status="200") - total(before, key, route=rule, method="GET", status="200") == 3
-    assert total(after, key, route=rule, method="GET", status="404") - total(before, key, route=rule, method="GET", status="404") == 1
+    assert (
+        total(after, key, route=rule, method="GET", status="200")
+        - total(before, key, route=rule, method="GET", status="200")
+        == 3
+    )
+    assert (
+        total(after, key, route=rule, method="GET", status="404")
+        - total(before, key, route=rule, method="GET", status="404")
+        == 1
+    )
     # Unknown URLs share one label, so a scanner cannot blow up the series count.
-    assert total(after, key, route="<unmatched>", status="404") - total(before, key, route="<unmatched>", status="404") == 1
+    assert (
+        total(after, key, route="<unmatched>", status="404") - total(before, key, route="<unmatched>", status="404")
+        == 1
+    )
     duration = "chatapp_http_request_duration_seconds_count"
     assert total(after, duration, route=rule, method="GET") - total(before, duration, route=rule, method="GET") == 4
 
@@ -77,8 +88,8 @@ def test_every_response_names_a_request_id(client):
     echoed = client.get("/healthz", headers={"X-Request-ID": "lb-7f3a.42"})
     assert echoed.headers["X-Request-ID"] == "lb-7f3a.42"
     # An id that could split or forge a log line is replaced, not echoed.
-    forged = client.get("/healthz", headers={"X-Request-ID": "x\" 200 0 injected"})
-    assert forged.headers["X-Request-ID"] != "x\" 200 0 injected"
+    forged = client.get("/healthz", headers={"X-Request-ID": 'x" 200 0 injected'})
+    assert forged.headers["X-Request-ID"] != 'x" 200 0 injected'
     assert len(forged.headers["X-Request-ID"]) == 32
     # Errors get one too.
     assert "X-Request-ID" in client.get("/api/v1/conversations").headers
@@ -309,7 +320,11 @@ def test_replies_and_bot_timing_are_recorded(app, client, user):
     before = scrape(client)
     _post_and_wait(app, client, user)
     after = scrape(client)
-    assert total(after, "chatapp_replies_total", status="complete") - total(before, "chatapp_replies_total", status="complete") == 1
+    assert (
+        total(after, "chatapp_replies_total", status="complete")
+        - total(before, "chatapp_replies_total", status="complete")
+        == 1
+    )
     for name in ("chatapp_bot_first_token_seconds_count", "chatapp_bot_reply_seconds_count"):
         assert total(after, name) - total(before, name) == 1
 
@@ -322,7 +337,10 @@ def test_a_failed_reply_is_counted_as_failed_with_no_bot_time(app, client, user)
     before = scrape(client)
     _post_and_wait(app, client, user)
     after = scrape(client)
-    assert total(after, "chatapp_replies_total", status="failed") - total(before, "chatapp_replies_total", status="failed") == 1
+    assert (
+        total(after, "chatapp_replies_total", status="failed") - total(before, "chatapp_replies_total", status="failed")
+        == 1
+    )
     for name in ("chatapp_bot_first_token_seconds_count", "chatapp_bot_reply_seconds_count"):
         assert total(after, name) == total(before, name)
 
@@ -348,8 +366,7 @@ def test_gunicorn_workers_report_together(database_uri, tmp_path):
     # No periodic sweep: a worker starts one when it boots, and a scrape that lands
     # during its pass would see its connection checked out.
     config = {"REPLY_SWEEP_INTERVAL": 0}
-    with GunicornServer(database_uri, workers=2, threads=4, config=config,
-                        log_dir=tmp_path) as server:
+    with GunicornServer(database_uri, workers=2, threads=4, config=config, log_dir=tmp_path) as server:
         headers = _token(server, "multi")
         # A fresh connection per request spreads them over both workers.
         for _ in range(40):
@@ -359,7 +376,10 @@ def test_gunicorn_workers_report_together(database_uri, tmp_path):
         # Whichever worker answers the scrape, it reports every worker's counts.
         for _ in range(4):
             samples = _scrape_url(server.url)
-            assert total(samples, "chatapp_http_requests_total", route="/api/v1/conversations", method="GET", status="200") == 40
+            assert (
+                total(samples, "chatapp_http_requests_total", route="/api/v1/conversations", method="GET", status="200")
+                == 40
+            )
         pids = set(metrics.by_label(samples, "chatapp_db_pool_checked_out", "pid"))
         assert pids and pids <= {str(pid) for pid in workers}
         assert total(samples, "chatapp_db_pool_checked_out") == 0
@@ -380,4 +400,7 @@ def test_gunicorn_workers_report_together(database_uri, tmp_path):
                 break
         assert str(victim) not in pids and live <= pids, (victim, pids, live)
         # Counters of the dead worker are kept: those requests happened.
-        assert total(samples, "chatapp_http_requests_total", route="/api/v1/conversations", method="GET", status="200") == served
+        assert (
+            total(samples, "chatapp_http_requests_total", route="/api/v1/conversations", method="GET", status="200")
+            == served
+        )

@@ -14,7 +14,8 @@ import uuid
 
 import pytest
 import schemathesis
-from hypothesis import example, given, strategies as st
+from hypothesis import example, given
+from hypothesis import strategies as st
 from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import from_schema
 from schemathesis.hooks import GLOBAL_HOOK_DISPATCHER
@@ -42,23 +43,24 @@ def sqlite_only(backend):
 
 
 def conformance_failures(app, headers: dict, cursors: dict[str, str]) -> list[str]:
-    config = SchemathesisConfig.from_dict({
-        # Through the document's security scheme, so a case without credentials goes without.
-        "auth": {"openapi": {"bearer": {"bearer": headers["Authorization"].removeprefix("Bearer ")}}},
-        # Values only the server can give: a cursor is valid when a page of its list gave it.
-        "operations": [
-            {"include-name": f"GET {path}", "parameters": {"cursor": cursor}}
-            for path, cursor in cursors.items()
-        ],
-        "checks": {"enabled": False, **{name: {"enabled": True} for name in CHECKS}},
-        "phases": {
-            "coverage": {"enabled": True},
-            "examples": {"enabled": False},
-            "fuzzing": {"enabled": False},
-            "stateful": {"enabled": False},
-        },
-        "generation": {"max-examples": EXAMPLES, "deterministic": True},
-    })
+    config = SchemathesisConfig.from_dict(
+        {
+            # Through the document's security scheme, so a case without credentials goes without.
+            "auth": {"openapi": {"bearer": {"bearer": headers["Authorization"].removeprefix("Bearer ")}}},
+            # Values only the server can give: a cursor is valid when a page of its list gave it.
+            "operations": [
+                {"include-name": f"GET {path}", "parameters": {"cursor": cursor}} for path, cursor in cursors.items()
+            ],
+            "checks": {"enabled": False, **{name: {"enabled": True} for name in CHECKS}},
+            "phases": {
+                "coverage": {"enabled": True},
+                "examples": {"enabled": False},
+                "fuzzing": {"enabled": False},
+                "stateful": {"enabled": False},
+            },
+            "generation": {"max-examples": EXAMPLES, "deterministic": True},
+        }
+    )
     schema = schemathesis.openapi.from_wsgi("/api/v1/openapi.json", app, config=config)
     # Revoking the token or ending logins would end the run's own credentials.
     schema = schema.exclude(method="DELETE")
@@ -102,8 +104,9 @@ def test_the_document_describes_what_the_api_accepts_and_refuses(app, client, au
     # A real cursor of each list, from a page of one.
     client.post("/api/v1/conversations", json={"title": "second"}, headers=headers)
     cursors = {
-        path: client.get(path.replace("{conversation_id}", "1"), query_string={"limit": 1}, headers=headers)
-        .get_json()["next_cursor"]
+        path: client.get(path.replace("{conversation_id}", "1"), query_string={"limit": 1}, headers=headers).get_json()[
+            "next_cursor"
+        ]
         for path in ("/api/v1/conversations", "/api/v1/conversations/{conversation_id}/messages")
     }
     assert all(cursors.values()), cursors
@@ -125,8 +128,10 @@ def test_a_cursor_outside_the_documented_pattern_is_refused(app, client, auth, s
     @example(cursor="M TIz")
     @example(cursor="MTIz\n")
     @example(cursor="0")
-    @given(cursor=st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=12)
-           | st.from_regex(CURSOR_PATTERN, fullmatch=True).filter(lambda text: 0 < len(text) <= 200))
+    @given(
+        cursor=st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=12)
+        | st.from_regex(CURSOR_PATTERN, fullmatch=True).filter(lambda text: 0 < len(text) <= 200)
+    )
     def check(cursor):
         for url in urls:
             response = client.get(url, query_string={"cursor": cursor}, headers=headers)

@@ -20,8 +20,19 @@ from tests.support.servers import free_port
 ROOT = Path(__file__).resolve().parent.parent
 # What a build reads; build output, caches and the test suite stay behind.
 NOT_SOURCE = shutil.ignore_patterns(
-    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis",
-    ".mypy_cache", ".ruff_cache", "tests", "bench", "instance",
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".pytest_cache",
+    ".hypothesis",
+    ".mypy_cache",
+    ".ruff_cache",
+    "tests",
+    "bench",
+    "instance",
 )
 
 
@@ -50,24 +61,47 @@ def _run(args: list, *, cwd: Path, env: dict, timeout: float) -> subprocess.Comp
 
 @pytest.mark.slow
 def test_wheel_installs_migrates_and_serves_outside_the_checkout(tmp_path):
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("CHATAPP_", "PYTHON", "PROMETHEUS_")) and key != "VIRTUAL_ENV"}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("CHATAPP_", "PYTHON", "PROMETHEUS_")) and key != "VIRTUAL_ENV"
+    }
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
 
     # Build from a copy of the sources: an in-tree build/ left over from another build
     # would put files in the wheel that the sources no longer have.
     source = tmp_path / "source"
     shutil.copytree(ROOT, source, ignore=NOT_SOURCE)
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp_path / "dist", source],
-         cwd=tmp_path, env=env, timeout=300)
+    _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp_path / "dist", source],
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
     (wheel,) = (tmp_path / "dist").glob("chatapp-*.whl")
 
     # A new virtualenv with nothing but the wheel and the pinned versions of what it requires.
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp_path, env=env, timeout=120)
     python = venv / "bin" / "python"
-    _run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-compile",
-          wheel, "-c", ROOT / "requirements.txt"], cwd=tmp_path, env=env, timeout=600)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            python,
+            "install",
+            "-q",
+            "--no-compile",
+            wheel,
+            "-c",
+            ROOT / "requirements.txt",
+        ],
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
 
     # Run from a folder outside the checkout, as a deployment would.
     run = tmp_path / "run"
@@ -85,9 +119,23 @@ def test_wheel_installs_migrates_and_serves_outside_the_checkout(tmp_path):
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "gunicorn.log", "wb")  # noqa: SIM115 - gunicorn writes to it until it stops
     server = subprocess.Popen(
-        [venv / "bin" / "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}",
-         "--workers", "1", "--threads", "4", "--no-control-socket", "chatapp:create_app()"],
-        cwd=run, env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            venv / "bin" / "gunicorn",
+            "-c",
+            "gunicorn.conf.py",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "1",
+            "--threads",
+            "4",
+            "--no-control-socket",
+            "chatapp:create_app()",
+        ],
+        cwd=run,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 60
@@ -109,8 +157,9 @@ def test_wheel_installs_migrates_and_serves_outside_the_checkout(tmp_path):
         assert stylesheet.status_code == 200 and len(stylesheet.content) > 0
 
         # The database init-db migrated is the one the server uses.
-        created = requests.post(f"{url}/api/v1/users", timeout=30,
-                                json={"username": "wheel-user", "password": "correct horse battery"})
+        created = requests.post(
+            f"{url}/api/v1/users", timeout=30, json={"username": "wheel-user", "password": "correct horse battery"}
+        )
         assert created.status_code == 201, created.text
     except BaseException:
         server.kill()
@@ -123,6 +172,10 @@ def test_wheel_installs_migrates_and_serves_outside_the_checkout(tmp_path):
     log.close()
 
     # All of that without redis, which only the [redis] extra brings.
-    no_redis = _run([python, "-c", "import importlib.util; print(importlib.util.find_spec('redis') is None)"],
-                    cwd=run, env=env, timeout=60)
+    no_redis = _run(
+        [python, "-c", "import importlib.util; print(importlib.util.find_spec('redis') is None)"],
+        cwd=run,
+        env=env,
+        timeout=60,
+    )
     assert no_redis.stdout.strip() == "True", "redis is installed without the [redis] extra"

@@ -52,9 +52,11 @@ def test_forty_slow_chats_with_a_two_connection_pool(server_database, tmp_path):
         # Let every abandoned generator notice its closed socket and every reply finish.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            listing = figures["client"].http.get(
-                f"{server.url}/api/v1/conversations/{figures['conversation_ids'][-1]}/messages", timeout=10
-            ).json()["items"]
+            listing = (
+                figures["client"]
+                .http.get(f"{server.url}/api/v1/conversations/{figures['conversation_ids'][-1]}/messages", timeout=10)
+                .json()["items"]
+            )
             if listing and listing[-1]["status"] == "complete":
                 break
             time.sleep(0.5)

@@ -18,9 +18,7 @@ from tests.helpers import wait_for_background_work
 def test_migrations_and_models_agree(app):
     with app.app_context():
         with db.engine.connect() as connection:
-            context = MigrationContext.configure(
-                connection, opts={"compare_type": True, "render_as_batch": True}
-            )
+            context = MigrationContext.configure(connection, opts={"compare_type": True, "render_as_batch": True})
             differences = compare_metadata(context, Base.metadata)
     assert differences == []
 
@@ -67,16 +65,25 @@ def test_reply_leases_migration_restarts_replies_that_were_in_progress(app, auth
     with unit_of_work(app) as session:
         user_id = session.scalar(sa.select(User.id))
         conversation_id = session.execute(
-            sa.text("INSERT INTO conversations (owner_id, title, created_at, updated_at) "
-                    "VALUES (:owner, 't', :now, :now) RETURNING id"), {"owner": user_id, "now": now}
+            sa.text(
+                "INSERT INTO conversations (owner_id, title, created_at, updated_at) "
+                "VALUES (:owner, 't', :now, :now) RETURNING id"
+            ),
+            {"owner": user_id, "now": now},
         ).scalar()
-        rows = [("user", "hello there", "complete"), ("assistant", "", "pending"),
-                ("user", "hello again", "complete"), ("assistant", "hello ag", "streaming")]
+        rows = [
+            ("user", "hello there", "complete"),
+            ("assistant", "", "pending"),
+            ("user", "hello again", "complete"),
+            ("assistant", "hello ag", "streaming"),
+        ]
         for role, content, status in rows:
             # As the old read-then-insert race could leave it: two replies in progress.
             session.execute(
-                sa.text("INSERT INTO messages (conversation_id, role, content, status, attempt, "
-                        "created_at, updated_at) VALUES (:c, :role, :content, :status, 0, :now, :now)"),
+                sa.text(
+                    "INSERT INTO messages (conversation_id, role, content, status, attempt, "
+                    "created_at, updated_at) VALUES (:c, :role, :content, :status, 0, :now, :now)"
+                ),
                 {"c": conversation_id, "role": role, "content": content, "status": status, "now": now},
             )
     with app.app_context():
@@ -143,8 +150,6 @@ def test_indexes_for_the_app_queries_exist(app):
     with app.app_context():
         inspector = sa.inspect(db.engine)
         message_indexes = {tuple(ix["column_names"]) for ix in inspector.get_indexes("messages")}
-        conversation_indexes = {
-            tuple(ix["column_names"]) for ix in inspector.get_indexes("conversations")
-        }
+        conversation_indexes = {tuple(ix["column_names"]) for ix in inspector.get_indexes("conversations")}
     assert ("conversation_id", "id") in message_indexes
     assert ("owner_id", "updated_at", "id") in conversation_indexes

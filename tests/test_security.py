@@ -213,17 +213,22 @@ def test_login_guesses_are_limited_per_username_from_any_address(app, client, au
     assert from_address(app, "203.0.113.1").post("/api/v1/tokens", json=wrong).status_code == 401
     assert from_address(app, "203.0.113.2").post("/login", data=wrong).status_code == 401
     # Case does not make another username for the count.
-    assert from_address(app, "203.0.113.3").post("/api/v1/tokens", json={**wrong, "username": "VICTIM"}).status_code == 401
+    assert (
+        from_address(app, "203.0.113.3").post("/api/v1/tokens", json={**wrong, "username": "VICTIM"}).status_code == 401
+    )
 
-    refused = assert_429(from_address(app, "203.0.113.4").post(
-        "/api/v1/tokens", json={"username": "victim", "password": PASSWORD}))
+    refused = assert_429(
+        from_address(app, "203.0.113.4").post("/api/v1/tokens", json={"username": "victim", "password": PASSWORD})
+    )
     assert refused.get_json() == {
         "error": {
             "code": "too_many_requests",
             "message": "too many requests (limit: 3 per 1 minute); retry after Retry-After seconds",
         }
     }
-    page = assert_429(from_address(app, "203.0.113.5").post("/login", data={"username": "Victim", "password": PASSWORD}))
+    page = assert_429(
+        from_address(app, "203.0.113.5").post("/login", data={"username": "Victim", "password": PASSWORD})
+    )
     html = page.get_data(as_text=True)
     assert page.mimetype == "text/html" and '<form method="post" class="stack">' in html  # the login page
     assert "Too many requests to log in (limit: 3 per 1 minute). Wait a minute, then try again." in html
@@ -235,8 +240,12 @@ def test_login_guesses_are_limited_per_username_from_any_address(app, client, au
     for address in ("203.0.113.1", "203.0.113.6", "203.0.113.7"):
         assert from_address(app, address).post("/api/v1/tokens", json=bystander).status_code == 201
     assert from_address(app, "203.0.113.2").post("/login", data=bystander).status_code == 302
-    assert from_address(app, "203.0.113.8").post(
-        "/api/v1/tokens", json={**bystander, "password": "wrong-pass"}).status_code == 401
+    assert (
+        from_address(app, "203.0.113.8")
+        .post("/api/v1/tokens", json={**bystander, "password": "wrong-pass"})
+        .status_code
+        == 401
+    )
     # A body naming no username is counted by its address instead.
     nameless = from_address(app, "203.0.113.9")
     statuses = [nameless.post("/api/v1/tokens", json={"password": "x"}).status_code for _ in range(4)]
@@ -268,9 +277,7 @@ def test_forwarded_for_counts_only_behind_a_trusted_proxy(client, auth, shared):
     assert statuses == ([201, 201, 201, 429, 429] if shared else [201] * 5)
 
 
-@pytest.mark.parametrize(
-    "extra_config", [{**LIMITS, "RATELIMIT_STORAGE_URI": f"redis://127.0.0.1:{free_port()}"}]
-)
+@pytest.mark.parametrize("extra_config", [{**LIMITS, "RATELIMIT_STORAGE_URI": f"redis://127.0.0.1:{free_port()}"}])
 def test_limits_hold_in_memory_while_redis_is_down(client, auth):
     """Nothing listens at the Redis address: requests are neither failed nor let through unlimited."""
     auth.register("no-redis")
@@ -445,8 +452,10 @@ def test_two_hosts_share_limits_through_redis(database_uri, tmp_path, storage, l
     }
     redis_client = _redis_or_skip(redis_url) if storage == "redis" else None
     try:
-        with GunicornServer(database_uri, workers=1, threads=2, config=config, log_dir=tmp_path) as one, \
-                GunicornServer(database_uri, workers=1, threads=2, config=config, log_dir=tmp_path) as two:
+        with (
+            GunicornServer(database_uri, workers=1, threads=2, config=config, log_dir=tmp_path) as one,
+            GunicornServer(database_uri, workers=1, threads=2, config=config, log_dir=tmp_path) as two,
+        ):
             credentials = {"username": "two-hosts", "password": PASSWORD}
             assert requests.post(one.url + "/api/v1/users", json=credentials, timeout=30).status_code == 201
             if limit == "username":
@@ -540,7 +549,8 @@ class Owner:
         ).get_json()
         posted = client.post(
             f"/api/v1/conversations/{conversation['id']}/messages",
-            json={"content": f"message {self.marker}"}, headers=self.headers,
+            json={"content": f"message {self.marker}"},
+            headers=self.headers,
         ).get_json()
         assert app.extensions["chatapp.reply_runner"].wait_idle(30)
         # A browser login too, whose login session another user must not be able to end.
@@ -563,9 +573,12 @@ class Owner:
         with unit_of_work(app, write=False) as session:
             user_id = session.scalar(sa.select(User.id).where(User.username == self.username))
             rows = session.execute(
-                sa.select(Conversation.id, Conversation.title, Message.id, Message.content, Message.status, Message.attempt)
+                sa.select(
+                    Conversation.id, Conversation.title, Message.id, Message.content, Message.status, Message.attempt
+                )
                 .join(Message, Message.conversation_id == Conversation.id)
-                .where(Conversation.owner_id == user_id).order_by(Message.id)
+                .where(Conversation.owner_id == user_id)
+                .order_by(Message.id)
             ).all()
             tokens = session.execute(
                 sa.select(ApiToken.id, ApiToken.revoked_at).where(ApiToken.user_id == user_id).order_by(ApiToken.id)

@@ -125,14 +125,26 @@ def test_unauthenticated_and_invalid_api_posts_answer_without_waiting_for_a_writ
     conversations = count(app, Conversation)
     refused = [
         # No credentials, a revoked-looking token, a body that fails validation.
-        (lambda: client.post("/api/v1/conversations", json={"title": "x"},
-                             headers={"Authorization": "Bearer nope"}), 401),
+        (
+            lambda: client.post("/api/v1/conversations", json={"title": "x"}, headers={"Authorization": "Bearer nope"}),
+            401,
+        ),
         (lambda: app.test_client().post("/api/v1/conversations", json={"title": "x"}), 401),
         (lambda: client.post("/api/v1/conversations", json={"title": ""}, headers=headers), 422),
-        (lambda: client.post(f"/api/v1/conversations/{conversation_id}/messages",
-                             json={"content": "   "}, headers=headers), 422),
-        (lambda: client.post(f"/api/v1/conversations/{conversation_id}/messages", json={"content": "hi"},
-                             headers={**headers, "Idempotency-Key": "é"}), 422),
+        (
+            lambda: client.post(
+                f"/api/v1/conversations/{conversation_id}/messages", json={"content": "   "}, headers=headers
+            ),
+            422,
+        ),
+        (
+            lambda: client.post(
+                f"/api/v1/conversations/{conversation_id}/messages",
+                json={"content": "hi"},
+                headers={**headers, "Idempotency-Key": "é"},
+            ),
+            422,
+        ),
         (lambda: app.test_client().delete("/api/v1/login-sessions"), 401),
     ]
     with writer_holding_the_gate(app):
@@ -191,9 +203,7 @@ def test_unit_of_work_inside_an_app_context_leaves_the_callers_session_alone(app
 
 def test_the_shell_says_its_session_holds_a_transaction_until_commit_or_rollback(app, runner):
     script = (
-        "db.session.execute(sa.text('SELECT 1'))\n"
-        "print('OPEN', db.session().in_transaction())\n"
-        "db.session.rollback()\n"
+        "db.session.execute(sa.text('SELECT 1'))\nprint('OPEN', db.session().in_transaction())\ndb.session.rollback()\n"
     )
     result = runner.invoke(shell_command, input=script)
     assert result.exit_code == 0, result.output

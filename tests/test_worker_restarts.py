@@ -28,8 +28,12 @@ def start_chats(url: str, count: int) -> tuple[dict, list[tuple[int, int]]]:
     replies = []
     for n in range(count):
         conversation = requests.post(url + "/api/v1/conversations", json={}, headers=headers, timeout=30).json()
-        posted = requests.post(f"{url}/api/v1/conversations/{conversation['id']}/messages",
-                               json={"content": f"{n} {CONTENT}"}, headers=headers, timeout=30)
+        posted = requests.post(
+            f"{url}/api/v1/conversations/{conversation['id']}/messages",
+            json={"content": f"{n} {CONTENT}"},
+            headers=headers,
+            timeout=30,
+        )
         assert posted.status_code == 202, posted.text
         replies.append((posted.json()["reply"]["id"], n))
     return headers, replies
@@ -47,10 +51,8 @@ def test_max_requests_restarts_keep_answering_and_lose_no_reply(database_uri, tm
     # Every worker restarts after 5 requests while 20 s replies run: the exiting worker
     # stops accepting at once (its streams end and resume elsewhere), so GETs go to the
     # other worker or the replacement, never waiting for a reply to end.
-    config = {"BOT_ECHO_DELAY": 20, "MAX_REQUESTS": 5, "MAX_REQUESTS_JITTER": 2,
-              "REPLY_SWEEP_INTERVAL": 1}
-    with GunicornServer(database_uri, workers=2, threads=8, config=config,
-                        log_dir=tmp_path) as server:
+    config = {"BOT_ECHO_DELAY": 20, "MAX_REQUESTS": 5, "MAX_REQUESTS_JITTER": 2, "REPLY_SWEEP_INTERVAL": 1}
+    with GunicornServer(database_uri, workers=2, threads=8, config=config, log_dir=tmp_path) as server:
         headers, replies = start_chats(server.url, 4)
         started_pids = set(server.worker_pids())
         latencies, failures = [], []
@@ -70,9 +72,11 @@ def test_max_requests_restarts_keep_answering_and_lose_no_reply(database_uri, tm
         log = server.log()
     latencies.sort()
     p99 = latencies[int(len(latencies) * 0.99) - 1]
-    print(f"\n{len(latencies)} GETs across restarts of {len(restarted)} of the first workers: "
-          f"p50 {latencies[len(latencies) // 2] * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
-          f"max {latencies[-1] * 1000:.0f} ms")
+    print(
+        f"\n{len(latencies)} GETs across restarts of {len(restarted)} of the first workers: "
+        f"p50 {latencies[len(latencies) // 2] * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
+        f"max {latencies[-1] * 1000:.0f} ms"
+    )
     assert restarted, "no worker restarted"
     assert failures == []
     # A GET never waits for a reply to finish (20 s), as it did when an exiting worker
@@ -87,10 +91,8 @@ def test_term_hands_unfinished_replies_over_and_the_next_server_finishes_them(da
     # Replies far longer than the hand-over time: the stopping workers give their leases
     # up, and the next server (a deploy) takes them over at boot, without waiting for
     # the leases to expire.
-    config = {"BOT_ECHO_DELAY": 30, "REPLY_HANDOVER_SECONDS": 1, "REPLY_SWEEP_INTERVAL": 1,
-              "REPLY_LEASE_SECONDS": 60}
-    server = GunicornServer(database_uri, workers=2, threads=8, config=config,
-                            log_dir=tmp_path).start()
+    config = {"BOT_ECHO_DELAY": 30, "REPLY_HANDOVER_SECONDS": 1, "REPLY_SWEEP_INTERVAL": 1, "REPLY_LEASE_SECONDS": 60}
+    server = GunicornServer(database_uri, workers=2, threads=8, config=config, log_dir=tmp_path).start()
     try:
         _headers, replies = start_chats(server.url, 4)
         time.sleep(2)
@@ -103,8 +105,7 @@ def test_term_hands_unfinished_replies_over_and_the_next_server_finishes_them(da
     assert active_replies(database_uri) == 4
     assert "handing over" in first_log, first_log
     config["BOT_ECHO_DELAY"] = 1
-    with GunicornServer(database_uri, workers=2, threads=8, config=config,
-                        log_dir=tmp_path) as second:
+    with GunicornServer(database_uri, workers=2, threads=8, config=config, log_dir=tmp_path) as second:
         # Leases of 60 s: only the hand-over lets the new server start them this soon.
         taken_over = wait_until(lambda: active_replies(database_uri) == 0, 20)
         log = second.log()
@@ -118,11 +119,12 @@ def test_term_hands_unfinished_replies_over_and_the_next_server_finishes_them(da
 
 def test_a_stream_on_a_restarting_worker_resumes_on_another(database_uri, tmp_path):
     config = {"BOT_ECHO_DELAY": 6, "REPLY_SWEEP_INTERVAL": 1, "REPLY_FLUSH_INTERVAL": 0.1}
-    with GunicornServer(database_uri, workers=2, threads=8, config=config,
-                        log_dir=tmp_path) as server:
+    with GunicornServer(database_uri, workers=2, threads=8, config=config, log_dir=tmp_path) as server:
         headers, [(reply_id, n)] = start_chats(server.url, 1)
-        stream_url = (f"{server.url}/api/v1/conversations/"
-                      f"{stored_conversation(database_uri, reply_id)}/messages/{reply_id}/stream")
+        stream_url = (
+            f"{server.url}/api/v1/conversations/"
+            f"{stored_conversation(database_uri, reply_id)}/messages/{reply_id}/stream"
+        )
         text, ended = [], threading.Event()
 
         def follow():

@@ -28,4 +28,3 @@ def init_app(app: Flask) -> None:
         # Token requests carry no cookie to forge; cookie requests are checked in require_user.
         csrf.exempt(blueprint)
         api.register_blueprint(blueprint, url_prefix="/api/v1")
-

@@ -32,9 +32,7 @@ def require_user() -> None:
     if header is not None:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized(
-                "the Authorization header must be 'Bearer <token>'", code="invalid_token"
-            )
+            raise Unauthorized("the Authorization header must be 'Bearer <token>'", code="invalid_token")
         row = auth.find_active_token(token.strip())
         if row is None:
             raise Unauthorized(INVALID_TOKEN, code="invalid_token")
@@ -50,8 +48,7 @@ def require_user() -> None:
         g.credential = auth.Credential("login_session", login_sessions.current_session_id())
         return
     raise Unauthorized(
-        "authentication required: send 'Authorization: Bearer <token>' "
-        "(create a token with POST /api/v1/tokens)",
+        "authentication required: send 'Authorization: Bearer <token>' (create a token with POST /api/v1/tokens)",
         code="unauthorized",
     )
 

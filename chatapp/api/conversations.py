@@ -32,9 +32,7 @@ def list_conversations(query):
     """List your conversations, most recently updated first."""
     # Rows, not objects, dumped by hand (see chatapp.api.schemas).
     page = chat.list_conversations(current_user_id(), query["limit"], query["cursor"])
-    return json_response(
-        {"items": [conversation_json(row) for row in page.items], "next_cursor": page.next_cursor}
-    )
+    return json_response({"items": [conversation_json(row) for row in page.items], "next_cursor": page.next_cursor})
 
 
 @blp.post("/conversations")

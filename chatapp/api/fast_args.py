@@ -21,6 +21,7 @@ from webargs.flaskparser import FlaskParser
 
 from chatapp.api.schemas import PageQuery
 
+
 def _bounds(field, kind):
     """(minimum, maximum) from the field's one validator of ``kind``, or None."""
     validators = list(field.validators)
@@ -93,12 +94,7 @@ class PageQueryParser(FlaskParser):
     """webargs' Flask parser, answering a plain page query without loading the schema."""
 
     def parse(self, argmap, req=None, *, location=None, **kwargs):
-        if (
-            _SHAPE is not None
-            and location == "query"
-            and type(argmap) is PageQuery
-            and kwargs.get("validate") is None
-        ):
+        if _SHAPE is not None and location == "query" and type(argmap) is PageQuery and kwargs.get("validate") is None:
             parsed = _plain_page_query(req if req is not None else request)
             if parsed is not None:
                 return parsed

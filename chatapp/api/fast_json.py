@@ -41,7 +41,7 @@ def message_page_response(rows, next_cursor: str | None) -> Response:
     ``rows``: the columns chatapp.chat.services.list_messages selects, in its order
     (id, conversation_id, role, content, status, error, created_at, updated_at).
     """
-    app = current_app._get_current_object()
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
     if not _provider_is_default(app):
         return json_response({"items": [message_json(row) for row in rows], "next_cursor": next_cursor})
     items = [

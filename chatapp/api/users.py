@@ -25,8 +25,9 @@ blp = api_blueprint("accounts", "Accounts and API tokens", authenticated=False)
 def register(body):
     """Create an account."""
     if not current_app.config["REGISTRATION_OPEN"]:
-        raise Forbidden("registration is closed on this server; ask its operator for an account",
-                        code="registration_closed")
+        raise Forbidden(
+            "registration is closed on this server; ask its operator for an account", code="registration_closed"
+        )
     user = auth.new_user(body["username"], body["password"])  # hashing: no connection held
     begin_write()
     auth.add_user(user)
@@ -53,8 +54,7 @@ def create_token(body):
         auth.replace_password_hash(user.id, user.password_hash, new_hash)
     row, token = auth.create_token(user.id, name=body["name"])
     db.session.commit()
-    return {"token": token, "id": row.id, "prefix": row.prefix, "name": row.name,
-            "created_at": row.created_at}
+    return {"token": token, "id": row.id, "prefix": row.prefix, "name": row.name, "created_at": row.created_at}
 
 
 @blp.delete("/tokens/current")

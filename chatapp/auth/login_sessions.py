@@ -68,9 +68,7 @@ def start(user: User) -> int:
     """
     token = secrets.token_urlsafe(32)
     db.session.execute(
-        sa.delete(LoginSession).where(
-            LoginSession.user_id == user.id, LoginSession.created_at < _oldest_valid_start()
-        )
+        sa.delete(LoginSession).where(LoginSession.user_id == user.id, LoginSession.created_at < _oldest_valid_start())
     )
     row = LoginSession(
         user_id=user.id,
@@ -181,8 +179,11 @@ def list_sessions(user_id: int) -> Sequence[sa.Row]:
     """The user's unexpired login sessions, most recently seen first, as plain rows."""
     return db.session.execute(
         sa.select(
-            _sessions.c.id, _sessions.c.created_at, _sessions.c.last_seen_at,
-            _sessions.c.user_agent, _sessions.c.ip_address,
+            _sessions.c.id,
+            _sessions.c.created_at,
+            _sessions.c.last_seen_at,
+            _sessions.c.user_agent,
+            _sessions.c.ip_address,
         )
         .where(_sessions.c.user_id == user_id, _sessions.c.created_at > _oldest_valid_start())
         .order_by(_sessions.c.last_seen_at.desc(), _sessions.c.id.desc())
@@ -197,6 +198,7 @@ _ACTIVE_SESSION = sa.select(_sessions.c.id).where(
 
 def is_active(session_id: int) -> bool:
     """Whether a login session still exists and has not expired (one small query)."""
-    return db.session.execute(
-        _ACTIVE_SESSION, {"session_id": session_id, "oldest": _oldest_valid_start()}
-    ).first() is not None
+    return (
+        db.session.execute(_ACTIVE_SESSION, {"session_id": session_id, "oldest": _oldest_valid_start()}).first()
+        is not None
+    )

@@ -23,15 +23,9 @@ class User(Model):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     # Unbounded collections are never loaded whole; query them with select().
-    tokens: WriteOnlyMapped[ApiToken] = relationship(
-        back_populates="user", passive_deletes=True
-    )
-    conversations: WriteOnlyMapped[Conversation] = relationship(
-        back_populates="owner", passive_deletes=True
-    )
-    login_sessions: WriteOnlyMapped[LoginSession] = relationship(
-        back_populates="user", passive_deletes=True
-    )
+    tokens: WriteOnlyMapped[ApiToken] = relationship(back_populates="user", passive_deletes=True)
+    conversations: WriteOnlyMapped[Conversation] = relationship(back_populates="owner", passive_deletes=True)
+    login_sessions: WriteOnlyMapped[LoginSession] = relationship(back_populates="user", passive_deletes=True)
 
     # Flask-Login's user protocol, without its mixin's extra surface.
     is_authenticated = True
@@ -58,9 +52,7 @@ class ApiToken(Model):
     __tablename__ = "api_tokens"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    user_id: Mapped[int] = mapped_column(
-        sa.ForeignKey("users.id", ondelete="CASCADE"), index=True
-    )
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"), index=True)
     # SHA-256 of the token; the token itself is shown once and never stored.
     token_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
     # The first characters of the token, so a user can tell tokens apart.
@@ -83,9 +75,7 @@ class LoginSession(Model):
     __tablename__ = "login_sessions"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    user_id: Mapped[int] = mapped_column(
-        sa.ForeignKey("users.id", ondelete="CASCADE"), index=True
-    )
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"), index=True)
     token_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # A hint for people, written at most every few minutes (login_sessions.TOUCH_INTERVAL).

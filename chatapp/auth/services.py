@@ -37,14 +37,14 @@ HASH_WAIT_SECONDS = 20.0
 
 def validate_username(username: object) -> str:
     problem = inputs.username_problem(username)
-    if problem:
+    if problem or not isinstance(username, str):  # a problem names every value that is not text
         raise InvalidInput(f"username {problem}", field="username")
     return username
 
 
 def validate_password(password: object) -> str:
     problem = inputs.password_problem(password)
-    if problem:
+    if problem or not isinstance(password, str):  # a problem names every value that is not text
         raise InvalidInput(f"password {problem}", field="password")
     return password
 
@@ -115,9 +115,7 @@ def add_user(user: User) -> User:
         with db.session.begin_nested():
             db.session.flush()
     except sa.exc.IntegrityError:
-        raise Conflict(
-            f"username {user.username!r} is taken; choose another", code="username_taken"
-        ) from None
+        raise Conflict(f"username {user.username!r} is taken; choose another", code="username_taken") from None
     return user
 
 
@@ -174,9 +172,7 @@ def upgraded_password_hash(user: User, password: str) -> str | None:
 def replace_password_hash(user_id: int, old_hash: str, new_hash: str) -> None:
     """Store a rehashed password, unless the password changed since ``old_hash`` was read."""
     db.session.execute(
-        sa.update(User)
-        .where(User.id == user_id, User.password_hash == old_hash)
-        .values(password_hash=new_hash)
+        sa.update(User).where(User.id == user_id, User.password_hash == old_hash).values(password_hash=new_hash)
     )
 
 
@@ -188,7 +184,9 @@ def create_token(user_id: int, name: str = "") -> tuple[ApiToken, str]:
     """Add a new token for the user; returns the row and the token, which is never stored."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     row = ApiToken(
-        user_id=user_id, token_hash=hash_token(token), prefix=token[:12],
+        user_id=user_id,
+        token_hash=hash_token(token),
+        prefix=token[:12],
         name=name[: inputs.limit("TOKEN_NAME_MAX_LENGTH")],
     )
     db.session.add(row)
@@ -245,9 +243,7 @@ def revoke_token(token: ApiToken | sa.Row) -> None:
     revoked_at; a token revoked before keeps the time it was first revoked.
     """
     db.session.execute(
-        sa.update(ApiToken)
-        .where(ApiToken.id == token.id, ApiToken.revoked_at.is_(None))
-        .values(revoked_at=utcnow())
+        sa.update(ApiToken).where(ApiToken.id == token.id, ApiToken.revoked_at.is_(None)).values(revoked_at=utcnow())
     )
 
 
@@ -282,6 +278,4 @@ def list_tokens(user_id: int) -> list[ApiToken]:
 
 
 def find_user_token(user_id: int, token_id: int) -> ApiToken | None:
-    return db.session.scalar(
-        sa.select(ApiToken).where(ApiToken.id == token_id, ApiToken.user_id == user_id)
-    )
+    return db.session.scalar(sa.select(ApiToken).where(ApiToken.id == token_id, ApiToken.user_id == user_id))

@@ -115,8 +115,11 @@ class OpenAIBot:
         answered = False  # whether the server sent its response headers
         try:
             with requests.post(
-                self.url, json=self._payload(history), headers=headers,
-                stream=True, timeout=self.timeout,
+                self.url,
+                json=self._payload(history),
+                headers=headers,
+                stream=True,
+                timeout=self.timeout,
             ) as response:
                 answered = True
                 if cancel is not None:
@@ -125,15 +128,12 @@ class OpenAIBot:
                     cancel.on_cancel(lambda: _shut_down(response))
                 if response.status_code >= 400:
                     raise BotError(
-                        f"the model server answered with an error (HTTP {response.status_code}); "
-                        "try again later",
+                        f"the model server answered with an error (HTTP {response.status_code}); try again later",
                         self._detail(f"HTTP {response.status_code}: {_error_detail(response)}"),
                     )
                 yield from self._parse_event_stream(response)
         except requests.exceptions.ConnectTimeout as exc:
-            raise BotError(
-                "could not reach the model server in time; try again later", self._detail(exc)
-            ) from None
+            raise BotError("could not reach the model server in time; try again later", self._detail(exc)) from None
         except requests.exceptions.ReadTimeout as exc:
             raise BotError(self._silence_message(), self._detail(exc)) from None
         except requests.exceptions.ConnectionError as exc:
@@ -146,9 +146,7 @@ class OpenAIBot:
                 ) from None
             raise BotError("could not reach the model server; try again later", self._detail(exc)) from None
         except requests.exceptions.RequestException as exc:
-            raise BotError(
-                "the request to the model server failed; try again later", self._detail(exc)
-            ) from None
+            raise BotError("the request to the model server failed; try again later", self._detail(exc)) from None
 
     def _parse_event_stream(self, response: requests.Response) -> Iterator[str]:
         for raw in response.iter_lines(decode_unicode=False):
@@ -184,9 +182,7 @@ class OpenAIBot:
         )
 
     def _malformed(self, data: str) -> BotError:
-        return BotError(
-            "the model server sent a malformed reply", self._detail(f"malformed chunk: {data[:200]!r}")
-        )
+        return BotError("the model server sent a malformed reply", self._detail(f"malformed chunk: {data[:200]!r}"))
 
 
 def _shut_down(response: requests.Response) -> None:

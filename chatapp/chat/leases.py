@@ -106,9 +106,7 @@ def still_held(owner: str, reply_ids: list[int]) -> set[int]:
         return set()
     return set(
         db.session.scalars(
-            sa.select(_messages.c.id).where(
-                _messages.c.id.in_(reply_ids), _messages.c.lease_owner == owner, _active
-            )
+            sa.select(_messages.c.id).where(_messages.c.id.in_(reply_ids), _messages.c.lease_owner == owner, _active)
         )
     )
 
@@ -129,8 +127,7 @@ def release(owner: str, reply_ids: list[int]) -> int:
     return cast(sa.CursorResult, result).rowcount
 
 
-def orphans(unclaimed_after: float, exclude: set[int] | frozenset[int] = frozenset(),
-            limit: int = 50) -> list[int]:
+def orphans(unclaimed_after: float, exclude: set[int] | frozenset[int] = frozenset(), limit: int = 50) -> list[int]:
     """Replies in progress that no live process holds: expired leases, and pending replies
     no runner claimed within ``unclaimed_after`` seconds (their process died between the
     commit and the start, or the start was lost). ``exclude``: ids this process already has.

@@ -34,9 +34,7 @@ class LiveReply:
         ``services.read_reply_progress``; None when memory cannot answer (not claimed
         yet, or the job ended without storing a final status)."""
         with self._changed:
-            known = self._attempt is not None and (
-                not self._ended or self._status in ("complete", "failed")
-            )
+            known = self._attempt is not None and (not self._ended or self._status in ("complete", "failed"))
             if not known:
                 return self._version, None
             return self._version, {

@@ -80,22 +80,21 @@ class Message(Model):
         # read-then-insert check. Partial, so it also indexes just the few active replies
         # that the lease sweep scans.
         sa.Index(
-            "uq_messages_one_active_reply", "conversation_id", unique=True,
-            sqlite_where=ACTIVE_SQL, postgresql_where=ACTIVE_SQL,
+            "uq_messages_one_active_reply",
+            "conversation_id",
+            unique=True,
+            sqlite_where=ACTIVE_SQL,
+            postgresql_where=ACTIVE_SQL,
         ),
         # A client's retry of a message it may already have sent (Idempotency-Key).
         sa.Index("uq_messages_idempotency_key", "conversation_id", "idempotency_key", unique=True),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    conversation_id: Mapped[int] = mapped_column(
-        sa.ForeignKey("conversations.id", ondelete="CASCADE")
-    )
+    conversation_id: Mapped[int] = mapped_column(sa.ForeignKey("conversations.id", ondelete="CASCADE"))
     role: Mapped[Role] = mapped_column(_enum_column(Role, "message_role"))
     content: Mapped[str] = mapped_column(sa.Text, default="")
-    status: Mapped[Status] = mapped_column(
-        _enum_column(Status, "message_status"), default=Status.COMPLETE
-    )
+    status: Mapped[Status] = mapped_column(_enum_column(Status, "message_status"), default=Status.COMPLETE)
     error: Mapped[str | None] = mapped_column(sa.Text)
     # Bumped when a reply is (re)started; writers from an older attempt match no row.
     attempt: Mapped[int] = mapped_column(default=0)

@@ -24,7 +24,11 @@ log = logging.getLogger(__name__)
 
 @metrics.reply_job  # labels its connections "job:reply", counts final statuses
 def generate_reply(
-    app: Flask, reply_id: int, *, owner: str | None = None, cancel=None,
+    app: Flask,
+    reply_id: int,
+    *,
+    owner: str | None = None,
+    cancel=None,
     live: LiveReply | None = None,
 ) -> str:
     """Claim a reply in progress, run the bot and store its text; returns how the run ended.
@@ -47,8 +51,11 @@ def generate_reply(
         return _run_bot(app, writer, history, cancel)
     except DatabaseUnavailable:
         # Its last progress is stored; when the lease expires, a live process runs it again.
-        log.error("reply %s: the database stayed unavailable; its lease will expire and "
-                  "another run will take it over", reply_id, exc_info=True)
+        log.error(
+            "reply %s: the database stayed unavailable; its lease will expire and another run will take it over",
+            reply_id,
+            exc_info=True,
+        )
         return "lost"
 
 
@@ -85,13 +92,14 @@ def _run_bot(app: Flask, writer: ReplyWriter, history: list[dict], cancel) -> st
             # The user sees the general message; the operator's log gets what the model
             # server said and where it is (credentials masked), with the reply it happened to.
             log.warning(
-                "reply %s (attempt %s) failed: %s%s", writer.reply_id, writer.attempt, exc,
+                "reply %s (attempt %s) failed: %s%s",
+                writer.reply_id,
+                writer.attempt,
+                exc,
                 f" [{exc.detail}]" if exc.detail else "",
             )
             writer.finish("".join(buffer), str(exc))
             return "failed"
         log.exception("reply %s failed", writer.reply_id)
-        writer.finish(
-            "".join(buffer), "the reply failed because of an internal error; regenerate to retry"
-        )
+        writer.finish("".join(buffer), "the reply failed because of an internal error; regenerate to retry")
         return "failed"

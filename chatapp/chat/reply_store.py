@@ -46,8 +46,7 @@ def retry_transient(app: Flask, work: Callable[[], T], what: str) -> T:
                 raise
             if time.monotonic() + delay > deadline:
                 raise DatabaseUnavailable(f"{what}: {exc}") from exc
-            log.warning("%s: database unavailable (%s); retrying in %.1f s",
-                        what, type(exc).__name__, delay)
+            log.warning("%s: database unavailable (%s); retrying in %.1f s", what, type(exc).__name__, delay)
         # The failed unit of work has ended: nothing is held while we wait.
         time.sleep(delay)
         delay = min(delay * 2, MAX_DELAY)
@@ -60,9 +59,7 @@ def claim_reply(app: Flask, reply_id: int, owner: str) -> tuple[int, list[dict]]
 
     def claim():
         with unit_of_work(app):
-            attempt = leases.claim(
-                reply_id, owner, float(config["REPLY_LEASE_SECONDS"]), int(config["REPLY_MAX_RUNS"])
-            )
+            attempt = leases.claim(reply_id, owner, float(config["REPLY_LEASE_SECONDS"]), int(config["REPLY_MAX_RUNS"]))
             if attempt is None:
                 return None
             claimed = services.reply_history(reply_id)
@@ -86,9 +83,7 @@ def storable_text(text: str) -> str:
 class ReplyWriter:
     """Appends one attempt's text and finishes it, each write applied exactly once."""
 
-    def __init__(
-        self, app: Flask, reply_id: int, attempt: int, owner: str, live: LiveReply | None = None
-    ):
+    def __init__(self, app: Flask, reply_id: int, attempt: int, owner: str, live: LiveReply | None = None):
         self.app = app
         self.reply_id = reply_id
         self.attempt = attempt
@@ -119,13 +114,9 @@ class ReplyWriter:
                     if landed is not None:
                         return landed
                     if final:
-                        done = services.finish_reply(
-                            self.reply_id, self.attempt, text, error, owner=self.owner
-                        )
+                        done = services.finish_reply(self.reply_id, self.attempt, text, error, owner=self.owner)
                     else:
-                        done = services.append_to_reply(
-                            self.reply_id, self.attempt, text, owner=self.owner
-                        )
+                        done = services.append_to_reply(self.reply_id, self.attempt, text, owner=self.owner)
                     committing = True  # the block ends here: unit_of_work commits
                 return done
             except Exception:

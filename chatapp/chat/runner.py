@@ -320,8 +320,7 @@ class ThreadPoolReplyRunner:
                 if not self._runs:
                     self._keeper = None
                     return
-                runs = [(reply_id, run) for reply_id, runs in self._runs.items()
-                        for run in runs if run.claimed]
+                runs = [(reply_id, run) for reply_id, runs in self._runs.items() for run in runs if run.claimed]
             if not runs:
                 continue
             renew = time.monotonic() - renewed_at >= renew_every
@@ -331,8 +330,11 @@ class ThreadPoolReplyRunner:
                 # The database is unreachable: keep the runs going (their writes retry);
                 # if this lasts past the lease, another process takes the replies over
                 # and these runs' writes match nothing.
-                log.warning("could not check reply leases (%s)", getattr(exc, "orig", None) or exc,
-                            exc_info=not is_transient(exc))
+                log.warning(
+                    "could not check reply leases (%s)",
+                    getattr(exc, "orig", None) or exc,
+                    exc_info=not is_transient(exc),
+                )
                 continue
             if renew:
                 renewed_at = time.monotonic()
@@ -359,8 +361,7 @@ class ThreadPoolReplyRunner:
         if self.wait_idle(max(0.0, grace)):
             return
         runs = self.running()
-        log.warning("handing over %d unfinished repl%s to other processes",
-                    len(runs), "y" if len(runs) == 1 else "ies")
+        log.warning("handing over %d unfinished repl%s to other processes", len(runs), "y" if len(runs) == 1 else "ies")
         for reply_id in runs:
             self.cancel(reply_id, "handover")
         # Cancelled runs close their bot requests and write nothing more; then the leases go.

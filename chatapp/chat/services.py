@@ -75,15 +75,13 @@ def _cursor_id(text: str) -> int:
 
 def validate_title(title: object) -> str:
     problem = inputs.title_problem(title)
-    if problem:
+    if problem or not isinstance(title, str):  # a problem names every value that is not text
         raise InvalidInput(f"title {problem}", field="title")
     return title.strip()
 
 
 def create_conversation(owner_id: int, title: object = None) -> Conversation:
-    conversation = Conversation(
-        owner_id=owner_id, title=DEFAULT_TITLE if title is None else validate_title(title)
-    )
+    conversation = Conversation(owner_id=owner_id, title=DEFAULT_TITLE if title is None else validate_title(title))
     db.session.add(conversation)
     db.session.flush()
     return conversation
@@ -128,9 +126,7 @@ def check_conversation(owner_id: int, conversation_id: int, connection: sa.Conne
     session's execute() adds ORM dispatch that a statement of plain columns never uses.
     """
     connection = connection if connection is not None else db.session.connection()
-    found = connection.execute(
-        _OWNED_CONVERSATION, {"conversation_id": conversation_id, "owner_id": owner_id}
-    ).scalar()
+    found = connection.execute(_OWNED_CONVERSATION, {"conversation_id": conversation_id, "owner_id": owner_id}).scalar()
     if found is None:
         raise _conversation_not_found()
     return found
@@ -152,8 +148,10 @@ def delete_conversation(conversation: Conversation) -> None:
 # Rows with exactly the attributes ConversationOut and the web sidebar read.
 _CONVERSATION_PAGE = (
     sa.select(
-        _conversations.c.id, _conversations.c.title,
-        _conversations.c.created_at, _conversations.c.updated_at,
+        _conversations.c.id,
+        _conversations.c.title,
+        _conversations.c.created_at,
+        _conversations.c.updated_at,
     )
     .where(_conversations.c.owner_id == sa.bindparam("owner_id"))
     .order_by(_conversations.c.updated_at.desc(), _conversations.c.id.desc())
@@ -197,7 +195,7 @@ def list_conversations(owner_id: int, limit: int, cursor: str | None = None) -> 
 
 def validate_content(content: object) -> str:
     problem = inputs.content_problem(content)
-    if problem:
+    if problem or not isinstance(content, str):  # a problem names every value that is not text
         raise InvalidInput(f"content {problem}", field="content")
     return content
 
@@ -205,8 +203,14 @@ def validate_content(content: object) -> str:
 # Rows with exactly the attributes MessageOut reads.
 _MESSAGE_PAGE = (
     sa.select(
-        _messages.c.id, _messages.c.conversation_id, _messages.c.role, _messages.c.content,
-        _messages.c.status, _messages.c.error, _messages.c.created_at, _messages.c.updated_at,
+        _messages.c.id,
+        _messages.c.conversation_id,
+        _messages.c.role,
+        _messages.c.content,
+        _messages.c.status,
+        _messages.c.error,
+        _messages.c.created_at,
+        _messages.c.updated_at,
     )
     .where(_messages.c.conversation_id == sa.bindparam("conversation_id"))
     .order_by(_messages.c.id)
@@ -271,12 +275,22 @@ class NewMessage:
 
 
 def _insert_message(
-    conversation_id: int, role: Role, content: str, status: Status, now: datetime,
+    conversation_id: int,
+    role: Role,
+    content: str,
+    status: Status,
+    now: datetime,
     idempotency_key: str | None = None,
 ) -> NewMessage:
     values: dict[str, Any] = {
-        "conversation_id": conversation_id, "role": role, "content": content, "status": status,
-        "error": None, "attempt": 0, "created_at": now, "updated_at": now,
+        "conversation_id": conversation_id,
+        "role": role,
+        "content": content,
+        "status": status,
+        "error": None,
+        "attempt": 0,
+        "created_at": now,
+        "updated_at": now,
     }
     # inserted_primary_key: RETURNING where the database has it, else the cursor's lastrowid.
     inserted = db.session.execute(_INSERT_MESSAGE, {**values, "runs": 0, "idempotency_key": idempotency_key})
@@ -315,9 +329,7 @@ def post_message_to(
         # replies and on idempotency keys) undoes only these rows, not the caller's work.
         with db.session.begin_nested():
             # The user's message first: ids order a conversation, and the reply comes after it.
-            message = _insert_message(
-                conversation_id, Role.USER, content, Status.COMPLETE, now, idempotency_key
-            )
+            message = _insert_message(conversation_id, Role.USER, content, Status.COMPLETE, now, idempotency_key)
             reply = _insert_message(conversation_id, Role.ASSISTANT, "", Status.PENDING, now)
     except sa.exc.IntegrityError:
         if idempotency_key is not None:
@@ -331,8 +343,7 @@ def post_message_to(
 
 def _reply_in_progress_error() -> Conflict:
     return Conflict(
-        "the bot is still answering in this conversation; wait for the reply to finish "
-        "or stop it",
+        "the bot is still answering in this conversation; wait for the reply to finish or stop it",
         code="reply_in_progress",
     )
 
@@ -340,16 +351,13 @@ def _reply_in_progress_error() -> Conflict:
 def _sent_with_key(conversation_id: int, key: str, content: str) -> tuple[Message, Message] | None:
     """The message sent earlier with this Idempotency-Key and the reply after it, if any."""
     message = db.session.scalar(
-        sa.select(Message).where(
-            Message.conversation_id == conversation_id, Message.idempotency_key == key
-        )
+        sa.select(Message).where(Message.conversation_id == conversation_id, Message.idempotency_key == key)
     )
     if message is None:
         return None
     if message.content != content:
         raise InvalidInput(
-            "this Idempotency-Key was already used for a different message; "
-            "send a new key with each new message",
+            "this Idempotency-Key was already used for a different message; send a new key with each new message",
             field="Idempotency-Key",
         )
     reply = db.session.scalar(
@@ -390,18 +398,12 @@ def get_reply(conversation: Conversation, reply_id: int) -> Message:
 def restart_reply(conversation: Conversation, reply: Message) -> Message:
     """Clear a finished or failed reply and make it pending again, as a new attempt."""
     if reply.status in ACTIVE_STATUSES:
-        raise Conflict(
-            "this reply is still being generated; wait for it to finish", code="reply_in_progress"
-        )
+        raise Conflict("this reply is still being generated; wait for it to finish", code="reply_in_progress")
     newer = db.session.scalar(
-        sa.select(Message.id)
-        .where(Message.conversation_id == conversation.id, Message.id > reply.id)
-        .limit(1)
+        sa.select(Message.id).where(Message.conversation_id == conversation.id, Message.id > reply.id).limit(1)
     )
     if newer is not None:
-        raise Conflict(
-            "only the latest reply in a conversation can be regenerated", code="not_latest_reply"
-        )
+        raise Conflict("only the latest reply in a conversation can be regenerated", code="not_latest_reply")
     reply.content = ""
     reply.error = None
     reply.status = Status.PENDING
@@ -445,9 +447,9 @@ def stop_reply(conversation: Conversation, reply: Message) -> Message:
 
 # Core statements built once (the pipeline runs them several times per reply): no ORM
 # object is loaded or flushed, and the statement's compiled form is reused.
-_REPLY_TO_CLAIM = sa.select(
-    _messages.c.conversation_id, _messages.c.status, _messages.c.attempt
-).where(_messages.c.id == sa.bindparam("reply_id"))
+_REPLY_TO_CLAIM = sa.select(_messages.c.conversation_id, _messages.c.status, _messages.c.attempt).where(
+    _messages.c.id == sa.bindparam("reply_id")
+)
 # The history before a reply, newest first, a page at a time (keyset on id): a reply reads
 # only as far back as its budget reaches, not the whole conversation. A stopped reply's
 # text is what its user saw, so the bot sees it too; a failed one is left out.
@@ -468,9 +470,7 @@ _HISTORY_PAGE = (
 def _history_newest_first(conversation_id: int, reply_id: int) -> Iterator[dict]:
     before_id = reply_id
     while True:
-        rows = db.session.execute(
-            _HISTORY_PAGE, {"conversation_id": conversation_id, "before_id": before_id}
-        ).all()
+        rows = db.session.execute(_HISTORY_PAGE, {"conversation_id": conversation_id, "before_id": before_id}).all()
         for row in rows:
             yield {"role": row.role.value, "content": row.content}
         if len(rows) < HISTORY_PAGE_ROWS:
@@ -505,19 +505,21 @@ _REPLY_TEXT_AND_STATUS = {
     "updated_at": sa.bindparam("now", type_=_messages.c.updated_at.type),
 }
 # The lease holder's write; and a write to a reply nobody holds (seeding, scripts).
-_APPEND_AS_OWNER = _UPDATE_ACTIVE_ATTEMPT.where(
-    _messages.c.lease_owner == sa.bindparam("owner")
-).values(**_REPLY_TEXT_AND_STATUS)
-_APPEND_UNCLAIMED = _UPDATE_ACTIVE_ATTEMPT.where(_messages.c.lease_owner.is_(None)).values(
+_APPEND_AS_OWNER = _UPDATE_ACTIVE_ATTEMPT.where(_messages.c.lease_owner == sa.bindparam("owner")).values(
     **_REPLY_TEXT_AND_STATUS
 )
+_APPEND_UNCLAIMED = _UPDATE_ACTIVE_ATTEMPT.where(_messages.c.lease_owner.is_(None)).values(**_REPLY_TEXT_AND_STATUS)
 
 
-def _write_reply(
-    reply_id: int, attempt: int, text: str, status: Status, error: str | None, owner: str | None
-) -> bool:
-    params = {"reply_id": reply_id, "active_attempt": attempt, "text": text,
-              "new_status": status, "new_error": error, "now": utcnow()}
+def _write_reply(reply_id: int, attempt: int, text: str, status: Status, error: str | None, owner: str | None) -> bool:
+    params = {
+        "reply_id": reply_id,
+        "active_attempt": attempt,
+        "text": text,
+        "new_status": status,
+        "new_error": error,
+        "now": utcnow(),
+    }
     if owner is None:
         result = db.session.execute(_APPEND_UNCLAIMED, params)
     else:
@@ -531,13 +533,9 @@ def append_to_reply(reply_id: int, attempt: int, text: str, owner: str | None = 
     return _write_reply(reply_id, attempt, text, Status.STREAMING, None, owner)
 
 
-def finish_reply(
-    reply_id: int, attempt: int, text: str, error: str | None = None, owner: str | None = None
-) -> bool:
+def finish_reply(reply_id: int, attempt: int, text: str, error: str | None = None, owner: str | None = None) -> bool:
     """Append the last text and end the reply as complete, or failed with an error."""
-    return _write_reply(
-        reply_id, attempt, text, Status.FAILED if error else Status.COMPLETE, error, owner
-    )
+    return _write_reply(reply_id, attempt, text, Status.FAILED if error else Status.COMPLETE, error, owner)
 
 
 def get_reply_progress(conversation_id: int, reply_id: int, offset: int) -> dict:

@@ -37,10 +37,12 @@ LIVE_RECHECK_SECONDS = 5.0
 # A waiting stream wakes at least this often to notice that its worker is shutting down.
 DRAIN_CHECK_SECONDS = 1.0
 FINAL_STATUSES = ("complete", "failed", "stopped")
-UNAUTHORIZED = json.dumps({
-    "status": "unauthorized",
-    "error": "the token or login this stream was opened with was revoked or logged out",
-})
+UNAUTHORIZED = json.dumps(
+    {
+        "status": "unauthorized",
+        "error": "the token or login this stream was opened with was revoked or logged out",
+    }
+)
 
 
 def _event(data: str, event: str | None = None, event_id: str | None = None) -> str:
@@ -136,8 +138,7 @@ def reply_events(
             # Polling reads every STREAM_POLL_INTERVAL; the credential needs no more than
             # the live stream's pace, one small query every LIVE_RECHECK_SECONDS.
             check_credential = (
-                credential is not None
-                and time.monotonic() - checked_credential_at >= LIVE_RECHECK_SECONDS
+                credential is not None and time.monotonic() - checked_credential_at >= LIVE_RECHECK_SECONDS
             )
             authorized = True
             with job("stream"), unit_of_work(app, write=False):

@@ -40,13 +40,13 @@ def sweep_once(app: Flask) -> list[int]:
     with unit_of_work(app):
         failed = leases.fail_exhausted(int(config["REPLY_MAX_RUNS"]))
     if failed:
-        log.warning("failed %d repl%s interrupted %d times", failed,
-                    "y" if failed == 1 else "ies", config["REPLY_MAX_RUNS"])
+        log.warning(
+            "failed %d repl%s interrupted %d times", failed, "y" if failed == 1 else "ies", config["REPLY_MAX_RUNS"]
+        )
     # The claim decides: of several processes taking the same orphan, one runs it.
     taken = runner.adopt(found)
     if taken:
-        log.warning("taking over %d orphaned repl%s: %s", len(taken),
-                    "y" if len(taken) == 1 else "ies", taken)
+        log.warning("taking over %d orphaned repl%s: %s", len(taken), "y" if len(taken) == 1 else "ies", taken)
     return taken
 
 
@@ -67,9 +67,7 @@ class Sweeper:
             if self._pid == os.getpid():
                 return
             self._pid = os.getpid()
-            threading.Thread(
-                target=self._loop, args=(float(interval),), name="reply-sweeper", daemon=True
-            ).start()
+            threading.Thread(target=self._loop, args=(float(interval),), name="reply-sweeper", daemon=True).start()
 
     def _loop(self, interval: float) -> None:
         while True:
@@ -77,9 +75,12 @@ class Sweeper:
                 sweep_once(self.app)
             except Exception as exc:  # a database outage must not end the loop
                 # An outage is expected and says enough in one line; anything else is a bug.
-                log.warning("reply sweep failed (%s); retrying in %g s",
-                            getattr(exc, "orig", None) or exc, interval,
-                            exc_info=not is_transient(exc))
+                log.warning(
+                    "reply sweep failed (%s); retrying in %g s",
+                    getattr(exc, "orig", None) or exc,
+                    interval,
+                    exc_info=not is_transient(exc),
+                )
             time.sleep(interval)  # holds nothing: each pass is its own unit of work
 
 

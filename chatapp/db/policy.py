@@ -55,7 +55,8 @@ its session holds a transaction from its first query until ``db.session.commit()
 from __future__ import annotations
 
 import functools
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 from flask import Flask
 from sqlalchemy import event
@@ -104,7 +105,7 @@ def transaction(intent: Intent) -> Callable:
                     db.session().info.pop(_VIEW_INTENT_KEY, None)
             return result
 
-        run_in_transaction.transaction_intent = intent
+        run_in_transaction.transaction_intent = intent  # type: ignore[attr-defined]
         return run_in_transaction
 
     return decorate
@@ -127,8 +128,8 @@ def _refuse_a_write_outside_the_gate(session: Session) -> None:
     intent = session.info.get(_VIEW_INTENT_KEY)
     if intent is not None and sqlite.needs_write_gate(session):
         raise RuntimeError(
-            f"a {intent!r} view wrote without beginning as a writer: declare it \"write\", "
-            "or call begin_write() before the write of a \"write-after\" view"
+            f'a {intent!r} view wrote without beginning as a writer: declare it "write", '
+            'or call begin_write() before the write of a "write-after" view'
         )
 
 
@@ -149,13 +150,14 @@ def declared_intent(view: Callable) -> str | None:
         wrappers.append(wrappers[-1].__wrapped__)
     if len(wrappers) < 2 or wrappers[-2].__code__ is not _WRAPPER_CODE:
         return None
-    return wrappers[-2].transaction_intent
+    return wrappers[-2].transaction_intent  # type: ignore[attr-defined]
 
 
 def check_views(app: Flask) -> None:
     """Refuse an app with a chatapp view that does not declare its intent innermost."""
     missing = [
-        endpoint for endpoint, view in app.view_functions.items()
+        endpoint
+        for endpoint, view in app.view_functions.items()
         if _defined_in_chatapp(view) and declared_intent(view) is None
     ]
     if missing:

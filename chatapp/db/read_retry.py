@@ -63,7 +63,8 @@ class RetryReadsOnce:
                 body.close()
             log.warning(
                 "retrying %s %s once: its database connection was lost",
-                environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
+                environ.get("REQUEST_METHOD"),
+                environ.get("PATH_INFO"),
             )
             return self.wsgi_app(environ, start_response)
         start_response(*held)

@@ -15,6 +15,7 @@ from chatapp.errors import AppError
 log = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 2
 
+
 # Werkzeug's names become short snake_case codes: "Not Found" -> "not_found".
 def _code_for(status: int, name: str) -> str:
     return {413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid"}.get(
@@ -96,7 +97,9 @@ def handle_app_error(error: AppError):
 def handle_pool_timeout(error: sa.exc.TimeoutError):
     log.warning("database pool exhausted on %s %s", request.method, request.path)
     return error_response(
-        503, "database_busy", "the server is busy; retry in a moment",
+        503,
+        "database_busy",
+        "the server is busy; retry in a moment",
         {"Retry-After": str(RETRY_AFTER_SECONDS)},
     )
 
@@ -104,7 +107,9 @@ def handle_pool_timeout(error: sa.exc.TimeoutError):
 def handle_database_down(error: sa.exc.DBAPIError):
     log.warning("database unavailable on %s %s: %s", request.method, request.path, error.orig)
     return error_response(
-        503, "database_unavailable", "the database is unavailable; retry in a moment",
+        503,
+        "database_unavailable",
+        "the database is unavailable; retry in a moment",
         {"Retry-After": str(RETRY_AFTER_SECONDS)},
     )
 

@@ -45,7 +45,8 @@ _HOLD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 _BOT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
 REQUESTS = Counter(
-    "chatapp_http_requests_total", "Requests answered, by route rule, method and status.",
+    "chatapp_http_requests_total",
+    "Requests answered, by route rule, method and status.",
     ["route", "method", "status"],
 )
 REQUEST_SECONDS = Histogram(
@@ -56,17 +57,22 @@ REQUEST_SECONDS = Histogram(
 # "liveall": under gunicorn each live worker reports its own pool, with a pid label.
 POOL_SIZE = Gauge("chatapp_db_pool_size", "Configured pool size.", ["bind"], multiprocess_mode="liveall")
 POOL_CHECKED_OUT = Gauge(
-    "chatapp_db_pool_checked_out", "Connections checked out of the pool now.", ["bind"],
+    "chatapp_db_pool_checked_out",
+    "Connections checked out of the pool now.",
+    ["bind"],
     multiprocess_mode="liveall",
 )
 POOL_OVERFLOW = Gauge(
-    "chatapp_db_pool_overflow", "Connections open beyond pool_size (up to max_overflow).", ["bind"],
+    "chatapp_db_pool_overflow",
+    "Connections open beyond pool_size (up to max_overflow).",
+    ["bind"],
     multiprocess_mode="liveall",
 )
 CONNECTION_HOLD_SECONDS = Histogram(
     "chatapp_db_connection_hold_seconds",
     "How long each checkout kept its connection, by the route rule or job that held it.",
-    ["holder"], buckets=_HOLD_BUCKETS,
+    ["holder"],
+    buckets=_HOLD_BUCKETS,
 )
 REPLIES = Counter("chatapp_replies_total", "Replies that finished, by final status.", ["status"])
 LEASE_STATEMENTS = Counter(
@@ -76,11 +82,14 @@ LEASE_STATEMENTS = Counter(
     ["kind"],
 )
 BOT_FIRST_TOKEN_SECONDS = Histogram(
-    "chatapp_bot_first_token_seconds", "From asking the bot to its first chunk of text.",
+    "chatapp_bot_first_token_seconds",
+    "From asking the bot to its first chunk of text.",
     buckets=_BOT_BUCKETS,
 )
 BOT_TOTAL_SECONDS = Histogram(
-    "chatapp_bot_reply_seconds", "From asking the bot to its last chunk of text.", buckets=_BOT_BUCKETS,
+    "chatapp_bot_reply_seconds",
+    "From asking the bot to its last chunk of text.",
+    buckets=_BOT_BUCKETS,
 )
 
 # Labelled children by (metric, labels). metric.labels() validates and locks on every
@@ -222,7 +231,10 @@ def _watch_engine(engine, bind: str, warn_after: float) -> None:
         if seconds > warn_after:
             log.warning(
                 "database connection held %.2f s by %s%s (over HOLD_WARN_SECONDS=%g)",
-                seconds, holder, f" (request {request_id})" if request_id else "", warn_after,
+                seconds,
+                holder,
+                f" (request {request_id})" if request_id else "",
+                warn_after,
             )
 
 
@@ -293,8 +305,7 @@ def metrics():
         # Route names, request counts and pool sizes are for the operator, not for anyone
         # who finds the URL.
         raise Forbidden(
-            "metrics are served only to requests from this host; "
-            "set METRICS_TOKEN to scrape from elsewhere"
+            "metrics are served only to requests from this host; set METRICS_TOKEN to scrape from elsewhere"
         )
     return Response(generate_latest(_registry()), mimetype=CONTENT_TYPE_LATEST)
 

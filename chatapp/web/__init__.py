@@ -48,7 +48,8 @@ def sentence_filter(message: str) -> str:
 def csrf_failed(error: CSRFError):
     """A form without a valid CSRF token: say what to do instead of Flask-WTF's terse reason."""
     return error_response(
-        400, "csrf_failed",
+        400,
+        "csrf_failed",
         "This form has expired or did not come from this site. Reload the page and try again.",
     )
 

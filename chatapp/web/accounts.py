@@ -14,8 +14,8 @@ from chatapp.auth.models import User
 from chatapp.db import begin_write, db, transaction
 from chatapp.errors import AppError
 from chatapp.web import bp
-from chatapp.web.pages import render_page
 from chatapp.web.forms import LoginForm, RegisterForm, add_error
+from chatapp.web.pages import render_page
 
 
 def _next_url() -> str:
@@ -111,9 +111,7 @@ def login():
 def too_many_logins(error):
     """The login page again, saying to wait, for a login over its rate limit."""
     form = LoginForm()
-    form.form_errors.append(
-        f"Too many requests to log in (limit: {error.description}). Wait a minute, then try again."
-    )
+    form.form_errors.append(f"Too many requests to log in (limit: {error.description}). Wait a minute, then try again.")
     return render_page("auth/login.html", form=form), 429
 
 

@@ -98,9 +98,7 @@ def conversation_item(conversation: Conversation) -> ConversationItem:
 def sidebar(user_id: int, per_page: int, cursor: str | None, active_id: int | None = None) -> Sidebar:
     """One page of the user's conversations, newest first."""
     page = chat.list_conversations(user_id, per_page, cursor or None)
-    return Sidebar(
-        [conversation_item(row) for row in page.items], page.next_cursor, not cursor, active_id
-    )
+    return Sidebar([conversation_item(row) for row in page.items], page.next_cursor, not cursor, active_id)
 
 
 def message_item(message: Message, is_latest: bool) -> MessageItem:
@@ -136,24 +134,20 @@ def history(conversation_id: int, per_page: int, before: int | None = None) -> H
 def reply_item(conversation: Conversation, reply_id: int) -> MessageItem:
     """One assistant reply of the conversation (NotFound otherwise), as the page shows it."""
     reply = chat.get_reply(conversation, reply_id)
-    latest_id = db.session.scalar(
-        sa.select(sa.func.max(Message.id)).where(Message.conversation_id == conversation.id)
-    )
+    latest_id = db.session.scalar(sa.select(sa.func.max(Message.id)).where(Message.conversation_id == conversation.id))
     return message_item(reply, reply.id == latest_id)
 
 
 def tokens(user_id: int) -> list[TokenItem]:
     return [
-        TokenItem(row.id, row.name, row.prefix, row.created_at, row.last_used_at)
-        for row in auth.list_tokens(user_id)
+        TokenItem(row.id, row.name, row.prefix, row.created_at, row.last_used_at) for row in auth.list_tokens(user_id)
     ]
 
 
 def login_sessions(user_id: int, current_id: int | None) -> list[LoginSessionItem]:
     """The user's browser logins, this browser's first, then the most recently seen."""
     items = [
-        LoginSessionItem(row.id, row.created_at, row.last_seen_at, row.user_agent, row.ip_address,
-                         row.id == current_id)
+        LoginSessionItem(row.id, row.created_at, row.last_seen_at, row.user_agent, row.ip_address, row.id == current_id)
         for row in sessions.list_sessions(user_id)
     ]
     return sorted(items, key=lambda item: not item.is_current)  # stable: keeps the rest in order

@@ -90,6 +90,9 @@ def end_all_login_sessions():
     db.session.commit()
     log_out()
     browsers = "1 browser was" if ended == 1 else f"{ended} browsers were"
-    flash(f"You are logged out everywhere: {browsers} logged out. API tokens still work; "
-          "revoke them in Settings after you log in.", "info")
+    flash(
+        f"You are logged out everywhere: {browsers} logged out. API tokens still work; "
+        "revoke them in Settings after you log in.",
+        "info",
+    )
     return redirect(url_for("web.login"))

@@ -40,7 +40,9 @@ def test_register(client, app):
 
 def test_register_taken_username(client, app):
     client.post("/api/v1/users", json={"username": "alice", "password": "12345678"})
-    assert_error(client.post("/api/v1/users", json={"username": "alice", "password": "other-pass"}), 409, "username_taken")
+    assert_error(
+        client.post("/api/v1/users", json={"username": "alice", "password": "other-pass"}), 409, "username_taken"
+    )
     assert count(app, User) == 1
 
 
@@ -74,7 +76,9 @@ def test_password_length_bounds_are_inclusive(client):
 
 @pytest.mark.parametrize("extra_config", [{"REGISTRATION_OPEN": False}], indirect=True)
 def test_registration_can_be_closed(client, app):
-    assert_error(client.post("/api/v1/users", json={"username": "alice", "password": "12345678"}), 403, "registration_closed")
+    assert_error(
+        client.post("/api/v1/users", json={"username": "alice", "password": "12345678"}), 403, "registration_closed"
+    )
     assert count(app, User) == 0
 
 
@@ -232,8 +236,11 @@ def test_a_wrong_password_against_an_older_hash_costs_the_configured_method_too(
     app.config["PASSWORD_HASH_METHOD"] = "scrypt:16384:8:1"
     checked = []
     real = services.check_password_hash
-    monkeypatch.setattr(services, "check_password_hash",
-                        lambda stored, password: checked.append(stored.split("$")[0]) or real(stored, password))
+    monkeypatch.setattr(
+        services,
+        "check_password_hash",
+        lambda stored, password: checked.append(stored.split("$")[0]) or real(stored, password),
+    )
     assert client.post("/api/v1/tokens", json={**body, "password": "wrong password"}).status_code == 401
     assert checked == ["pbkdf2:sha256:1000", "scrypt:16384:8:1"]
     checked.clear()
@@ -258,6 +265,7 @@ def test_concurrent_password_hashes_are_bounded_and_wait_holding_no_connection(a
             with lock:
                 state["arrived"] += 1
             return function(*args)
+
         return counted
 
     def slow_check(*args):
@@ -275,7 +283,9 @@ def test_concurrent_password_hashes_are_bounded_and_wait_holding_no_connection(a
     monkeypatch.setattr(services, "check_password_hash", slow_check)
     statuses = []
     logins = [
-        threading.Thread(target=lambda: statuses.append(app.test_client().post("/api/v1/tokens", json=body).status_code))
+        threading.Thread(
+            target=lambda: statuses.append(app.test_client().post("/api/v1/tokens", json=body).status_code)
+        )
         for _ in range(4)
     ]
     for login in logins:

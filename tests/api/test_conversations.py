@@ -101,7 +101,8 @@ def test_list_default_limit_is_20(client, alice):
 
 
 @pytest.mark.parametrize(
-    "query", [{"limit": 0}, {"limit": 101}, {"limit": "ten"}, {"cursor": "%%%"}, {"cursor": "bm9wZQ"}, {"cursor": "eHx5"}]
+    "query",
+    [{"limit": 0}, {"limit": 101}, {"limit": "ten"}, {"cursor": "%%%"}, {"cursor": "bm9wZQ"}, {"cursor": "eHx5"}],
 )
 def test_list_rejects_bad_paging(client, alice, query):
     error = assert_error(client.get("/api/v1/conversations", headers=alice, query_string=query), 422)

@@ -112,14 +112,13 @@ def second_worker(database_uri, extra_config, tmp_path):
 def test_stop_from_another_worker_closes_the_model_request(client, app, alice, conversation_url, second_worker):
     with FakeOpenAIServer("silent", reply_words=["Hello", " never sent"]) as model:
         for instance in (app, second_worker):
-            instance.config.update(BOT_ENGINE="openai", OPENAI_BASE_URL=model.base_url,
-                                   OPENAI_READ_TIMEOUT=60, REPLY_FLUSH_INTERVAL=0)
+            instance.config.update(
+                BOT_ENGINE="openai", OPENAI_BASE_URL=model.base_url, OPENAI_READ_TIMEOUT=60, REPLY_FLUSH_INTERVAL=0
+            )
         reply_id = post(client, alice, conversation_url, "hi").get_json()["reply"]["id"]
         # The model sent its first words and is now silent, its request open.
         assert wait_for(lambda: stored_text(app, reply_id) == "Hello")
-        response = second_worker.test_client().post(
-            f"{conversation_url}/messages/{reply_id}/stop", headers=alice
-        )
+        response = second_worker.test_client().post(f"{conversation_url}/messages/{reply_id}/stop", headers=alice)
         assert response.status_code == 200, response.get_json()
         # The first worker notices within its stop check, and hangs up on the model
         # instead of waiting the 60 s read timeout.
@@ -225,8 +224,11 @@ def test_an_idempotency_key_reused_for_other_content_or_malformed_is_refused(cli
     assert reused.status_code == 422
     assert "Idempotency-Key" in reused.get_json()["error"]["message"]
     for bad in ("x" * 101, "tab\there", "ünï"):
-        answer = client.post(conversation_url + "/messages", json={"content": "three"},
-                             headers={**alice, "Idempotency-Key": bad.encode("utf-8").decode("latin-1")})
+        answer = client.post(
+            conversation_url + "/messages",
+            json={"content": "three"},
+            headers={**alice, "Idempotency-Key": bad.encode("utf-8").decode("latin-1")},
+        )
         assert answer.status_code == 422, (bad, answer.get_json())
     with unit_of_work(app, write=False) as session:
         assert session.scalar(sa.select(sa.func.count()).select_from(Message)) == 2
@@ -269,8 +271,9 @@ def test_the_openapi_document_describes_stop_and_the_idempotency_key(client):
 
 def expire_lease(app, reply_id: int) -> None:
     with unit_of_work(app) as session:
-        session.execute(sa.update(Message).where(Message.id == reply_id)
-                        .values(lease_expires_at=utcnow() - timedelta(seconds=5)))
+        session.execute(
+            sa.update(Message).where(Message.id == reply_id).values(lease_expires_at=utcnow() - timedelta(seconds=5))
+        )
 
 
 def test_a_claim_is_exclusive_and_an_expired_lease_is_taken_over_as_a_new_attempt(app):

@@ -16,11 +16,10 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 from flask import g
+from marshmallow import Schema, fields
 from sqlalchemy import event
 
 from chatapp.api.auth import current_user_id, require_user
-from marshmallow import Schema, fields
-
 from chatapp.api.schemas import (
     ConversationOut,
     ConversationPage,
@@ -70,20 +69,26 @@ def seed_every_kind_of_message(app, owner_id: int) -> int:
                         if active_stored:
                             continue
                         active_stored = True
-                    session.add(Message(
-                        conversation_id=conversation.id, role=role, status=status, error=error,
-                        content=f"{role.value} {status.value} ünïcode \u2603 {n}",
-                        created_at=stamps[n % 2], updated_at=stamps[(n + 1) % 2],
-                    ))
+                    session.add(
+                        Message(
+                            conversation_id=conversation.id,
+                            role=role,
+                            status=status,
+                            error=error,
+                            content=f"{role.value} {status.value} ünïcode \u2603 {n}",
+                            created_at=stamps[n % 2],
+                            updated_at=stamps[(n + 1) % 2],
+                        )
+                    )
                     n += 1
         return conversation.id
 
 
 def orm_messages(app, conversation_id: int) -> list[Message]:
     with unit_of_work(app, write=False) as session:
-        return list(session.scalars(
-            sa.select(Message).where(Message.conversation_id == conversation_id).order_by(Message.id)
-        ))
+        return list(
+            session.scalars(sa.select(Message).where(Message.conversation_id == conversation_id).order_by(Message.id))
+        )
 
 
 def test_plain_dump_gives_what_the_schema_dumps_for_every_role_status_and_error(app, alice):
@@ -123,9 +128,18 @@ def test_plain_dump_follows_the_schema_and_refuses_what_it_cannot_dump():
 def seed_row():
     from types import SimpleNamespace
 
-    stamp = datetime(2024, 5, 17, 9, 30, 0, 5, tzinfo=timezone.utc)
-    return SimpleNamespace(id=3, conversation_id=4, role=Role.USER, content="text", status=Status.COMPLETE,
-                           error=None, created_at=stamp, updated_at=stamp, run=2)
+    stamp = datetime(2024, 5, 17, 9, 30, 0, 5, tzinfo=UTC)
+    return SimpleNamespace(
+        id=3,
+        conversation_id=4,
+        role=Role.USER,
+        content="text",
+        status=Status.COMPLETE,
+        error=None,
+        created_at=stamp,
+        updated_at=stamp,
+        run=2,
+    )
 
 
 def test_messages_page_is_the_bytes_flask_smorest_would_send(app, client, alice):
@@ -151,9 +165,9 @@ def test_conversations_page_is_the_bytes_flask_smorest_would_send(app, client, a
     for title in ("one", "two", "three"):
         assert client.post("/api/v1/conversations", headers=alice, json={"title": title}).status_code == 201
     with unit_of_work(app, write=False) as session:
-        objects = list(session.scalars(
-            sa.select(Conversation).order_by(Conversation.updated_at.desc(), Conversation.id.desc())
-        ))
+        objects = list(
+            session.scalars(sa.select(Conversation).order_by(Conversation.updated_at.desc(), Conversation.id.desc()))
+        )
     first = client.get("/api/v1/conversations?limit=2", headers=alice)
     cursor = first.get_json()["next_cursor"]
     second = client.get("/api/v1/conversations", headers=alice, query_string={"limit": 2, "cursor": cursor})
@@ -191,7 +205,10 @@ def test_posted_messages_dump_as_message_out_and_as_they_read_back(app, client, 
     for new in (message, reply):
         assert message_json(new) == MessageOut().dump(new)
     assert (message.role, message.status, reply.role, reply.status) == (
-        Role.USER, Status.COMPLETE, Role.ASSISTANT, Status.PENDING
+        Role.USER,
+        Status.COMPLETE,
+        Role.ASSISTANT,
+        Status.PENDING,
     )
     assert message.id < reply.id
     listed = client.get(url, headers=alice).get_json()["items"]
@@ -316,8 +333,9 @@ def test_revoking_by_row_and_by_object(app, client, auth):
         db.session.expire(row)
         assert row.revoked_at == first
         db.session.rollback()
-    assert_error(client.get("/api/v1/conversations", headers={"Authorization": f"Bearer {token}"}),
-                 401, "invalid_token")
+    assert_error(
+        client.get("/api/v1/conversations", headers={"Authorization": f"Bearer {token}"}), 401, "invalid_token"
+    )
 
 
 # --- rate limits without the per-request hook ------------------------------------------------
@@ -359,12 +377,34 @@ def test_a_configured_default_limit_keeps_the_hook(default_limit, app, client):
     assert [client.get("/healthz").status_code for _ in range(3)] == [200, 200, 429]
 
 
-@pytest.mark.parametrize("query", [
-    "", "limit=20", "limit=1", "limit=100", "limit=007", "cursor=abc", "limit=5&cursor=MTI",
-    "limit=0", "limit=101", "limit=-1", "limit=+5", "limit= 5", "limit=5.0", "limit=", "limit=１２",
-    "limit=1_0", "cursor=", "cursor=" + "x" * 201, "cursor=" + "x" * 200, "limit=5&limit=6",
-    "other=1", "limit=5&other=1", "cursor=a&cursor=b",
-])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "",
+        "limit=20",
+        "limit=1",
+        "limit=100",
+        "limit=007",
+        "cursor=abc",
+        "limit=5&cursor=MTI",
+        "limit=0",
+        "limit=101",
+        "limit=-1",
+        "limit=+5",
+        "limit= 5",
+        "limit=5.0",
+        "limit=",
+        "limit=１２",
+        "limit=1_0",
+        "cursor=",
+        "cursor=" + "x" * 201,
+        "cursor=" + "x" * 200,
+        "limit=5&limit=6",
+        "other=1",
+        "limit=5&other=1",
+        "cursor=a&cursor=b",
+    ],
+)
 def test_the_page_query_shortcut_reads_what_webargs_reads(app, query):
     """chatapp.api.fast_args answers a plain page query as PageQuery through webargs would,
     and leaves everything else (errors, unknown or repeated parameters) to webargs."""

@@ -86,8 +86,12 @@ def seed_conversation(app, username: str, contents: list[str]) -> int:
         session.execute(
             sa.insert(Message),
             [
-                {"conversation_id": conversation.id, "role": Role.USER if n % 2 == 0 else Role.ASSISTANT,
-                 "content": content, "status": Status.COMPLETE}
+                {
+                    "conversation_id": conversation.id,
+                    "role": Role.USER if n % 2 == 0 else Role.ASSISTANT,
+                    "content": content,
+                    "status": Status.COMPLETE,
+                }
                 for n, content in enumerate(contents)
             ],
         )
@@ -110,14 +114,13 @@ def history_queries(app):
     sa.event.remove(engine, "before_cursor_execute", record)
 
 
-def test_a_long_conversation_sends_its_newest_messages_and_the_system_prompt(
-    app, client, alice, history_queries
-):
+def test_a_long_conversation_sends_its_newest_messages_and_the_system_prompt(app, client, alice, history_queries):
     contents = [f"{n:04d}:" + "x" * 995 for n in range(1000)]  # 1,000 messages of 1,000 characters
     conversation_id = seed_conversation(app, "alice", contents)
     with FakeOpenAIServer("ok") as server:
         app.config.update(
-            BOT_ENGINE="openai", OPENAI_BASE_URL=server.base_url,
+            BOT_ENGINE="openai",
+            OPENAI_BASE_URL=server.base_url,
             OPENAI_SYSTEM_PROMPT="You are terse. " * 1000,  # not counted in the budget
             BOT_HISTORY_MAX_CHARS=32_000,
         )

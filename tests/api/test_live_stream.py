@@ -45,7 +45,9 @@ def read_stream(client, url, headers):
 
 
 @pytest.mark.parametrize("extra_config", [LIVE_CONFIG], indirect=True)
-def test_a_stream_where_its_reply_runs_reads_the_database_at_the_start_only(client, app, alice, conversation_url, progress_reads):
+def test_a_stream_where_its_reply_runs_reads_the_database_at_the_start_only(
+    client, app, alice, conversation_url, progress_reads
+):
     reply_id = post(client, alice, conversation_url, CONTENT)
     deltas, done = read_stream(client, f"{conversation_url}/messages/{reply_id}/stream", alice)
     wait_for_background_work(app)

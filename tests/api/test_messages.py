@@ -71,7 +71,9 @@ def test_posting_bumps_the_conversation(client, app, alice, conversation_url):
 @pytest.mark.parametrize("extra_config", [{"BOT_ECHO_DELAY": 1.0}], indirect=True)
 def test_second_message_while_the_bot_answers_is_a_conflict(client, app, alice, conversation_url):
     post(client, alice, conversation_url, "one two three")
-    assert_error(client.post(conversation_url + "/messages", headers=alice, json={"content": "again"}), 409, "reply_in_progress")
+    assert_error(
+        client.post(conversation_url + "/messages", headers=alice, json={"content": "again"}), 409, "reply_in_progress"
+    )
     wait_for_background_work(app)
     assert message_count(app) == 2
     post(client, alice, conversation_url, "now it works")
@@ -132,9 +134,7 @@ def test_stream_replays_a_finished_reply_then_done(client, app, alice, conversat
 def test_stream_resumes_after_last_event_id(client, app, alice, conversation_url):
     reply_id = post(client, alice, conversation_url, "abcdef")["reply"]["id"]
     wait_for_background_work(app)
-    response = client.get(
-        f"{conversation_url}/messages/{reply_id}/stream", headers={**alice, "Last-Event-ID": "0:3"}
-    )
+    response = client.get(f"{conversation_url}/messages/{reply_id}/stream", headers={**alice, "Last-Event-ID": "0:3"})
     events = parse_events(response.get_data(as_text=True))
     assert "".join(data for name, data in events if name == "message") == "def"
 
@@ -145,8 +145,9 @@ def test_stream_of_a_user_message_is_not_found(client, app, alice, conversation_
     assert_error(client.get(f"{conversation_url}/messages/{message_id}/stream", headers=alice), 404)
 
 
-@pytest.mark.parametrize("extra_config", [{"BOT_ECHO_DELAY": 1.5, "REPLY_FLUSH_INTERVAL": 0.05,
-                                           "STREAM_POLL_INTERVAL": 0.05}], indirect=True)
+@pytest.mark.parametrize(
+    "extra_config", [{"BOT_ECHO_DELAY": 1.5, "REPLY_FLUSH_INTERVAL": 0.05, "STREAM_POLL_INTERVAL": 0.05}], indirect=True
+)
 def test_stream_delivers_text_live_in_several_steps(client, app, alice, conversation_url):
     reply_id = post(client, alice, conversation_url, "one two three four five six")["reply"]["id"]
     response = client.get(f"{conversation_url}/messages/{reply_id}/stream", headers=alice, buffered=False)

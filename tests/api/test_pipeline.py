@@ -40,7 +40,9 @@ def test_no_connection_is_held_while_the_bot_thinks(client, app, alice, conversa
         (RuntimeError("kaboom"), "internal error"),
     ],
 )
-def test_a_failing_bot_ends_the_reply_failed_keeping_its_text(client, app, alice, conversation_url, gated_bot, error, expected):
+def test_a_failing_bot_ends_the_reply_failed_keeping_its_text(
+    client, app, alice, conversation_url, gated_bot, error, expected
+):
     gated_bot.fail_with = error
     reply_id = post(client, alice, conversation_url)
     gated_bot.go_on.set()
@@ -51,8 +53,10 @@ def test_a_failing_bot_ends_the_reply_failed_keeping_its_text(client, app, alice
     assert "kaboom" not in message  # internal details stay in the log
 
 
-@pytest.mark.parametrize("mode, error", [("ok", None), ("die", "closed the stream"), ("hang", "sent nothing for 0.5 s"),
-                                         ("http500", "HTTP 500")])
+@pytest.mark.parametrize(
+    "mode, error",
+    [("ok", None), ("die", "closed the stream"), ("hang", "sent nothing for 0.5 s"), ("http500", "HTTP 500")],
+)
 def test_openai_engine_end_to_end(app, client, alice, conversation_url, mode, error):
     with FakeOpenAIServer(mode) as server:
         app.config.update(BOT_ENGINE="openai", OPENAI_BASE_URL=server.base_url, OPENAI_READ_TIMEOUT=0.5)

@@ -20,7 +20,9 @@ def test_body_over_1_mb_is_413(client, app):
     assert users(app) == 0
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"])
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]
+)
 def test_non_json_content_type_is_415(client, app, content_type):
     response = client.post("/api/v1/users", data="username=alice&password=12345678", content_type=content_type)
     assert_error(response, 415, "unsupported_media_type")
@@ -83,8 +85,11 @@ def test_readyz_is_503_when_the_database_is_unreachable():
     from tests.support.servers import free_port
 
     app = create_app(
-        {"TESTING": True, "SQLALCHEMY_DATABASE_URI": f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x",
-         "REPLY_SWEEP_INTERVAL": 0}
+        {
+            "TESTING": True,
+            "SQLALCHEMY_DATABASE_URI": f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x",
+            "REPLY_SWEEP_INTERVAL": 0,
+        }
     )
     response = app.test_client().get("/readyz")
     assert_error(response, 503, "database_unavailable")

@@ -76,8 +76,9 @@ def test_revoking_a_token_ends_the_streams_it_opened(client, app, auth, where_th
     alice = auth.headers("alice")
     other_token = {"Authorization": f"Bearer {auth.token()}"}
     conversation = client.post("/api/v1/conversations", headers=alice, json={}).get_json()["id"]
-    reply = client.post(f"/api/v1/conversations/{conversation}/messages", headers=alice,
-                        json={"content": CONTENT}).get_json()["reply"]["id"]
+    reply = client.post(
+        f"/api/v1/conversations/{conversation}/messages", headers=alice, json={"content": CONTENT}
+    ).get_json()["reply"]["id"]
     url = f"/api/v1/conversations/{conversation}/messages/{reply}/stream"
     response, chunks = open_stream(client, url, alice)
 
@@ -101,8 +102,9 @@ def test_ending_a_browser_login_ends_the_streams_it_opened(client, app, auth, wh
     WebUser(client).login("alice")
     csrf = {"X-CSRFToken": csrf_from(client.get("/settings").get_data(as_text=True))}
     conversation = client.post("/api/v1/conversations", headers=csrf, json={}).get_json()["id"]
-    reply = client.post(f"/api/v1/conversations/{conversation}/messages", headers=csrf,
-                        json={"content": CONTENT}).get_json()["reply"]["id"]
+    reply = client.post(
+        f"/api/v1/conversations/{conversation}/messages", headers=csrf, json={"content": CONTENT}
+    ).get_json()["reply"]["id"]
     url = f"/api/v1/conversations/{conversation}/messages/{reply}/stream"
     response, chunks = open_stream(client, url, {})
 

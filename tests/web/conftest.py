@@ -37,17 +37,27 @@ class WebUser:
         return csrf_from(self.client.get(path).get_data(as_text=True))
 
     def register(self, username: str = "alice", password: str = PASSWORD):
-        response = self.client.post("/register", data={
-            "username": username, "password": password, "confirm": password,
-            "csrf_token": self._token("/register"),
-        })
+        response = self.client.post(
+            "/register",
+            data={
+                "username": username,
+                "password": password,
+                "confirm": password,
+                "csrf_token": self._token("/register"),
+            },
+        )
         assert response.status_code == 302, response.get_data(as_text=True)
         return response
 
     def login(self, username: str = "alice", password: str = PASSWORD):
-        response = self.client.post("/login", data={
-            "username": username, "password": password, "csrf_token": self._token("/login"),
-        })
+        response = self.client.post(
+            "/login",
+            data={
+                "username": username,
+                "password": password,
+                "csrf_token": self._token("/login"),
+            },
+        )
         assert response.status_code == 302, response.get_data(as_text=True)
         return response
 
@@ -65,8 +75,16 @@ def web(client) -> WebUser:
     return WebUser(client)
 
 
-def seed_reply(app, username: str, question: str, answer: str, *, error: str | None = None,
-               finish: bool = True, title: str | None = None) -> tuple[int, int]:
+def seed_reply(
+    app,
+    username: str,
+    question: str,
+    answer: str,
+    *,
+    error: str | None = None,
+    finish: bool = True,
+    title: str | None = None,
+) -> tuple[int, int]:
     """A conversation with one exchange, written through the services; (conversation, reply) ids."""
     with unit_of_work(app):
         user = auth_services.find_user(username)

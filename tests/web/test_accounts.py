@@ -71,12 +71,13 @@ def test_login_and_safe_next(client, web):
     assert client.get("/login").status_code == 302
 
 
-@pytest.mark.parametrize("target", ["//evil.example/", "https://evil.example/", "/\\evil.example", "javascript:alert(1)"])
+@pytest.mark.parametrize(
+    "target", ["//evil.example/", "https://evil.example/", "/\\evil.example", "javascript:alert(1)"]
+)
 def test_login_never_redirects_off_site(client, web, target):
     web.register("alice")
     web.logout()
-    response = client.post("/login", query_string={"next": target},
-                           data={"username": "alice", "password": PASSWORD})
+    response = client.post("/login", query_string={"next": target}, data={"username": "alice", "password": PASSWORD})
     assert response.headers["Location"] == "/"
 
 

@@ -120,7 +120,9 @@ def test_users_only_see_their_own_conversations(client, app, web):
 
 def test_messages_are_escaped_and_replies_render_safe_markdown(client, app, alice):
     conversation_id, _ = seed_reply(
-        app, "alice", f"{XSS_SCRIPT} and {XSS_IMG}",
+        app,
+        "alice",
+        f"{XSS_SCRIPT} and {XSS_IMG}",
         f"# Title\n\n- {XSS_IMG}\n- [click](javascript:alert(1))\n\n{XSS_SCRIPT}\n\n[docs](https://example.com)",
     )
     html = client.get(f"/c/{conversation_id}").get_data(as_text=True)
@@ -139,13 +141,21 @@ def test_send_a_message_without_javascript(client, app, alice):
     wait_for_background_work(app)
     html = client.get(f"/c/{conversation_id}").get_data(as_text=True)
     assert re.search(r'<div class="text plain">hello there</div>', html)
-    assert re.search(r'data-status="complete"[^>]*>\s*<div class="bubble">.*?<div class="text markdown"><p>hello there</p>',
-                     html, re.S)
+    assert re.search(
+        r'data-status="complete"[^>]*>\s*<div class="bubble">.*?<div class="text markdown"><p>hello there</p>',
+        html,
+        re.S,
+    )
 
 
-@pytest.mark.parametrize(("content", "message"), [("   ", "Content must contain a visible character and no NUL characters."),
-                                                  ("x" * 32_001, "Content must be 1-32000 characters."),
-                                                  ("", "This field is required.")])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("   ", "Content must contain a visible character and no NUL characters."),
+        ("x" * 32_001, "Content must be 1-32000 characters."),
+        ("", "This field is required."),
+    ],
+)
 def test_bad_message_is_a_4xx_on_the_page_and_writes_nothing(client, app, alice, content, message):
     conversation_id = alice.new_conversation()
     response = client.post(f"/c/{conversation_id}/messages", data={"content": content})
@@ -258,7 +268,7 @@ def test_stop_a_running_reply_without_javascript(client, app, alice):
     html = client.get(f"/c/{conversation_id}").get_data(as_text=True)
     # While it runs the page offers Stop (in <noscript>: with a script, the composer's button does it).
     stop_form = f'action="/c/{conversation_id}/messages/{reply_id}/stop"'
-    assert re.search(rf'<noscript>.*?{re.escape(stop_form)}.*?>Stop</button>.*?</noscript>', html, re.S)
+    assert re.search(rf"<noscript>.*?{re.escape(stop_form)}.*?>Stop</button>.*?</noscript>", html, re.S)
 
     response = client.post(f"/c/{conversation_id}/messages/{reply_id}/stop")
     assert response.status_code == 302
@@ -320,7 +330,7 @@ def test_reply_fragment_is_the_rendered_reply(client, app, alice):
     response = client.get(f"/c/{conversation_id}/messages/{reply_id}")
     assert response.status_code == 200
     html = response.get_data(as_text=True)
-    assert html.lstrip().startswith("<li") or "<li class=\"message assistant\"" in html
+    assert html.lstrip().startswith("<li") or '<li class="message assistant"' in html
     assert "<h2>Done</h2>" in html and "<code>code</code>" in html
     assert "&lt;b&gt;bold?&lt;/b&gt;" in html
     assert "<html" not in html
@@ -333,6 +343,7 @@ def test_long_history_opens_at_the_newest_messages(client, app, alice):
     conversation_id, _ = seed_reply(app, "alice", "q1", "a1")
     with unit_of_work(app) as session:
         from chatapp.chat import services
+
         conversation = session.get(Conversation, conversation_id)
         for n in (2, 3):
             _m, reply = services.post_message(conversation, f"q{n}")
@@ -357,9 +368,14 @@ def test_rename(client, app, alice):
     assert conversation_titles(html) == ["Trip plans"]
 
 
-@pytest.mark.parametrize(("title", "message"), [("   ", "Title must contain a visible character and no NUL characters."),
-                                                ("x" * 201, "Title must be 1-200 characters."),
-                                                ("", "This field is required.")])
+@pytest.mark.parametrize(
+    ("title", "message"),
+    [
+        ("   ", "Title must contain a visible character and no NUL characters."),
+        ("x" * 201, "Title must be 1-200 characters."),
+        ("", "This field is required."),
+    ],
+)
 def test_bad_title_is_a_4xx_on_the_page_and_writes_nothing(client, app, alice, title, message):
     conversation_id = alice.new_conversation()
     response = client.post(f"/c/{conversation_id}/rename", data={"title": title})

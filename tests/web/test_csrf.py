@@ -14,8 +14,10 @@ def extra_config():
 
 
 def test_anonymous_forms_need_the_token(client, app):
-    for path, form in [("/register", {"username": "alice", "password": PASSWORD, "confirm": PASSWORD}),
-                       ("/login", {"username": "alice", "password": PASSWORD})]:
+    for path, form in [
+        ("/register", {"username": "alice", "password": PASSWORD, "confirm": PASSWORD}),
+        ("/login", {"username": "alice", "password": PASSWORD}),
+    ]:
         response = client.post(path, data=form)
         assert response.status_code == 400
         assert "This form has expired or did not come from this site" in response.get_data(as_text=True)

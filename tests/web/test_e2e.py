@@ -119,9 +119,14 @@ def expect_finished(page, expect, text: str) -> None:
 
 def thinking_then_words(states: list[dict], final: str) -> list[str]:
     """The reply showed "thinking" (no text, box disabled), then only growing prefixes of ``final``."""
-    start = next((i for i, s in enumerate(states)
-                  if s == {"status": "pending", "thinking": True, "text": "", "boxDisabled": True,
-                           "markup": False}), None)
+    start = next(
+        (
+            i
+            for i, s in enumerate(states)
+            if s == {"status": "pending", "thinking": True, "text": "", "boxDisabled": True, "markup": False}
+        ),
+        None,
+    )
     assert start is not None, states
     after = states[start:]
     assert all(s["boxDisabled"] for s in after if s["status"] in ("pending", "streaming")), after
@@ -136,8 +141,7 @@ def test_chat_in_a_real_browser(browser, database_uri, seeder, tmp_path):
     from playwright.sync_api import expect
 
     config = {"BOT_ECHO_DELAY": 2}
-    with GunicornServer(database_uri, workers=2, threads=8, config=config,
-                        log_dir=tmp_path) as server:
+    with GunicornServer(database_uri, workers=2, threads=8, config=config, log_dir=tmp_path) as server:
         context = browser.new_context(viewport={"width": 1280, "height": 800})
         context.set_default_timeout(TIMEOUT_MS)
         context.add_init_script(RECORDER)
@@ -175,7 +179,11 @@ def test_chat_in_a_real_browser(browser, database_uri, seeder, tmp_path):
 
         # Shift+Enter is a new line; markup in messages is shown as text and runs nothing.
         # (The last line has no spaces, so the echo bot streams it as one chunk.)
-        lines = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", '<b>b</b><img/src="x"/onerror="alert(2)">']
+        lines = [
+            "<script>alert(1)</script>",
+            "<img src=x onerror=alert(1)>",
+            '<b>b</b><img/src="x"/onerror="alert(2)">',
+        ]
         xss = "\n".join(lines)
         for number, line in enumerate(lines):
             if number:
@@ -264,16 +272,17 @@ def test_chat_in_a_real_browser(browser, database_uri, seeder, tmp_path):
 def test_phone_width_and_dark_mode(browser, database_uri, seeder, tmp_path):
     from playwright.sync_api import expect
 
-    with GunicornServer(database_uri, workers=1, threads=4,
-                        log_dir=tmp_path) as server:
+    with GunicornServer(database_uri, workers=1, threads=4, log_dir=tmp_path) as server:
         with unit_of_work(seeder):
             auth_services.create_user(USERNAME, PASSWORD)
         seed_conversation(
-            seeder, "A rather long conversation title that will not fit on a phone",
+            seeder,
+            "A rather long conversation title that will not fit on a phone",
             [("```\n" + "x" * 200 + "\n```", "```\n" + "y" * 200 + "\n```", None)],
         )
-        context = browser.new_context(viewport={"width": 375, "height": 700}, is_mobile=True,
-                                      has_touch=True, color_scheme="dark")
+        context = browser.new_context(
+            viewport={"width": 375, "height": 700}, is_mobile=True, has_touch=True, color_scheme="dark"
+        )
         page = context.new_page()
         problems = watch_for_problems(page)
         page.goto(server.url + "/login")
@@ -338,8 +347,7 @@ def stored_reply(app, reply_id: int) -> tuple[Status, str]:
 def test_stop_a_reply_in_a_real_browser(browser, database_uri, seeder, tmp_path, how):
     from playwright.sync_api import expect
 
-    with GunicornServer(database_uri, workers=2, threads=8, config=SLOW_BOT,
-                        log_dir=tmp_path) as server:
+    with GunicornServer(database_uri, workers=2, threads=8, config=SLOW_BOT, log_dir=tmp_path) as server:
         with unit_of_work(seeder):
             auth_services.create_user(USERNAME, PASSWORD)
         context = browser.new_context(viewport={"width": 1280, "height": 800})
@@ -400,8 +408,7 @@ def test_stop_a_reply_in_a_real_browser(browser, database_uri, seeder, tmp_path,
 def test_a_reply_page_logged_out_from_another_browser_says_so(browser, database_uri, seeder, tmp_path):
     from playwright.sync_api import expect
 
-    with GunicornServer(database_uri, workers=2, threads=8, config=SLOW_BOT,
-                        log_dir=tmp_path) as server:
+    with GunicornServer(database_uri, workers=2, threads=8, config=SLOW_BOT, log_dir=tmp_path) as server:
         with unit_of_work(seeder):
             auth_services.create_user(USERNAME, PASSWORD)
         chatting = browser.new_context(viewport={"width": 1280, "height": 800})
@@ -455,8 +462,9 @@ def test_a_lost_answer_is_sent_again_once_with_the_same_key(browser, database_ur
             posts.append({"key": request.headers.get("idempotency-key"), "body": request.post_data})
             fate = fates.pop(0) if fates else "ok"
             if fate == "503":
-                return route.fulfill(status=503, json={"error": {"code": "database_unavailable",
-                                                                "message": "retry in a moment"}})
+                return route.fulfill(
+                    status=503, json={"error": {"code": "database_unavailable", "message": "retry in a moment"}}
+                )
             if fate == "down":
                 return route.abort("connectionrefused")
             response = route.fetch()
@@ -483,7 +491,8 @@ def test_a_lost_answer_is_sent_again_once_with_the_same_key(browser, database_ur
         fates[:] = ["down", "down"]
         send(page, "third try")
         expect(page.locator("#composer-error")).to_have_text(
-            "Could not reach the server. Check your connection and try again.")
+            "Could not reach the server. Check your connection and try again."
+        )
         assert len(posts) == 6 and posts[4] == posts[5]
         box = page.get_by_label("Message", exact=True)
         expect(box).to_have_value("third try")

@@ -109,8 +109,9 @@ def test_logging_in_starts_a_new_flask_session(client, app, web):
         old_raw_token = planted["csrf_token"]
     old_cookie = cookie(client)
 
-    response = client.post("/login?next=%2Fsettings",
-                           data={"username": "alice", "password": PASSWORD, "csrf_token": old_token})
+    response = client.post(
+        "/login?next=%2Fsettings", data={"username": "alice", "password": PASSWORD, "csrf_token": old_token}
+    )
     assert response.headers["Location"] == "/settings"  # where to go next is kept
     assert cookie(client) != old_cookie
     with client.session_transaction() as fresh:
@@ -138,9 +139,9 @@ def test_a_remember_me_cookie_names_the_login_session_and_ends_with_it(client, a
 def test_a_login_session_ends_after_the_session_lifetime(client, app, web):
     web.register("alice")
     with unit_of_work(app) as session:
-        session.execute(sa.update(LoginSession).values(
-            created_at=utcnow() - app.permanent_session_lifetime - timedelta(minutes=1)
-        ))
+        session.execute(
+            sa.update(LoginSession).values(created_at=utcnow() - app.permanent_session_lifetime - timedelta(minutes=1))
+        )
     assert_logged_out(client)
     web.login("alice")  # and the expired row goes when alice logs in again
     assert count(app, LoginSession) == 1

@@ -134,7 +134,7 @@ def test_the_watch_catches_a_lazy_load_in_a_template(client, probed_app, web):
         response = client.get("/probe/lazy-template")
     assert response.get_data(as_text=True) == "lazy"
     assert any("conversations" in statement for statement in seen["during"])
-    (_name, context), = seen["contexts"]
+    ((_name, context),) = seen["contexts"]
     context.pop("current_user")
     assert orm_objects(context) == ["['message']"]
 

@@ -39,7 +39,9 @@ def test_new_token_is_shown_once_and_works(client, app, alice):
 
 def test_revoke(client, app, alice):
     token = create_token(client)
-    token_id = int(re.search(r'action="/settings/tokens/(\d+)/revoke"', client.get("/settings").get_data(as_text=True)).group(1))
+    token_id = int(
+        re.search(r'action="/settings/tokens/(\d+)/revoke"', client.get("/settings").get_data(as_text=True)).group(1)
+    )
     response = client.post(f"/settings/tokens/{token_id}/revoke")
     assert response.headers["Location"] == "/settings"
     html = client.get("/settings").get_data(as_text=True)
