@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from flask import request
 from marshmallow import fields, missing, validate
-from webargs.flaskparser import FlaskParser
 
 from chatapp.api.schemas import PageQuery
+from chatapp.inputs import ArgumentsParser
 
 
 def _bounds(field, kind):
@@ -90,8 +90,8 @@ def _plain_page_query(req):
     return {"limit": limit, "cursor": cursor}
 
 
-class PageQueryParser(FlaskParser):
-    """webargs' Flask parser, answering a plain page query without loading the schema."""
+class PageQueryParser(ArgumentsParser):
+    """chatapp's arguments parser, answering a plain page query without loading the schema."""
 
     def parse(self, argmap, req=None, *, location=None, **kwargs):
         if _SHAPE is not None and location == "query" and type(argmap) is PageQuery and kwargs.get("validate") is None:

@@ -8,8 +8,10 @@ import time
 import pytest
 from flask import before_render_template, template_rendered
 
+from chatapp.chat import services as chat_services
 from chatapp.chat.models import Conversation
-from chatapp.db import unit_of_work
+from chatapp.db import db, unit_of_work
+from chatapp.errors import InvalidInput
 from chatapp.web import pages
 from tests.helpers import NOTHING_HELD, transaction_state, writer_holding_the_gate
 from tests.web.conftest import count, seed_reply
@@ -54,18 +56,26 @@ def render_states(app):
         before_render_template.disconnect(rendering, app)
 
 
-def test_form_errors_rerender_after_the_write_was_rolled_back(app, client, web, render_states):
+def test_form_errors_rerender_after_the_write_was_rolled_back(app, client, web, render_states, monkeypatch):
     web.register()
     conversation_id = web.new_conversation()
     render_states.clear()
-    # Passes the form's checks, fails the service's (a title needs a visible character)
-    # after the write began: the page re-renders with the error.
-    response = client.post(f"/c/{conversation_id}/rename", data={"title": "   "})
+    # The form's checks pass; the service then writes and refuses (as one that finds a
+    # conflict half-way would): the page re-renders with the error, its write undone.
+    rename = chat_services.rename_conversation
+
+    def rename_then_refuse(conversation, title):
+        rename(conversation, title)
+        db.session.flush()
+        raise InvalidInput("title is taken by a test", field="title")
+
+    monkeypatch.setattr(chat_services, "rename_conversation", rename_then_refuse)
+    response = client.post(f"/c/{conversation_id}/rename", data={"title": "renamed"})
     assert response.status_code == 422
-    assert "Title must be 1-200 characters." in response.get_data(as_text=True)
+    assert "title is taken by a test" in response.get_data(as_text=True).lower()
     assert render_states == [("chat/conversation.html", NOTHING_HELD)]
     with unit_of_work(app, write=False) as session:
-        assert session.get(Conversation, conversation_id).title != "   "
+        assert session.get(Conversation, conversation_id).title != "renamed"
 
 
 def test_error_pages_render_after_the_transaction_ended(app, client, web, render_states):
