@@ -389,7 +389,9 @@ def test_gunicorn_workers_report_together(database_uri, tmp_path):
         victim = sorted(workers)[0]
         os.kill(victim, signal.SIGTERM)
         served = 40
-        for _ in range(300):
+        # Until the replacement has booted and served (seconds on a loaded machine): a bound.
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
             response = requests.get(server.url + "/api/v1/conversations", headers=headers, timeout=10)
             assert response.status_code == 200
             served += 1
