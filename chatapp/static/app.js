@@ -58,6 +58,7 @@
     const status = document.getElementById("chat-status");
     const hint = document.getElementById("composer-hint");
     const sendHint = hint.textContent;
+    const counter = setUpCounter(input, document.getElementById("composer-counter"));
 
     function showError(text) {
       errorBox.textContent = text;
@@ -289,6 +290,12 @@
         showError("Write a message first.");
         return;
       }
+      // Too long: say so and keep the text as it is (never cut it down silently).
+      if (counter.over()) {
+        showError(counter.overMessage());
+        input.focus();
+        return;
+      }
       showError("");
       setPosting(true);
       const response = await postMessage(content);
@@ -304,6 +311,7 @@
       }
       const posted = await response.json();
       input.value = "";
+      counter.update();
       dropRegenerateButtons();
       appendMessage("user-message-template", posted.message);
       const item = appendMessage("assistant-message-template", posted.reply);
@@ -353,6 +361,44 @@
     if (active) stream(active, active.dataset.messageId);
     // Long histories open at the newest message.
     scrollToBottom();
+    // Ready to type when a chat opens; not on touch screens, where focus pops up the
+    // keyboard over the conversation, nor over an open menu or a form's error.
+    const touch = window.matchMedia("(pointer: coarse)").matches;
+    if (!touch && !input.disabled && !document.querySelector("details[open]")) input.focus({ preventScroll: true });
+  }
+
+  // The characters a message may have (as the server counts them: code points, not UTF-16
+  // units); a counter appears near the limit and says so plainly when over it.
+  function setUpCounter(input, box) {
+    const max = Number(input.dataset.maxLength) || 0;
+    const format = (n) => n.toLocaleString("en");
+    const length = () => {
+      const value = input.value;
+      // Cheap for the usual short message; exact (code points) when it could matter.
+      return value.length * 2 < max * 0.9 ? value.length : Array.from(value).length;
+    };
+    const counter = {
+      over: () => max > 0 && length() > max,
+      overMessage: () =>
+        "Your message is " + format(length() - max) + " characters too long (the limit is " +
+        format(max) + "). Shorten it or split it into several messages.",
+      update() {
+        if (!box || !max) return;
+        const used = length();
+        const near = used >= max * 0.9;
+        box.hidden = !near;
+        box.classList.toggle("over", used > max);
+        input.setAttribute("aria-invalid", String(used > max));
+        box.textContent = !near
+          ? ""
+          : used > max
+            ? format(used) + " / " + format(max) + " characters: " + format(used - max) + " over the limit"
+            : format(used) + " / " + format(max) + " characters";
+      },
+    };
+    input.addEventListener("input", () => counter.update());
+    counter.update();
+    return counter;
   }
 
   function setUpRename() {
@@ -371,6 +417,32 @@
   }
 
   function setUpCopyButtons() {
+    // A message's Copy: the text as written (a reply's Markdown, not its rendering). One
+    // listener for all, so replies swapped in later have it too.
+    document.addEventListener("click", async (event) => {
+      const button = event.target.closest("[data-copy-message]");
+      if (!button) return;
+      const text = button.closest("li.message")?.querySelector(".text");
+      if (!text) return;
+      const raw = button.dataset.raw !== undefined ? button.dataset.raw : text.textContent;
+      let copied = true;
+      try {
+        await navigator.clipboard.writeText(raw);
+      } catch (_) {
+        copied = false;
+      }
+      button.dataset.copied = String(copied);
+      const label = copied ? "Copied" : "Could not copy: select the text and press Ctrl+C";
+      button.setAttribute("aria-label", label);
+      button.title = label;
+      clearTimeout(button.copyTimer);
+      button.copyTimer = setTimeout(() => {
+        delete button.dataset.copied;
+        button.setAttribute("aria-label", "Copy");
+        button.title = "Copy";
+      }, 2000);
+    });
+
     document.querySelectorAll("[data-copy]").forEach((button) => {
       button.addEventListener("click", async () => {
         const field = document.getElementById(button.dataset.copy);
@@ -385,8 +457,94 @@
     });
   }
 
+  // The heading a day goes under, by the browser's own calendar (as pages.date_group does
+  // in UTC for the page without a script).
+  function dateGroup(day, now) {
+    const midnight = (d) => new Date(d.getFullYear(), d.getMonth(), d.getDate());
+    const age = Math.round((midnight(now) - midnight(day)) / 86400000);
+    if (age <= 0) return "Today";
+    if (age === 1) return "Yesterday";
+    if (age <= 7) return "Previous 7 days";
+    if (age <= 30) return "Previous 30 days";
+    const options = day.getFullYear() === now.getFullYear() ? { month: "long" } : { month: "long", year: "numeric" };
+    return day.toLocaleDateString("en", options);
+  }
+
+  // Regroup the sidebar's entries (newest first) under headings of the user's timezone.
+  function groupConversations() {
+    const list = document.getElementById("conversation-list");
+    if (!list) return;
+    const items = Array.from(list.querySelectorAll("li.conversation-item[data-updated]"));
+    if (!items.length) return;
+    const now = new Date();
+    const groups = [];
+    for (const item of items) {
+      const day = new Date(item.dataset.updated);
+      if (Number.isNaN(day.getTime())) return; // keep the server's groups
+      const label = dateGroup(day, now);
+      if (!groups.length || groups[groups.length - 1].label !== label) groups.push({ label, items: [] });
+      groups[groups.length - 1].items.push(item);
+    }
+    const sections = groups.map((group) => {
+      const section = document.createElement("section");
+      section.className = "conversation-group";
+      const heading = document.createElement("h3");
+      heading.className = "group-label";
+      heading.textContent = group.label;
+      const ul = document.createElement("ul");
+      ul.append(...group.items);
+      section.append(heading, ul);
+      return section;
+    });
+    list.replaceChildren(...sections);
+    list.dataset.grouped = "local";
+  }
+
+  // Menus (<details>): one open at a time; a click elsewhere or Escape closes them.
+  function setUpMenus() {
+    const menus = () => document.querySelectorAll("details.entry-menu[open]");
+    document.addEventListener("toggle", (event) => {
+      const opened = event.target;
+      if (!(opened instanceof HTMLDetailsElement) || !opened.open) return;
+      menus().forEach((menu) => menu !== opened && (menu.open = false));
+    }, true);
+    document.addEventListener("click", (event) => {
+      menus().forEach((menu) => !menu.contains(event.target) && (menu.open = false));
+    });
+    document.addEventListener("keydown", (event) => {
+      if (event.key !== "Escape") return;
+      menus().forEach((menu) => {
+        event.preventDefault(); // closing the menu is all this Escape does
+        menu.open = false;
+        menu.querySelector("summary").focus();
+      });
+    });
+  }
+
+  // An entry's Delete asks in a dialog, then posts (without the script: its own page asks).
+  function setUpDeleteDialog() {
+    const dialog = document.getElementById("delete-dialog");
+    if (!dialog || typeof dialog.showModal !== "function") return;
+    const form = dialog.querySelector("form");
+    const title = document.getElementById("delete-dialog-title");
+    document.addEventListener("click", (event) => {
+      const link = event.target.closest("a[data-delete-url]");
+      if (!link) return;
+      event.preventDefault();
+      link.closest("details")?.removeAttribute("open");
+      form.action = link.dataset.deleteUrl;
+      title.textContent = "Delete “" + link.dataset.title + "”?";
+      dialog.showModal();
+      form.querySelector("[data-close-dialog]").focus();
+    });
+    form.querySelector("[data-close-dialog]").addEventListener("click", () => dialog.close());
+  }
+
   const chat = document.getElementById("chat");
   if (chat) setUpChat(chat);
   setUpRename();
   setUpCopyButtons();
+  groupConversations();
+  setUpMenus();
+  setUpDeleteDialog();
 })();

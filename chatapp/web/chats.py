@@ -20,6 +20,11 @@ def _sidebar(active_id: int | None = None) -> pages.Sidebar:
     return pages.sidebar(current_user.id, per_page, request.args.get("older"), active_id)
 
 
+def _back_to(conversation_id: int) -> str:
+    """The conversation's page, with the sidebar on the page it was on (``?older=``)."""
+    return url_for("web.conversation", conversation_id=conversation_id, older=request.args.get("older") or None)
+
+
 def _before_arg() -> int | None:
     """``?before=``, the id the "earlier messages" link gives; a bad one shows the newest page.
 
@@ -31,13 +36,18 @@ def _before_arg() -> int | None:
 def _render_conversation(conversation_id: int, *, message_form=None, rename_form=None, status=200):
     conversation = chat.get_conversation(current_user.id, conversation_id)
     per_page = current_app.config["WEB_MESSAGES_PER_PAGE"]
+    before = _before_arg()
     return pages.render_page(
         "chat/conversation.html",
         conversation=pages.conversation_item(conversation),
-        history=pages.history(conversation.id, per_page, _before_arg()),
+        history=pages.history(conversation.id, per_page, before),
         sidebar=_sidebar(conversation.id),
         message_form=message_form or MessageForm(formdata=None),
         rename_form=rename_form or RenameForm(formdata=None, title=conversation.title),
+        # An earlier page of the history offers the way back to the newest messages.
+        earlier_page=before is not None,
+        # The sidebar's "Rename" (?rename=1) opens the rename pop-over, also without a script.
+        rename_open=request.args.get("rename") == "1",
     ), status
 
 
@@ -85,7 +95,7 @@ def rename(conversation_id: int):
         add_error(form, error, "title")
         return _render_conversation(conversation_id, rename_form=form, status=error.status)
     db.session.commit()
-    return redirect(url_for("web.conversation", conversation_id=conversation_id))
+    return redirect(_back_to(conversation_id))
 
 
 @bp.get("/c/<int:conversation_id>/delete")
@@ -132,7 +142,7 @@ def send_message(conversation_id: int):
         add_error(form, error, "content")
         return _render_conversation(conversation_id, message_form=form, status=error.status)
     commit_and_start_reply(current_app, reply.id, reply.attempt)
-    return redirect(url_for("web.conversation", conversation_id=conversation_id))
+    return redirect(_back_to(conversation_id))
 
 
 @bp.post("/c/<int:conversation_id>/messages/<int:reply_id>/regenerate")

@@ -9,7 +9,7 @@ the template, and the Markdown of replies it shows, run holding no connection.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
 from functools import cached_property
 
 import sqlalchemy as sa
@@ -30,6 +30,12 @@ class ConversationItem:
     title: str
     updated_at: datetime
 
+    @property
+    def updated_iso(self) -> str:
+        """``updated_at`` in ISO 8601 with its UTC offset, for the page script's date groups."""
+        moment = self.updated_at if self.updated_at.tzinfo else self.updated_at.replace(tzinfo=UTC)
+        return moment.isoformat()
+
 
 @dataclass(frozen=True)
 class Sidebar:
@@ -37,6 +43,44 @@ class Sidebar:
     older_cursor: str | None
     is_first_page: bool
     active_id: int | None
+    # The cursor of this page (None on the first): links to conversations carry it, so
+    # opening one from page 2 keeps the sidebar on page 2.
+    cursor: str | None = None
+
+    def groups(self, today: date | None = None) -> list[tuple[str, list[ConversationItem]]]:
+        """The conversations under date headings, by ``updated_at`` in UTC.
+
+        The server does not know the user's timezone: this is the page without a script;
+        app.js regroups the same entries by the browser's own dates.
+        """
+        today = today or datetime.now(UTC).date()
+        groups: list[tuple[str, list[ConversationItem]]] = []
+        for item in self.conversations:
+            label = date_group(_utc_date(item.updated_at), today)
+            if groups and groups[-1][0] == label:
+                groups[-1][1].append(item)
+            else:
+                groups.append((label, [item]))
+        return groups
+
+
+def _utc_date(moment: datetime) -> date:
+    # SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones.
+    return (moment if moment.tzinfo is None else moment.astimezone(UTC)).date()
+
+
+def date_group(day: date, today: date) -> str:
+    """The sidebar heading of a day (the same rules as app.js's dateGroup)."""
+    age = (today - day).days
+    if age <= 0:
+        return "Today"
+    if age == 1:
+        return "Yesterday"
+    if age <= 7:
+        return "Previous 7 days"
+    if age <= 30:
+        return "Previous 30 days"
+    return day.strftime("%B") if day.year == today.year else day.strftime("%B %Y")
 
 
 @dataclass(frozen=True)
@@ -98,7 +142,8 @@ def conversation_item(conversation: Conversation) -> ConversationItem:
 def sidebar(user_id: int, per_page: int, cursor: str | None, active_id: int | None = None) -> Sidebar:
     """One page of the user's conversations, newest first."""
     page = chat.list_conversations(user_id, per_page, cursor or None)
-    return Sidebar([conversation_item(row) for row in page.items], page.next_cursor, not cursor, active_id)
+    items = [conversation_item(row) for row in page.items]
+    return Sidebar(items, page.next_cursor, not cursor, active_id, cursor or None)
 
 
 def message_item(message: Message, is_latest: bool) -> MessageItem:
