@@ -1,6 +1,7 @@
 """Take the README's screenshots of the browser UI from a real server in headless Chromium.
 
     python docs/screenshots.py            # writes docs/screenshots/*.png
+    python docs/screenshots.py /tmp/shots # or elsewhere, to look before committing
 
 Seeds a throwaway SQLite database through the services (one short unit of work), serves
 it with gunicorn, and drives Debian's Chromium with Playwright: light, dark, phone width.
@@ -11,7 +12,10 @@ from __future__ import annotations
 import secrets
 import sys
 import tempfile
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -21,12 +25,13 @@ from playwright.sync_api import expect, sync_playwright  # noqa: E402
 from chatapp import create_app  # noqa: E402
 from chatapp.auth import services as auth  # noqa: E402
 from chatapp.chat import services as chat  # noqa: E402
+from chatapp.chat.models import Conversation  # noqa: E402
 from chatapp.db import db, unit_of_work  # noqa: E402
 from tests.support.databases import migrate  # noqa: E402
 from tests.support.servers import GunicornServer  # noqa: E402
 from tests.web.browser import launch  # noqa: E402
 
-OUT = ROOT / "docs" / "screenshots"
+OUT = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else ROOT / "docs" / "screenshots"
 USERNAME, PASSWORD = "ada", "correct horse battery"
 
 MARKDOWN_REPLY = """Here is a small plan for **Lisbon**:
@@ -62,6 +67,11 @@ HISTORY = [
         "`ROW_NUMBER()` numbers the rows of each partition in the order you give it, starting at 1.",
     ),
     (
+        "Rainy day in Porto",
+        "Anything to do in Porto when it rains?",
+        "The **Livraria Lello** bookshop, the *Serralves* museum, and a port wine cellar tour.",
+    ),
+    (
         "Birthday gift ideas",
         "Gift ideas for a friend who likes hiking?",
         "- a good headlamp\n- merino socks\n- a trail guide for your region",
@@ -87,13 +97,19 @@ def seed(database_uri: str) -> int:
             "PASSWORD_HASH_METHOD": "pbkdf2:sha256:1000",
         }
     )
-    with unit_of_work(app):
+    # The sidebar's date groups: the first conversations today, the others days and weeks ago.
+    ages = [timedelta(0), timedelta(days=1), timedelta(days=4), timedelta(days=12), timedelta(days=50)]
+    with unit_of_work(app) as session:
         user = auth.create_user(USERNAME, PASSWORD)
         shown = None
-        for title, question, answer in reversed(HISTORY):
+        now = datetime.now(UTC)
+        for (title, question, answer), age in reversed(list(zip(HISTORY, ages, strict=True))):
             conversation = chat.create_conversation(user.id, title)
             _message, reply = chat.post_message(conversation, question)
             chat.finish_reply(reply.id, reply.attempt, answer)
+            session.execute(
+                sa.update(Conversation).where(Conversation.id == conversation.id).values(updated_at=now - age)
+            )
             shown = conversation.id
         streaming = chat.create_conversation(user.id, "How do replies stream?")
         _message, reply = chat.post_message(streaming, "Tell me about streaming.")
@@ -118,7 +134,7 @@ def main() -> None:
                 shoot(browser, server.url, lisbon)
             finally:
                 browser.close()
-    print(f"screenshots written to {OUT.relative_to(ROOT)}/")
+    print(f"screenshots written to {OUT}/")
 
 
 def log_in(page, url: str) -> None:

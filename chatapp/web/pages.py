@@ -9,7 +9,7 @@ the template, and the Markdown of replies it shows, run holding no connection.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from functools import cached_property
 
 import sqlalchemy as sa

@@ -23,7 +23,9 @@ def alice(web):
 
 
 def conversation_titles(html: str) -> list[str]:
-    return re.findall(r'class="conversation-link" href="/c/\d+(?:\?older=[^"]*)?"\s*(?:aria-current="page")?>([^<]*)</a>', html)
+    return re.findall(
+        r'class="conversation-link" href="/c/\d+(?:\?older=[^"]*)?"\s*(?:aria-current="page")?>([^<]*)</a>', html
+    )
 
 
 # --- every page needs a login ------------------------------------------------------------------
