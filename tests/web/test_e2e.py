@@ -7,6 +7,8 @@ MutationObserver), and the test checks the sequence after the reply has finished
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
@@ -14,8 +16,9 @@ import sqlalchemy as sa
 from chatapp import create_app
 from chatapp.auth import services as auth_services
 from chatapp.chat import services as chat_services
-from chatapp.chat.models import Message, Status
+from chatapp.chat.models import Conversation, Message, Status
 from chatapp.db import db, unit_of_work
+from chatapp.web.pages import date_group
 from tests.conftest import base_test_config
 from tests.support.servers import GunicornServer
 from tests.web.browser import chromium_missing_reason, launch
@@ -504,3 +507,147 @@ def test_a_lost_answer_is_sent_again_once_with_the_same_key(browser, database_ur
         with unit_of_work(seeder, write=False) as session:
             assert session.scalar(sa.select(sa.func.count()).select_from(Message)) == 6
         context.close()
+
+
+# --- the chat page's furniture: groups, copy, focus, the limit, menus, phones -------------------------
+
+UI_USER = "margaret.hamilton"  # longer than the sidebar used to show whole at 1280 px
+# Hours before now of the sidebar's entries: a timezone 14 hours ahead of UTC moves some of
+# them to another day than the server's UTC groups have them on.
+UI_AGES_HOURS = [2, 13, 26, 75, 240, 1080, 9600]
+
+
+def seed_ui(app) -> tuple[int, list[datetime]]:
+    """UI_USER's conversations of several ages, the newest with a Markdown reply; its id and the times."""
+    now = datetime.now(UTC)
+    stamps = [now - timedelta(hours=hours) for hours in UI_AGES_HOURS]
+    with unit_of_work(app) as session:
+        user = auth_services.create_user(UI_USER, PASSWORD)
+        ids = []
+        for number, _stamp in enumerate(stamps):
+            conversation = chat_services.create_conversation(user.id, f"Chat {number}")
+            _message, reply = chat_services.post_message(conversation, f"question {number}")
+            chat_services.finish_reply(reply.id, reply.attempt, f"**answer** {number}\n\n- one\n- two")
+            ids.append(conversation.id)
+        for conversation_id, stamp in zip(ids, stamps, strict=True):
+            session.execute(sa.update(Conversation).where(Conversation.id == conversation_id).values(updated_at=stamp))
+    return ids[0], stamps
+
+
+# Layout and page logic only: one database is enough.
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_chat_page_details_in_a_real_browser(browser, database_uri, seeder, tmp_path):
+    from playwright.sync_api import expect
+
+    newest, stamps = seed_ui(seeder)
+    zone = "Pacific/Kiritimati"  # UTC+14
+    local_today = datetime.now(ZoneInfo(zone)).date()
+    expected_groups: list[str] = []
+    for stamp in stamps:
+        label = date_group(stamp.astimezone(ZoneInfo(zone)).date(), local_today)
+        if not expected_groups or expected_groups[-1] != label:
+            expected_groups.append(label)
+
+    with GunicornServer(
+        database_uri, workers=1, threads=8, config={"MESSAGE_MAX_LENGTH": 50}, log_dir=tmp_path
+    ) as server:
+        context = browser.new_context(
+            viewport={"width": 1280, "height": 800},
+            timezone_id=zone,
+            permissions=["clipboard-read", "clipboard-write"],
+        )
+        context.set_default_timeout(TIMEOUT_MS)
+        page = context.new_page()
+        problems = watch_for_problems(page)
+        posts: list[str] = []
+        page.on("request", lambda request: request.method == "POST" and posts.append(request.url))
+        page.goto(server.url + "/login")
+        page.get_by_label("Username").fill(UI_USER)
+        page.get_by_label("Password").fill(PASSWORD)
+        page.get_by_role("button", name="Log in").click()
+        page.wait_for_url(server.url + "/")
+
+        # The sidebar groups by the browser's dates, not the server's.
+        expect(page.locator("#conversation-list")).to_have_attribute("data-grouped", "local")
+        expect(page.locator(".group-label")).to_have_text(expected_groups)
+        expect(page.locator(".conversation-link")).to_have_text([f"Chat {n}" for n in range(len(stamps))])
+        # The whole username shows at 1280 px.
+        whoami = page.locator(".whoami")
+        expect(whoami).to_contain_text(UI_USER)
+        assert whoami.evaluate("node => node.scrollWidth <= node.clientWidth"), "the username is cut short"
+
+        # A chat opens ready to type.
+        page.get_by_role("link", name="Chat 0").click()
+        page.wait_for_url(f"{server.url}/c/{newest}")
+        page.wait_for_load_state("load")
+        box = page.get_by_label("Message", exact=True)
+        expect(box).to_be_focused()
+
+        # Copy takes a reply's Markdown as written, and a message's text.
+        reply = newest_reply(page)
+        reply.hover()
+        copy = reply.get_by_role("button", name="Copy")
+        expect(copy).to_be_visible()
+        copy.click()
+        expect(reply.locator("[data-copy-message]")).to_have_attribute("data-copied", "true")
+        assert page.evaluate("navigator.clipboard.readText()") == "**answer** 0\n\n- one\n- two"
+        question = page.locator("li.message.user").last
+        question.hover()
+        question.get_by_role("button", name="Copy").click()
+        assert page.evaluate("navigator.clipboard.readText()") == "question 0"
+        # The row is reachable by keyboard: Tab onto Copy, then Regenerate.
+        expect(reply.get_by_role("button", name="Regenerate")).to_have_count(1)
+
+        # The counter appears near the limit; over it, the message says so and nothing is sent.
+        posts.clear()
+        counter = page.locator("#composer-counter")
+        box.fill("x" * 20)
+        expect(counter).to_be_hidden()
+        box.fill("x" * 46)
+        expect(counter).to_have_text("46 / 50 characters")
+        box.fill("y" * 55)
+        expect(counter).to_have_text("55 / 50 characters: 5 over the limit")
+        box.press("Enter")
+        expect(page.locator("#composer-error")).to_have_text(
+            "Your message is 5 characters too long (the limit is 50). Shorten it or split it into several messages."
+        )
+        expect(box).to_have_value("y" * 55)  # never cut
+        assert posts == []
+
+        # An entry's menu: Delete asks in a dialog; Cancel keeps it, Delete deletes it.
+        entry = page.locator("li.conversation-item", has_text="Chat 6")
+        entry.hover()
+        entry.get_by_label("Options for Chat 6").click()
+        entry.get_by_role("link", name="Delete…").click()
+        dialog = page.get_by_role("dialog")
+        expect(dialog).to_contain_text("Delete “Chat 6”?")
+        dialog.get_by_role("button", name="Cancel").click()
+        expect(dialog).to_be_hidden()
+        entry.get_by_label("Options for Chat 6").click()
+        entry.get_by_role("link", name="Delete…").click()
+        dialog.get_by_role("button", name="Delete").click()
+        expect(page.get_by_text("Deleted “Chat 6”.")).to_be_visible()
+        expect(page.get_by_role("link", name="Chat 6")).to_have_count(0)
+        assert problems == []
+        context.close()
+
+        # On a phone the rename pop-over fits the screen.
+        phone = browser.new_context(viewport={"width": 375, "height": 700}, is_mobile=True, has_touch=True)
+        phone.set_default_timeout(TIMEOUT_MS)
+        page = phone.new_page()
+        problems = watch_for_problems(page)
+        page.goto(server.url + "/login")
+        page.get_by_label("Username").fill(UI_USER)
+        page.get_by_label("Password").fill(PASSWORD)
+        page.get_by_role("button", name="Log in").click()
+        page.wait_for_url(server.url + "/")
+        page.goto(f"{server.url}/c/{newest}")
+        page.get_by_text("Rename", exact=True).click()
+        title = page.get_by_label("Title")
+        expect(title).to_be_visible()
+        panel = page.locator("details.rename .menu-panel").bounding_box()
+        assert panel and panel["x"] >= 0 and panel["x"] + panel["width"] <= 375, panel
+        # Touch screens show the action row without hovering.
+        assert newest_reply(page).locator(".message-actions").evaluate("node => getComputedStyle(node).opacity") == "1"
+        assert problems == []
+        phone.close()
