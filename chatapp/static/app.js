@@ -432,12 +432,15 @@
         copied = false;
       }
       button.dataset.copied = String(copied);
+      const icon = button.querySelector("use");
+      if (copied && icon) icon.setAttribute("href", "#icon-check");
       const label = copied ? "Copied" : "Could not copy: select the text and press Ctrl+C";
       button.setAttribute("aria-label", label);
       button.title = label;
       clearTimeout(button.copyTimer);
       button.copyTimer = setTimeout(() => {
         delete button.dataset.copied;
+        if (icon) icon.setAttribute("href", "#icon-copy");
         button.setAttribute("aria-label", "Copy");
         button.title = "Copy";
       }, 2000);
@@ -528,12 +531,13 @@
     const form = dialog.querySelector("form");
     const title = document.getElementById("delete-dialog-title");
     document.addEventListener("click", (event) => {
-      const link = event.target.closest("a[data-delete-url]");
+      const link = event.target.closest("a[data-delete]");
       if (!link) return;
       event.preventDefault();
       link.closest("details")?.removeAttribute("open");
-      form.action = link.dataset.deleteUrl;
-      title.textContent = "Delete “" + link.dataset.title + "”?";
+      form.action = link.href; // the confirmation page's address deletes when posted to
+      const name = link.closest(".conversation-item")?.querySelector(".conversation-link")?.textContent;
+      title.textContent = "Delete “" + (name || "this conversation") + "”?";
       dialog.showModal();
       form.querySelector("[data-close-dialog]").focus();
     });

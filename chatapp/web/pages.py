@@ -34,7 +34,7 @@ class ConversationItem:
     def updated_iso(self) -> str:
         """``updated_at`` in ISO 8601 with its UTC offset, for the page script's date groups."""
         moment = self.updated_at if self.updated_at.tzinfo else self.updated_at.replace(tzinfo=UTC)
-        return moment.isoformat()
+        return moment.isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
