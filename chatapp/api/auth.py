@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 
-from flask import Response, g, request
+from flask import Response, g, request, session
 from flask_login import current_user
 
 from chatapp.auth import login_sessions

@@ -27,13 +27,18 @@ def wants_json() -> bool:
     return request.path.startswith("/api/") or request.path in ("/readyz", "/metrics")
 
 
-def error_response(status: int, code: str, message: str, headers: dict | None = None):
+def error_response(
+    status: int, code: str, message: str, headers: dict | None = None, fields: dict[str, list[str]] | None = None
+):
     # Whatever failed, its transaction ends before the answer is built: no error page or
     # JSON body is rendered holding a connection, let alone SQLite's write lock. Ending
     # the session (not a rollback) keeps the loaded user readable for the page's header.
     remove_session()
     if wants_json():
-        response = jsonify({"error": {"code": code, "message": message}})
+        error: dict[str, object] = {"code": code, "message": message}
+        if fields:
+            error["fields"] = fields
+        response = jsonify({"error": error})
     else:
         try:
             body = render_template("error.html", status=status, code=code, message=message)
@@ -66,13 +71,26 @@ def _validation_message(error: HTTPException) -> tuple[str, str]:
     return "the request is not valid", ""
 
 
+def _validation_fields(error: HTTPException) -> dict[str, list[str]]:
+    """Every body field's problems from webargs' messages, so a client can show them all at once."""
+    found: dict[str, list[str]] = {}
+    messages = (getattr(error, "data", None) or {}).get("messages") or {}
+    fields = messages.get("json") if isinstance(messages, dict) else None
+    if isinstance(fields, dict):
+        for field, problems in fields.items():
+            items = problems if isinstance(problems, list) else [problems]
+            found[str(field)] = [str(item) for item in items if isinstance(item, str)] or ["invalid"]
+    return found
+
+
 def handle_http_exception(error: HTTPException):
     status = error.code or 500
     headers = dict(error.get_headers()) if status in (405,) else {}
     headers.pop("Content-Type", None)
     if status == 422:
         message, _field = _validation_message(error)
-        return error_response(422, "invalid", message)
+        fields = _validation_fields(error)
+        return error_response(422, "invalid", message, fields=fields if len(fields) > 1 else None)
     if status == 400 and (getattr(error, "data", None) or {}).get("messages"):
         message, _field = _validation_message(error)
         return error_response(400, "bad_request", message)
@@ -91,7 +109,7 @@ def handle_http_exception(error: HTTPException):
 
 def handle_app_error(error: AppError):
     headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
-    return error_response(error.status, error.code, error.message, headers)
+    return error_response(error.status, error.code, error.message, headers, fields=error.fields)
 
 
 def handle_pool_timeout(error: sa.exc.TimeoutError):
