@@ -93,14 +93,18 @@ class TokenRequest(Schema):
 
 
 class PasswordChange(Schema):
+    # No NUL in any password checked or set here: no login form can send one.
     current_password = fields.String(
-        required=True, load_only=True, validate=validate.Length(1, LOGIN_PASSWORD_MAX_LENGTH)
+        required=True,
+        load_only=True,
+        validate=[validate.Length(1, LOGIN_PASSWORD_MAX_LENGTH), no_nul],
+        metadata={"pattern": NO_NUL_PATTERN},
     )
     new_password = fields.String(
         required=True,
         load_only=True,
-        validate=Rule(inputs.password_problem),
-        metadata=limits(Defaults.PASSWORD_MIN_LENGTH, Defaults.PASSWORD_MAX_LENGTH),
+        validate=[Rule(inputs.password_problem), no_nul],
+        metadata={**limits(Defaults.PASSWORD_MIN_LENGTH, Defaults.PASSWORD_MAX_LENGTH), "pattern": NO_NUL_PATTERN},
     )
     revoke_tokens = fields.Boolean(
         load_default=False,
@@ -119,8 +123,8 @@ class AccountDeletion(Schema):
     password = fields.String(
         required=True,
         load_only=True,
-        validate=validate.Length(1, LOGIN_PASSWORD_MAX_LENGTH),
-        metadata={"description": "The account's current password, to confirm."},
+        validate=[validate.Length(1, LOGIN_PASSWORD_MAX_LENGTH), no_nul],
+        metadata={"description": "The account's current password, to confirm.", "pattern": NO_NUL_PATTERN},
     )
 
 
@@ -219,8 +223,8 @@ class ErrorDetail(Schema):
         keys=fields.String(),
         values=fields.List(fields.String()),
         metadata={
-            "description": "Every field's problems, by field name, when a request has more than one "
-            "(the message names the first)."
+            "description": "Every field's problems, by field name, when a registration has more "
+            "than one (the message names the first)."
         },
     )
 

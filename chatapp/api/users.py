@@ -45,7 +45,9 @@ def register(body):
         field, (first, *_) = next(iter(problems.items()))
         if taken and list(problems) == ["username"]:  # the one problem: a conflict, as it always was
             raise Conflict(auth.taken_message(body["username"]), code="username_taken")
-        raise InvalidInput(f"field '{field}': {first}", field=field, fields=problems)
+        # error.fields when there is more than one problem, as for any 422 (chatapp.errors.handlers)
+        many = sum(len(found) for found in problems.values()) > 1
+        raise InvalidInput(f"field '{field}': {first}", field=field, fields=problems if many else None)
     user = auth.new_user(body["username"], body["password"])  # hashing: no connection held
     begin_write()
     auth.add_user(user)

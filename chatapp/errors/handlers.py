@@ -71,26 +71,13 @@ def _validation_message(error: HTTPException) -> tuple[str, str]:
     return "the request is not valid", ""
 
 
-def _validation_fields(error: HTTPException) -> dict[str, list[str]]:
-    """Every body field's problems from webargs' messages, so a client can show them all at once."""
-    found: dict[str, list[str]] = {}
-    messages = (getattr(error, "data", None) or {}).get("messages") or {}
-    fields = messages.get("json") if isinstance(messages, dict) else None
-    if isinstance(fields, dict):
-        for field, problems in fields.items():
-            items = problems if isinstance(problems, list) else [problems]
-            found[str(field)] = [str(item) for item in items if isinstance(item, str)] or ["invalid"]
-    return found
-
-
 def handle_http_exception(error: HTTPException):
     status = error.code or 500
     headers = dict(error.get_headers()) if status in (405,) else {}
     headers.pop("Content-Type", None)
     if status == 422:
         message, _field = _validation_message(error)
-        fields = _validation_fields(error)
-        return error_response(422, "invalid", message, fields=fields if len(fields) > 1 else None)
+        return error_response(422, "invalid", message)
     if status == 400 and (getattr(error, "data", None) or {}).get("messages"):
         message, _field = _validation_message(error)
         return error_response(400, "bad_request", message)
