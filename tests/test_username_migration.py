@@ -85,3 +85,23 @@ def test_the_migration_goes_down_and_up_again(app):
         else:
             sql = session.scalar(sa.text("SELECT indexdef FROM pg_indexes WHERE indexname = 'uq_users_username_lower'"))
     assert "UNIQUE" in sql.upper() and "lower((username)" in sql.lower().replace("lower(username", "lower((username")
+
+
+def test_looking_up_a_name_in_any_case_uses_the_index(app):
+    """Logins and registrations compare lower(username): the index must serve that query."""
+    from chatapp.auth.services import find_user
+
+    with app.app_context():
+        query = sa.select(User).where(sa.func.lower(User.username) == "alice")
+        if db.engine.dialect.name == "sqlite":
+            compiled = query.compile(db.engine, compile_kwargs={"literal_binds": True})
+            plan = " ".join(str(row[-1]) for row in db.session.execute(sa.text(f"EXPLAIN QUERY PLAN {compiled}")))
+            assert "uq_users_username_lower" in plan, plan
+        else:
+            db.session.execute(sa.text("SET LOCAL enable_seqscan = off"))  # an empty table: force the choice
+            compiled = query.compile(db.engine, compile_kwargs={"literal_binds": True})
+            plan = " ".join(row[0] for row in db.session.execute(sa.text(f"EXPLAIN {compiled}")))
+            assert "uq_users_username_lower" in plan, plan
+        assert find_user("ALICE") is None
+        db.session.rollback()
+        db.session.remove()
