@@ -73,9 +73,7 @@ class Registration(Schema):
     whether the name is taken, so that every problem is reported at once (error.fields)."""
 
     username = fields.String(required=True, metadata=Credentials._declared_fields["username"].metadata)
-    password = fields.String(
-        required=True, load_only=True, metadata=Credentials._declared_fields["password"].metadata
-    )
+    password = fields.String(required=True, load_only=True, metadata=Credentials._declared_fields["password"].metadata)
 
 
 class TokenRequest(Schema):

@@ -68,11 +68,11 @@ def register():
         # Every problem at once: the form's own checks, and whether the name is taken (in
         # any case) when it is otherwise valid; that read ends before the password is hashed.
         valid = form.validate()
-        if not form.username.errors and isinstance(form.username.data, str) and form.username.data:
-            if auth.username_taken(form.username.data):
-                form.username.errors = [sentence(auth.taken_message(form.username.data))]
-                status = 409 if valid else 422  # taken alone is a conflict, as the API says
-                valid = False
+        name = form.username.data
+        if not form.username.errors and isinstance(name, str) and name and auth.username_taken(name):
+            form.username.errors = [sentence(auth.taken_message(name))]
+            status = 409 if valid else 422  # taken alone is a conflict, as the API says
+            valid = False
         db.session.commit()
         if valid:
             try:

@@ -66,7 +66,9 @@ class PasswordChangeForm(Form):
     current_password = PasswordField(
         "Current password", validators=[InputRequired(), Length(max=LOGIN_PASSWORD_MAX_LENGTH)]
     )
-    new_password = PasswordField("New password", validators=[InputRequired(), Rule("password", inputs.password_problem)])
+    new_password = PasswordField(
+        "New password", validators=[InputRequired(), Rule("password", inputs.password_problem)]
+    )
     confirm_new_password = PasswordField(
         "Repeat new password",
         validators=[InputRequired(), EqualTo("new_password", message="The new passwords do not match.")],
@@ -75,7 +77,9 @@ class PasswordChangeForm(Form):
 
 
 class DeleteAccountForm(Form):
-    delete_password = PasswordField("Your password", validators=[InputRequired(), Length(max=LOGIN_PASSWORD_MAX_LENGTH)])
+    delete_password = PasswordField(
+        "Your password", validators=[InputRequired(), Length(max=LOGIN_PASSWORD_MAX_LENGTH)]
+    )
 
 
 class RenameForm(Form):

@@ -113,7 +113,9 @@ def test_change_password_needs_credentials(client, auth):
     assert error_of(change(client), 401)["code"] == "unauthorized"
 
 
-@pytest.mark.parametrize("extra_config", [{"RATELIMIT_ENABLED": True, "RATELIMIT_LOGIN_USERNAME": "3 per minute"}], indirect=True)
+@pytest.mark.parametrize(
+    "extra_config", [{"RATELIMIT_ENABLED": True, "RATELIMIT_LOGIN_USERNAME": "3 per minute"}], indirect=True
+)
 def test_wrong_current_passwords_are_rate_limited_like_logins(client, auth):
     headers = auth.headers()
     for _ in range(3):

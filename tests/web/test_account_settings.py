@@ -138,7 +138,9 @@ def test_delete_account_asks_for_the_password_then_deletes_everything(client, ap
     assert client.post("/settings/tokens", data={"name": "gone"}).status_code == 201
     other = second_browser(app)
     bobs = app.test_client()
-    assert bobs.post("/register", data={"username": "bob", "password": PASSWORD, "confirm": PASSWORD}).status_code == 302
+    assert (
+        bobs.post("/register", data={"username": "bob", "password": PASSWORD, "confirm": PASSWORD}).status_code == 302
+    )
 
     confirm = client.get("/settings/delete-account")
     assert confirm.status_code == 200
