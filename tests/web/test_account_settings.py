@@ -180,3 +180,15 @@ def test_a_page_whose_login_ended_goes_to_the_login_page(client, app, alice):
 
 def test_pages_tell_the_script_where_to_log_in(client, alice):
     assert '<meta name="login-url" content="/login">' in client.get("/settings").get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    "extra_config", [{"RATELIMIT_ENABLED": True, "RATELIMIT_LOGIN_USERNAME": "2 per minute"}], indirect=True
+)
+def test_wrong_passwords_in_settings_are_rate_limited_like_logins(client, app, alice):
+    for _ in range(2):
+        assert change(client, current_password="guess").status_code == 403
+    before = password_hash(app)
+    assert change(client).status_code == 429  # even the right password, once over the limit
+    assert client.post("/settings/delete-account", data={"delete_password": PASSWORD}).status_code == 429
+    assert password_hash(app) == before and count(app, User) == 1
