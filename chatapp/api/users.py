@@ -45,7 +45,7 @@ def register(body):
         field, (first, *_) = next(iter(problems.items()))
         if taken and list(problems) == ["username"]:  # the one problem: a conflict, as it always was
             raise Conflict(auth.taken_message(body["username"]), code="username_taken")
-        # error.fields when there is more than one problem, as for any 422 (chatapp.errors.handlers)
+        # error.fields only when there are several problems: one alone keeps the usual shape
         many = sum(len(found) for found in problems.values()) > 1
         raise InvalidInput(f"field '{field}': {first}", field=field, fields=problems if many else None)
     user = auth.new_user(body["username"], body["password"])  # hashing: no connection held
