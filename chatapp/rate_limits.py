@@ -77,6 +77,15 @@ def per_user(key: str, scope: str):
     return limiter.shared_limit(lambda: current_app.config[key], scope, key_func=user_key, methods=["POST"])
 
 
+# Password checks of a signed-in user (changing the password, deleting the account): guesses
+# at the current password by whoever holds a session or token are limited as logins are.
+password_checks = limiter.shared_limit(
+    lambda: current_app.config["RATELIMIT_LOGIN_USERNAME"],
+    scope="password-checks",
+    key_func=user_key,
+    methods=["POST", "DELETE"],
+    deduct_when=lambda response: response.status_code >= 400,
+)
 messages = per_user("RATELIMIT_MESSAGES", "user-messages")
 conversations = per_user("RATELIMIT_CONVERSATIONS", "user-conversations")
 regenerations = per_user("RATELIMIT_REGENERATE", "user-regenerations")

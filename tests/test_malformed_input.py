@@ -189,7 +189,7 @@ def malformed_bodies(schema: dict) -> dict[str, bytes]:
     """Every class of unreadable or misshapen body, aimed at this operation's own fields."""
     bodies = dict(NOT_READABLE)
     bodies.update(WRONG_SHAPES)
-    for field in schema.get("properties", {}):
+    for field, spec in schema.get("properties", {}).items():
         base = field_values(schema)
         for label, value in [
             ("an object", {"a": "b"}),
@@ -200,6 +200,8 @@ def malformed_bodies(schema: dict) -> dict[str, bytes]:
             ("null", None),
             ("true", True),
         ]:
+            if spec.get("type") == "boolean" and isinstance(value, bool):
+                continue  # a flag's right value, not a malformed one
             bodies[f"{field} as {label}"] = json.dumps({**base, field: value}).encode()
         for label, text in [
             ("a lone surrogate", "\\ud800"),

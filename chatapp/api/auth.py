@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 
-from flask import Response, g, request
+from flask import Response, g, request, session
 from flask_login import current_user
 
 from chatapp.auth import login_sessions
@@ -47,6 +47,10 @@ def require_user() -> None:
         g.user_id = current_user.id
         g.credential = auth.Credential("login_session", login_sessions.current_session_id())
         return
+    if session.get("_user_id") is not None:
+        # The cookie names a login that has ended (logged out elsewhere, expired, account
+        # deleted): the page's script tells its person to log in again, not about tokens.
+        raise Unauthorized("your login session has ended; log in again", code="session_ended")
     raise Unauthorized(
         "authentication required: send 'Authorization: Bearer <token>' (create a token with POST /api/v1/tokens)",
         code="unauthorized",

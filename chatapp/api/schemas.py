@@ -68,6 +68,14 @@ class Credentials(Schema):
     )
 
 
+class Registration(Schema):
+    """Credentials for a new account: the rules are Credentials', checked in the view with
+    whether the name is taken, so that every problem is reported at once (error.fields)."""
+
+    username = fields.String(required=True, metadata=Credentials._declared_fields["username"].metadata)
+    password = fields.String(required=True, load_only=True, metadata=Credentials._declared_fields["password"].metadata)
+
+
 class TokenRequest(Schema):
     username = fields.String(
         required=True,
@@ -79,6 +87,42 @@ class TokenRequest(Schema):
         load_default="api",
         validate=Rule(inputs.token_name_problem),
         metadata={**limits(0, Defaults.TOKEN_NAME_MAX_LENGTH), "pattern": NO_NUL_PATTERN},
+    )
+
+
+class PasswordChange(Schema):
+    # No NUL in any password checked or set here: no login form can send one.
+    current_password = fields.String(
+        required=True,
+        load_only=True,
+        validate=[validate.Length(1, LOGIN_PASSWORD_MAX_LENGTH), no_nul],
+        metadata={"pattern": NO_NUL_PATTERN},
+    )
+    new_password = fields.String(
+        required=True,
+        load_only=True,
+        validate=[Rule(inputs.password_problem), no_nul],
+        metadata={**limits(Defaults.PASSWORD_MIN_LENGTH, Defaults.PASSWORD_MAX_LENGTH), "pattern": NO_NUL_PATTERN},
+    )
+    revoke_tokens = fields.Boolean(
+        load_default=False,
+        metadata={"description": "Also revoke every API token of the account (this request's token too)."},
+    )
+
+
+class PasswordChanged(Schema):
+    login_sessions_ended = fields.Integer(
+        required=True, metadata={"description": "Browsers logged out (all but the one that asked)."}
+    )
+    tokens_revoked = fields.Boolean(required=True)
+
+
+class AccountDeletion(Schema):
+    password = fields.String(
+        required=True,
+        load_only=True,
+        validate=[validate.Length(1, LOGIN_PASSWORD_MAX_LENGTH), no_nul],
+        metadata={"description": "The account's current password, to confirm.", "pattern": NO_NUL_PATTERN},
     )
 
 
@@ -172,6 +216,15 @@ class PostedMessage(Schema):
 class ErrorDetail(Schema):
     code = fields.String(required=True)
     message = fields.String(required=True)
+    field_problems = fields.Dict(
+        data_key="fields",
+        keys=fields.String(),
+        values=fields.List(fields.String()),
+        metadata={
+            "description": "Every field's problems, by field name, when a registration has more "
+            "than one (the message names the first)."
+        },
+    )
 
 
 class ErrorOut(Schema):

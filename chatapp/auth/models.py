@@ -16,6 +16,10 @@ if TYPE_CHECKING:
 
 class User(Model):
     __tablename__ = "users"
+    # Usernames are stored as typed and unique regardless of case: "Alice" and "alice" are one
+    # name, so one cannot pose as the other. Lookups compare lower(username) (ASCII only, the
+    # one alphabet usernames allow), which this index serves on SQLite and PostgreSQL alike.
+    __table_args__ = (sa.Index("uq_users_username_lower", sa.func.lower(sa.column("username")), unique=True),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     username: Mapped[str] = mapped_column(sa.String(40), unique=True)

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal, TypeGuard
+from typing import Literal, TypeGuard, cast
 
 import sqlalchemy as sa
 from flask import current_app
@@ -17,7 +17,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 from chatapp import inputs
 from chatapp.auth import login_sessions
-from chatapp.auth.models import ApiToken, User
+from chatapp.auth.models import ApiToken, LoginSession, User
 from chatapp.db import db, utcnow
 from chatapp.errors import Conflict, InvalidInput, ServiceBusy
 
@@ -91,7 +91,35 @@ def _method_of(password_hash: str) -> str:
 
 
 def find_user(username: str) -> User | None:
-    return db.session.scalar(sa.select(User).where(User.username == username))
+    """The user with this name in any case: names are stored as typed, compared lowercased
+    (the unique index on lower(username) makes "Alice" and "alice" one name)."""
+    return db.session.scalar(sa.select(User).where(sa.func.lower(User.username) == username.lower()))
+
+
+def username_taken(username: str) -> bool:
+    return db.session.scalar(sa.select(User.id).where(sa.func.lower(User.username) == username.lower())) is not None
+
+
+def taken_message(username: str) -> str:
+    return f"username {username!r} is taken; choose another"
+
+
+def registration_problems(username: object, password: object) -> tuple[dict[str, list[str]], bool]:
+    """Every problem with a registration at once, by field, each worded without the field's
+    name ("must be 8-200 characters"), and whether the name is taken (in any case), which
+    is read only when the name is otherwise valid; the caller ends that read before hashing."""
+    problems: dict[str, list[str]] = {}
+    taken = False
+    username_problem = inputs.username_problem(username)
+    if username_problem:
+        problems["username"] = [username_problem]
+    elif isinstance(username, str) and username_taken(username):
+        taken = True
+        problems["username"] = [f"{username!r} is taken; choose another"]
+    password_problem = inputs.password_problem(password)
+    if password_problem:
+        problems["password"] = [password_problem]
+    return problems, taken
 
 
 def new_user(username: object, password: object) -> User:
@@ -108,14 +136,14 @@ def new_user(username: object, password: object) -> User:
 def add_user(user: User) -> User:
     """Add a user from new_user(); raises Conflict if the name is taken."""
     if find_user(user.username) is not None:
-        raise Conflict(f"username {user.username!r} is taken; choose another", code="username_taken")
+        raise Conflict(taken_message(user.username), code="username_taken")
     db.session.add(user)
     try:
         # A concurrent registration of the same name loses here, not at commit.
         with db.session.begin_nested():
             db.session.flush()
     except sa.exc.IntegrityError:
-        raise Conflict(f"username {user.username!r} is taken; choose another", code="username_taken") from None
+        raise Conflict(taken_message(user.username), code="username_taken") from None
     return user
 
 
@@ -279,3 +307,48 @@ def list_tokens(user_id: int) -> list[ApiToken]:
 
 def find_user_token(user_id: int, token_id: int) -> ApiToken | None:
     return db.session.scalar(sa.select(ApiToken).where(ApiToken.id == token_id, ApiToken.user_id == user_id))
+
+
+def set_password(
+    user_id: int, old_hash: str, new_hash: str, *, keep_session: int | None, revoke_tokens: bool
+) -> int | None:
+    """Store a changed password (hashed beforehand, outside any transaction); end the account's
+    other browser logins, all but ``keep_session``, and with ``revoke_tokens`` its API tokens.
+    Returns how many browser logins ended.
+
+    None, changing nothing, if the password changed since ``old_hash`` was read (another
+    change won the race: the current password checked is no longer current).
+    """
+    result = db.session.execute(
+        sa.update(User).where(User.id == user_id, User.password_hash == old_hash).values(password_hash=new_hash)
+    )
+    if cast(sa.CursorResult, result).rowcount == 0:
+        return None
+    # Whoever knew the old password may be logged in elsewhere: those browsers are logged out.
+    ended = login_sessions.end_other_sessions(user_id, keep=keep_session)
+    if revoke_tokens:
+        db.session.execute(
+            sa.update(ApiToken)
+            .where(ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None))
+            .values(revoked_at=utcnow())
+        )
+    return ended
+
+
+def delete_user(user_id: int) -> None:
+    """Delete an account and everything it owns: conversations with their messages, API
+    tokens, login sessions. Explicit deletes, child tables first, so that nothing is left
+    where SQLite's foreign keys are off (SQLITE_FOREIGN_KEYS).
+
+    A reply being generated for one of its conversations loses its row; its runner finds
+    the reply gone at its next write and ends (chatapp.chat.reply_store), as when one
+    conversation is deleted.
+    """
+    from chatapp.chat.models import Conversation, Message  # chat depends on auth, not the reverse
+
+    owned = sa.select(Conversation.id).where(Conversation.owner_id == user_id).scalar_subquery()
+    db.session.execute(sa.delete(Message).where(Message.conversation_id.in_(owned)))
+    db.session.execute(sa.delete(Conversation).where(Conversation.owner_id == user_id))
+    db.session.execute(sa.delete(ApiToken).where(ApiToken.user_id == user_id))
+    db.session.execute(sa.delete(LoginSession).where(LoginSession.user_id == user_id))
+    db.session.execute(sa.delete(User).where(User.id == user_id))

@@ -11,10 +11,19 @@ class AppError(Exception):
     # Seconds a client should wait before trying again (sent as Retry-After), if any.
     retry_after: int | None = None
 
-    def __init__(self, message: str, *, code: str | None = None, field: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        field: str | None = None,
+        fields: dict[str, list[str]] | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.field = field
+        # Every field's problems, when one request has several (sent as error.fields).
+        self.fields = fields
         if code is not None:
             self.code = code
 

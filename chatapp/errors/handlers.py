@@ -27,13 +27,18 @@ def wants_json() -> bool:
     return request.path.startswith("/api/") or request.path in ("/readyz", "/metrics")
 
 
-def error_response(status: int, code: str, message: str, headers: dict | None = None):
+def error_response(
+    status: int, code: str, message: str, headers: dict | None = None, fields: dict[str, list[str]] | None = None
+):
     # Whatever failed, its transaction ends before the answer is built: no error page or
     # JSON body is rendered holding a connection, let alone SQLite's write lock. Ending
     # the session (not a rollback) keeps the loaded user readable for the page's header.
     remove_session()
     if wants_json():
-        response = jsonify({"error": {"code": code, "message": message}})
+        error: dict[str, object] = {"code": code, "message": message}
+        if fields:
+            error["fields"] = fields
+        response = jsonify({"error": error})
     else:
         try:
             body = render_template("error.html", status=status, code=code, message=message)
@@ -91,7 +96,7 @@ def handle_http_exception(error: HTTPException):
 
 def handle_app_error(error: AppError):
     headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
-    return error_response(error.status, error.code, error.message, headers)
+    return error_response(error.status, error.code, error.message, headers, fields=error.fields)
 
 
 def handle_pool_timeout(error: sa.exc.TimeoutError):

@@ -16,7 +16,27 @@
     return fetch(url, options);
   }
 
+  // A 401 on a page means its login has ended (logged out from another browser, expired,
+  // account deleted): say so, with a way back, never the API's text about Bearer tokens.
+  const SESSION_ENDED = "Your session has ended — log in again";
+  const loginMeta = document.querySelector('meta[name="login-url"]');
+
+  function loginUrl() {
+    const base = loginMeta ? loginMeta.content : "/login";
+    return base + "?next=" + encodeURIComponent(window.location.pathname + window.location.search);
+  }
+
+  // The notice as nodes (a text and a link), for an element that shows errors.
+  function showSessionEnded(element) {
+    const link = document.createElement("a");
+    link.href = loginUrl();
+    link.className = "session-ended-login";
+    link.textContent = "log in again";
+    element.replaceChildren("Your session has ended — ", link);
+  }
+
   async function errorMessage(response) {
+    if (response.status === 401) return SESSION_ENDED;
     try {
       const body = await response.json();
       let message = body.error.message;
@@ -61,7 +81,8 @@
     const counter = setUpCounter(input, document.getElementById("composer-counter"));
 
     function showError(text) {
-      errorBox.textContent = text;
+      if (text === SESSION_ENDED) showSessionEnded(errorBox);
+      else errorBox.textContent = text;
     }
 
     // The box is disabled while a message is sent and its reply written: the server takes
@@ -206,6 +227,7 @@
           // without us, and the page's forms would fail too.
           markFailed(item, "You were logged out. Log in again to see this reply.");
           status.textContent = "You were logged out.";
+          showError(SESSION_ENDED);
           setRunning(null);
           return;
         }
@@ -219,6 +241,12 @@
         if (source.readyState === EventSource.CLOSED) {
           markFailed(item, "Lost the connection to this reply. Reload the page to see it.");
           setRunning(null);
+          // EventSource does not say why; a 401 from the messages list says the login ended.
+          fetch(apiBase, { credentials: "same-origin", headers: { Accept: "application/json" } })
+            .then((response) => {
+              if (response.status === 401) showError(SESSION_ENDED);
+            })
+            .catch(() => {});
         }
       });
     }

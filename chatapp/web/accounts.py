@@ -14,7 +14,7 @@ from chatapp.auth.models import User
 from chatapp.db import begin_write, db, transaction
 from chatapp.errors import AppError
 from chatapp.web import bp
-from chatapp.web.forms import LoginForm, RegisterForm, add_error
+from chatapp.web.forms import LoginForm, RegisterForm, add_error, sentence
 from chatapp.web.pages import render_page
 
 
@@ -64,21 +64,31 @@ def register():
         return render_page("auth/register.html", form=None), 403
     form = RegisterForm()
     status = 422
-    if form.validate_on_submit():
-        try:
-            user = auth.new_user(form.username.data, form.password.data)  # no connection held
-            begin_write()
-            auth.add_user(user)
-            login_sessions.start(user)
-        except AppError as error:
-            db.session.rollback()  # the form re-renders holding no write lock
-            add_error(form, error, "username")
-            status = error.status
-        else:
-            db.session.commit()
-            response = _log_in(user, url_for("web.index"))
-            flash(f"Welcome, {user.username}! Start a conversation.", "success")
-            return response
+    if form.is_submitted():
+        # Every problem at once: the form's own checks, and whether the name is taken (in
+        # any case) when it is otherwise valid; that read ends before the password is hashed.
+        valid = form.validate()
+        name = form.username.data
+        if not form.username.errors and isinstance(name, str) and name and auth.username_taken(name):
+            form.username.errors = [sentence(auth.taken_message(name))]
+            status = 409 if valid else 422  # taken alone is a conflict, as the API says
+            valid = False
+        db.session.commit()
+        if valid:
+            try:
+                user = auth.new_user(form.username.data, form.password.data)  # no connection held
+                begin_write()
+                auth.add_user(user)
+                login_sessions.start(user)
+            except AppError as error:
+                db.session.rollback()  # the form re-renders holding no write lock
+                add_error(form, error, "username")
+                status = error.status
+            else:
+                db.session.commit()
+                response = _log_in(user, url_for("web.index"))
+                flash(f"Welcome, {user.username}! Start a conversation.", "success")
+                return response
     return render_page("auth/register.html", form=form), status if form.errors else 200
 
 

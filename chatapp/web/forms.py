@@ -7,7 +7,7 @@ from flask import request
 from flask_wtf import FlaskForm
 from flask_wtf.form import _Auto
 from werkzeug.datastructures import CombinedMultiDict
-from wtforms import PasswordField, StringField, TextAreaField
+from wtforms import BooleanField, PasswordField, StringField, TextAreaField
 from wtforms.validators import EqualTo, InputRequired, Length, ValidationError
 
 from chatapp import inputs
@@ -59,6 +59,26 @@ class RegisterForm(Form):
     confirm = PasswordField(
         "Repeat password",
         validators=[InputRequired(), EqualTo("password", message="The passwords do not match.")],
+    )
+
+
+class PasswordChangeForm(Form):
+    current_password = PasswordField(
+        "Current password", validators=[InputRequired(), Length(max=LOGIN_PASSWORD_MAX_LENGTH)]
+    )
+    new_password = PasswordField(
+        "New password", validators=[InputRequired(), Rule("password", inputs.password_problem)]
+    )
+    confirm_new_password = PasswordField(
+        "Repeat new password",
+        validators=[InputRequired(), EqualTo("new_password", message="The new passwords do not match.")],
+    )
+    revoke_tokens = BooleanField("Also revoke all my API tokens")
+
+
+class DeleteAccountForm(Form):
+    delete_password = PasswordField(
+        "Your password", validators=[InputRequired(), Length(max=LOGIN_PASSWORD_MAX_LENGTH)]
     )
 
 

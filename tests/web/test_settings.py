@@ -37,16 +37,21 @@ def test_new_token_is_shown_once_and_works(client, app, alice):
     assert api.get("/api/v1/conversations", headers={"Authorization": f"Bearer {token}"}).status_code == 200
 
 
-def test_revoke(client, app, alice):
+def test_revoke_asks_first(client, app, alice):
     token = create_token(client)
-    token_id = int(
-        re.search(r'action="/settings/tokens/(\d+)/revoke"', client.get("/settings").get_data(as_text=True)).group(1)
-    )
-    response = client.post(f"/settings/tokens/{token_id}/revoke")
+    # The settings page links to a confirmation page; only its form revokes.
+    confirm_url = re.search(r'href="(/settings/tokens/\d+/revoke)"', client.get("/settings").get_data(as_text=True))[1]
+    confirm = client.get(confirm_url)
+    assert confirm.status_code == 200
+    page = confirm.get_data(as_text=True)
+    assert "Revoke the token “laptop”?" in page and f'action="{confirm_url}"' in page
+    assert count(app, ApiToken) == 1
+    api = app.test_client()
+    assert api.get("/api/v1/conversations", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    response = client.post(confirm_url)
     assert response.headers["Location"] == "/settings"
     html = client.get("/settings").get_data(as_text=True)
     assert "revoked." in html and "You have no active tokens." in html
-    api = app.test_client()
     assert api.get("/api/v1/conversations", headers={"Authorization": f"Bearer {token}"}).status_code == 401
 
 
@@ -55,6 +60,7 @@ def test_someone_elses_token_cannot_be_revoked(client, app, web):
     bobs_token = create_token(client, "bob's")
     web.logout()
     web.register("alice")
+    assert client.get("/settings/tokens/1/revoke").status_code == 404
     assert client.post("/settings/tokens/1/revoke").status_code == 404
     assert "bob&#39;s" not in client.get("/settings").get_data(as_text=True)
     api = app.test_client()
