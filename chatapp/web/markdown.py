@@ -304,3 +304,27 @@ def _unmatched_in_last_paragraph(tokens: list[Token]) -> str:
     if inline is None or not inline.children:
         return ""
     return "".join(child.content for child in inline.children if child.type == "text")
+
+
+# --- the highlighter's colours -------------------------------------------------------------------
+
+# static/reply.css ends with these rules, generated once and committed (no build step, nothing
+# from another site); tests/web/test_markdown.py checks they match, and says how to remake them.
+CSS_MARKER = "/* Pygments token colours: made by chatapp.web.markdown.code_css(); edit nothing below. */"
+LIGHT_STYLE = "default"
+DARK_STYLE = "github-dark"
+
+
+def code_css() -> str:
+    """Colours for the highlighter's classes: a light theme, and a dark one in dark mode."""
+    scope = ".markdown .highlight"
+
+    def rules(style: str) -> str:
+        # Token rules only: the block's background is the page's own --code-bg.
+        return "\n".join("  " + rule for rule in HtmlFormatter(style=style).get_token_style_defs(scope))
+
+    return (
+        f"{CSS_MARKER}\n"
+        f"@media not (prefers-color-scheme: dark) {{\n{rules(LIGHT_STYLE)}\n}}\n"
+        f"@media (prefers-color-scheme: dark) {{\n{rules(DARK_STYLE)}\n}}\n"
+    )

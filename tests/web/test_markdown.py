@@ -198,3 +198,20 @@ def test_a_finished_reply_renders_as_it_streamed():
     # Each prefix renders without error, and the whole one exactly as finished.
     for end in range(len(text) + 1):
         render_streaming_markdown(text[:end])
+
+
+def test_the_highlighter_colours_are_served_from_our_static_files():
+    from pathlib import Path
+
+    import chatapp
+
+    css = (Path(chatapp.__file__).parent / "static" / "reply.css").read_text()
+    assert markdown.CSS_MARKER in css
+    generated = css[css.index(markdown.CSS_MARKER) :]
+    assert generated == markdown.code_css(), (
+        "static/reply.css is out of date: replace everything from its marker line on with the output of "
+        "python -c 'from chatapp.web.markdown import code_css; print(code_css(), end=\"\")'"
+    )
+    # Classes only, for both colour schemes, and nothing fetched from anywhere.
+    assert "@media (prefers-color-scheme: dark)" in css and ".markdown .highlight .k {" in css
+    assert "url(" not in css and "@import" not in css
