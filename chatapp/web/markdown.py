@@ -60,13 +60,20 @@ def _lexer(language: str) -> Lexer | None:
         return None
 
 
+# A reply being written is rendered again every 250 ms while the page watches it: its code
+# blocks that are already complete come from here instead of from Pygments each time.
+@functools.lru_cache(maxsize=256)
+def _highlighted(code: str, language: str) -> str:
+    lexer = _lexer(language)
+    return highlight(code, lexer, _formatter) if lexer is not None else escapeHtml(code)
+
+
 def _fence(renderer: RendererHTML, tokens: Sequence[Token], idx: int, options: OptionsDict, env: EnvType) -> str:
     """A fenced code block: its language above it (the page script adds a Copy button there)."""
     token = tokens[idx]
     info = unescapeAll(token.info).strip()
     language = info.split(maxsplit=1)[0] if info else ""
-    lexer = _lexer(language.lower())
-    code = highlight(token.content, lexer, _formatter) if lexer is not None else escapeHtml(token.content)
+    code = _highlighted(token.content, language.lower())
     label = escapeHtml(language[:LANGUAGE_LABEL_MAX_LENGTH] or "code")
     return (
         '<div class="code-block"><div class="code-header">'
