@@ -118,7 +118,12 @@
       const mine = generation;
       let html = null;
       try {
-        const response = await fetch(url, { credentials: "same-origin", headers: { Accept: "text/html" } });
+        // redirect "error": a login page (this browser was logged out) is no rendering.
+        const response = await fetch(url, {
+          credentials: "same-origin",
+          headers: { Accept: "text/html" },
+          redirect: "error",
+        });
         if (response.ok) html = await response.text();
       } catch (_) {
         html = null;
