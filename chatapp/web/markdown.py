@@ -37,6 +37,8 @@ HEADING_SHIFT = 2
 # Longer LaTeX than this is shown as written: latex2mathml recurses on nesting, and no
 # reply needs a formula this long.
 MATH_MAX_LENGTH = 2000
+# Longer code than this is shown plain: a page should not wait on a lexer for a dump.
+HIGHLIGHT_MAX_LENGTH = 20_000
 # The language shown above a code block is the reply's own text: kept short.
 LANGUAGE_LABEL_MAX_LENGTH = 30
 
@@ -64,7 +66,7 @@ def _lexer(language: str) -> Lexer | None:
 # blocks that are already complete come from here instead of from Pygments each time.
 @functools.lru_cache(maxsize=256)
 def _highlighted(code: str, language: str) -> str:
-    lexer = _lexer(language)
+    lexer = _lexer(language) if len(code) <= HIGHLIGHT_MAX_LENGTH else None
     return highlight(code, lexer, _formatter) if lexer is not None else escapeHtml(code)
 
 

@@ -76,6 +76,13 @@ def test_unknown_or_no_language_is_a_plain_block(fence):
         assert '<span class="code-lang">code</span>' in html
 
 
+def test_very_long_code_is_shown_plain():
+    code = "x = 1\n" * (markdown.HIGHLIGHT_MAX_LENGTH // 6 + 1)
+    html = render_markdown(f"```python\n{code}```")
+    assert '<span class="code-lang">python</span>' in html
+    assert f'<pre class="highlight"><code>{code}</code></pre>' in html
+
+
 @pytest.mark.parametrize(
     "info",
     [
