@@ -118,11 +118,11 @@
       const mine = generation;
       let html = null;
       try {
-        // redirect "error": a login page (this browser was logged out) is no rendering.
+        // redirect "manual": a login page (this browser was logged out) is no rendering.
         const response = await fetch(url, {
           credentials: "same-origin",
           headers: { Accept: "text/html" },
-          redirect: "error",
+          redirect: "manual",
         });
         if (response.ok) html = await response.text();
       } catch (_) {
