@@ -1,5 +1,6 @@
 // chatapp's page script: sends messages through the JSON API (login cookie + CSRF header)
-// and streams replies into the page. Message text only ever goes in as text, never as HTML.
+// and streams replies into the page. Message text only ever goes in as text; the only HTML
+// it inserts is what our server rendered and sanitized (a reply, or its text so far).
 "use strict";
 
 (function () {
@@ -59,6 +60,122 @@
 
   function pause(milliseconds) {
     return new Promise((resolve) => setTimeout(resolve, milliseconds));
+  }
+
+  // Copy text to the clipboard and say so on the button: its label, or its aria-label when
+  // it is an icon.
+  async function copyText(button, text) {
+    let said = "Copied";
+    try {
+      await navigator.clipboard.writeText(text);
+    } catch (_) {
+      said = "Press Ctrl+C";
+    }
+    if (button.querySelector("svg")) button.setAttribute("aria-label", said);
+    else button.textContent = said;
+  }
+
+  // Each code block in a reply gets a Copy button, next to its language. The page adds it,
+  // so the sanitizer never has to let a button into a reply's HTML.
+  function addCodeCopyButtons(root) {
+    root.querySelectorAll(".markdown .code-header").forEach((header) => {
+      if (header.querySelector(".code-copy")) return;
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "code-copy";
+      button.textContent = "Copy";
+      button.dataset.copyCode = "";
+      header.append(button);
+    });
+  }
+
+  document.addEventListener("click", (event) => {
+    const code = event.target.closest("button[data-copy-code]");
+    if (code) {
+      const pre = code.closest(".code-block")?.querySelector("pre");
+      if (pre) copyText(code, pre.textContent);
+    }
+  });
+
+  // Show sanitized HTML our server rendered (a reply, or its text so far) in ``box``.
+  function showRendered(box, html) {
+    const holder = document.createElement("template");
+    holder.innerHTML = html; // our own fragment, sanitized server-side
+    box.replaceChildren(holder.content);
+    addCodeCopyButtons(box);
+  }
+
+  // While a reply streams, its text so far is shown rendered by the server (the page's
+  // /text view), as it will look when finished: no raw "**" or fences that jump at the end.
+  // New text from the stream only asks for a fresh rendering: one request at a time, at
+  // most every RENDER_INTERVAL ms (the rate the server commits a reply's text at).
+  const RENDER_INTERVAL = 250;
+  function liveRendering(box, url, shown) {
+    let generation = 0;
+    let busy = false;
+    let wanted = false;
+    let stopped = false;
+    let last = 0;
+    let timer = null;
+    let raw = "";
+
+    async function render() {
+      busy = true;
+      wanted = false;
+      last = Date.now();
+      const mine = generation;
+      let html = null;
+      try {
+        // redirect "manual": a login page (this browser was logged out) is no rendering.
+        const response = await fetch(url, {
+          credentials: "same-origin",
+          headers: { Accept: "text/html" },
+          redirect: "manual",
+        });
+        if (response.ok) html = await response.text();
+      } catch (_) {
+        html = null;
+      }
+      busy = false;
+      if (stopped || mine !== generation) return;
+      if (html === null) {
+        // No rendering to be had: the text as it came, until the next one works.
+        box.classList.remove("markdown");
+        box.textContent = raw;
+      } else {
+        box.classList.add("markdown");
+        showRendered(box, html);
+      }
+      shown(box.textContent.length > 0);
+      if (wanted) schedule();
+    }
+
+    function schedule() {
+      wanted = true;
+      if (stopped || busy || timer !== null) return;
+      timer = setTimeout(() => {
+        timer = null;
+        render();
+      }, Math.max(0, last + RENDER_INTERVAL - Date.now()));
+    }
+
+    return {
+      received(text) {
+        raw += text;
+        schedule();
+      },
+      // The reply starts over (regenerated elsewhere): forget what was shown.
+      reset() {
+        generation += 1;
+        raw = "";
+        box.replaceChildren();
+      },
+      stop() {
+        stopped = true;
+        clearTimeout(timer);
+        return raw;
+      },
+    };
   }
 
   const ENDED = {
@@ -165,7 +282,7 @@
     }
 
     // When a reply ends, swap in the server's rendering: sanitized Markdown, error, Regenerate.
-    async function finish(item, replyId, result) {
+    async function finish(item, replyId, result, raw) {
       const stick = nearBottom();
       try {
         const response = await fetch(pageBase + "/" + replyId, {
@@ -177,8 +294,12 @@
         holder.innerHTML = await response.text(); // our own fragment, sanitized server-side
         const fresh = holder.content.querySelector("li.message");
         if (!fresh) throw new Error("no message in the fragment");
+        addCodeCopyButtons(fresh);
         item.replaceWith(fresh);
       } catch (_) {
+        const text = item.querySelector(".text");
+        text.classList.remove("markdown");
+        text.textContent = raw;
         item.dataset.status = result.status || "complete";
         item.removeAttribute("aria-busy");
         item.querySelector(".thinking")?.setAttribute("hidden", "");
@@ -193,29 +314,33 @@
       setRunning(replyId);
       const text = item.querySelector(".text");
       const thinking = item.querySelector(".thinking");
-      // The stream sends the stored text first, so a reloaded page starts from empty.
-      text.textContent = "";
-      thinking.hidden = false;
+      // A reloaded page shows the text so far, rendered by the server, until a newer rendering.
+      thinking.hidden = text.textContent.length > 0;
       item.dataset.status = "pending";
       item.setAttribute("aria-busy", "true");
       status.textContent = "The assistant is thinking…";
 
+      let stick = false;
+      const rendering = liveRendering(text, pageBase + "/" + replyId + "/text", (hasText) => {
+        thinking.hidden = hasText;
+        if (stick) scrollToBottom();
+      });
       const source = new EventSource(apiBase + "/" + replyId + "/stream");
       source.addEventListener("message", (event) => {
         if (!event.data) return;
-        const stick = nearBottom();
-        thinking.hidden = true;
+        stick = nearBottom();
         item.dataset.status = "streaming";
-        text.append(event.data); // a text node: markup in a reply stays text
-        if (stick) scrollToBottom();
+        // Only asks for a rendering: the text itself never enters the page as HTML.
+        rendering.received(event.data);
       });
       source.addEventListener("reset", () => {
         // The reply was regenerated elsewhere: its text starts over.
-        text.textContent = "";
+        rendering.reset();
         thinking.hidden = false;
       });
       source.addEventListener("done", async (event) => {
         source.close(); // otherwise EventSource reconnects when the server ends the stream
+        const raw = rendering.stop();
         let result = {};
         try {
           result = JSON.parse(event.data);
@@ -231,7 +356,7 @@
           setRunning(null);
           return;
         }
-        await finish(item, replyId, result);
+        await finish(item, replyId, result, raw);
         status.textContent = ENDED[result.status] || "The reply failed.";
         setRunning(null);
       });
@@ -239,6 +364,7 @@
         // While the connection is open or reconnecting, the browser resumes by itself
         // (Last-Event-ID). CLOSED means the server refused it: logged out, or deleted.
         if (source.readyState === EventSource.CLOSED) {
+          rendering.stop();
           markFailed(item, "Lost the connection to this reply. Reload the page to see it.");
           setRunning(null);
           // EventSource does not say why; a 401 from the messages list says the login ended.
@@ -478,12 +604,7 @@
       button.addEventListener("click", async () => {
         const field = document.getElementById(button.dataset.copy);
         field.select();
-        try {
-          await navigator.clipboard.writeText(field.value);
-          button.textContent = "Copied";
-        } catch (_) {
-          button.textContent = "Press Ctrl+C";
-        }
+        await copyText(button, field.value);
       });
     });
   }
@@ -576,6 +697,7 @@
   if (chat) setUpChat(chat);
   setUpRename();
   setUpCopyButtons();
+  addCodeCopyButtons(document);
   groupConversations();
   setUpMenus();
   setUpDeleteDialog();

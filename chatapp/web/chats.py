@@ -185,3 +185,20 @@ def reply_fragment(conversation_id: int, reply_id: int):
         message=pages.reply_item(conversation, reply_id),
         conversation=pages.conversation_item(conversation),
     )
+
+
+# While a reply streams, the page shows the text so far rendered here, as it will look when
+# finished, instead of raw Markdown that jumps when the reply ends. The page asks for it at
+# most every 250 ms (the rate the reply's text is committed at), one request at a time, when
+# its stream says there is new text. Rendering on this request rather than into the API's
+# event stream keeps that stream plain text for scripts, costs nothing when no browser
+# watches, works the same when the reply runs in another worker, and renders, like every
+# page, after the read ended and its connection went back to the pool.
+@bp.get("/c/<int:conversation_id>/messages/<int:reply_id>/text")
+@login_required
+@transaction("read")
+def reply_text(conversation_id: int, reply_id: int):
+    """A reply's text so far as sanitized HTML, which the page shows while the reply streams."""
+    text = pages.reply_text(current_user.id, conversation_id, reply_id)
+    html = pages.render_page("chat/_reply_text.html", reply=text)
+    return html, 200, {"Cache-Control": "no-store"}

@@ -21,7 +21,7 @@ from chatapp.auth import services as auth
 from chatapp.chat import services as chat
 from chatapp.chat.models import ACTIVE_STATUSES, Conversation, Message, Role
 from chatapp.db import db, end_transaction
-from chatapp.web.markdown import render_markdown
+from chatapp.web.markdown import render_markdown, render_streaming_markdown
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class MessageItem:
     content: str
     error: str | None
     is_latest: bool
-    # Finished assistant replies show as Markdown; a reply being generated shows as text.
+    # Assistant replies show as Markdown, a reply being generated too (its text so far).
     is_markdown: bool
 
     @property
@@ -101,7 +101,22 @@ class MessageItem:
     @cached_property
     def html(self) -> Markup | None:
         """Sanitized Markdown, rendered when the template asks: after the transaction ended."""
-        return render_markdown(self.content) if self.is_markdown else None
+        if not self.is_markdown:
+            return None
+        return render_streaming_markdown(self.content) if self.is_active else render_markdown(self.content)
+
+
+@dataclass(frozen=True)
+class ReplyText:
+    """A reply's text so far, which the page shows, rendered, while the reply streams."""
+
+    content: str
+    is_active: bool
+
+    @cached_property
+    def html(self) -> Markup:
+        """Rendered when the template asks (after the transaction ended), as the finished reply will be."""
+        return render_streaming_markdown(self.content) if self.is_active else render_markdown(self.content)
 
 
 @dataclass(frozen=True)
@@ -148,7 +163,6 @@ def sidebar(user_id: int, per_page: int, cursor: str | None, active_id: int | No
 
 def message_item(message: Message, is_latest: bool) -> MessageItem:
     status = message.status.value
-    finished = message.role is Role.ASSISTANT and message.status not in ACTIVE_STATUSES
     return MessageItem(
         id=message.id,
         role=message.role.value,
@@ -156,7 +170,7 @@ def message_item(message: Message, is_latest: bool) -> MessageItem:
         content=message.content,
         error=message.error,
         is_latest=is_latest,
-        is_markdown=finished,
+        is_markdown=message.role is Role.ASSISTANT,
     )
 
 
@@ -181,6 +195,13 @@ def reply_item(conversation: Conversation, reply_id: int) -> MessageItem:
     reply = chat.get_reply(conversation, reply_id)
     latest_id = db.session.scalar(sa.select(sa.func.max(Message.id)).where(Message.conversation_id == conversation.id))
     return message_item(reply, reply.id == latest_id)
+
+
+def reply_text(owner_id: int, conversation_id: int, reply_id: int) -> ReplyText:
+    """A reply's stored text and whether it is still being written (NotFound if not the owner's reply)."""
+    chat.check_conversation(owner_id, conversation_id)
+    progress = chat.get_reply_progress(conversation_id, reply_id, 0)
+    return ReplyText(progress["delta"], progress["status"] in {status.value for status in ACTIVE_STATUSES})
 
 
 def tokens(user_id: int) -> list[TokenItem]:

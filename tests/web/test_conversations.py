@@ -130,7 +130,8 @@ def test_messages_are_escaped_and_replies_render_safe_markdown(client, app, alic
     html = client.get(f"/c/{conversation_id}").get_data(as_text=True)
     assert XSS_SCRIPT not in html and XSS_IMG not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt; and &lt;img src=x onerror=alert(1)&gt;" in html
-    assert "<h1>Title</h1>" in html
+    assert "<h3>Title</h3>" in html  # the reply's "# Title": the page keeps its one h1
+    assert html.count("<h1") == 1
     assert '<a href="https://example.com" rel="noopener nofollow">docs</a>' in html
     assert 'href="javascript:' not in html
 
@@ -333,7 +334,7 @@ def test_reply_fragment_is_the_rendered_reply(client, app, alice):
     assert response.status_code == 200
     html = response.get_data(as_text=True)
     assert html.lstrip().startswith("<li") or '<li class="message assistant"' in html
-    assert "<h2>Done</h2>" in html and "<code>code</code>" in html
+    assert "<h4>Done</h4>" in html and "<code>code</code>" in html
     assert "&lt;b&gt;bold?&lt;/b&gt;" in html
     assert "<html" not in html
     # A user's message is not a reply.

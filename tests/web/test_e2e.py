@@ -1,4 +1,4 @@
-"""End to end in Debian's Chromium (Playwright) against gunicorn: register, chat with live replies, reload mid-reply, XSS, rename, delete, stop, retry.
+"""End to end in Debian's Chromium (Playwright) against gunicorn: register, chat with live replies, reload mid-reply, XSS, rename, delete, stop, retry, replies rendered while they stream.
 
 No timed assertions: the page itself records every state the reply goes through (a
 MutationObserver), and the test checks the sequence after the reply has finished.
@@ -43,8 +43,8 @@ new MutationObserver(() => {
     thinking: !!thinking && getComputedStyle(thinking).display !== "none",
     text: reply.querySelector(".text").textContent,
     boxDisabled: box.disabled,
-    // While streaming, the reply must be text nodes only: never parsed markup.
-    markup: reply.querySelector(".text.streaming *") !== null,
+    // While streaming, the reply is the server's sanitized rendering: never markup a message wrote.
+    markup: reply.querySelector(".text :is(script, img, b, iframe, [onerror])") !== null,
   };
   const last = window.__states[window.__states.length - 1];
   if (!last || JSON.stringify(last) !== JSON.stringify(state)) window.__states.push(state);
@@ -651,3 +651,94 @@ def test_chat_page_details_in_a_real_browser(browser, database_uri, seeder, tmp_
         assert newest_reply(page).locator(".message-actions").evaluate("node => getComputedStyle(node).opacity") == "1"
         assert problems == []
         phone.close()
+
+
+# --- a reply reads the same while it streams -----------------------------------------------------
+
+# Runs in every page before its own scripts: each new look of the newest reply as it streams.
+RENDER_RECORDER = """
+window.__looks = [];
+new MutationObserver(() => {
+  const replies = document.querySelectorAll("#message-list li.message.assistant");
+  const reply = replies[replies.length - 1];
+  if (!reply) return;
+  const text = reply.querySelector(".text");
+  const code = text.querySelector(".code-block");
+  const look = {
+    status: reply.dataset.status,
+    text: text.textContent,
+    strong: text.querySelector("strong") !== null,
+    highlighted: text.querySelector("pre.highlight span.k") !== null,
+    language: code ? code.querySelector(".code-lang").textContent : null,
+    copy: code ? code.querySelector("button.code-copy") !== null : false,
+    codeHeight: code ? code.getBoundingClientRect().height : null,
+    math: text.querySelector("math") !== null,
+  };
+  const last = window.__looks[window.__looks.length - 1];
+  if (!last || JSON.stringify(last) !== JSON.stringify(look)) window.__looks.push(look);
+}).observe(document, {subtree: true, childList: true, characterData: true, attributes: true});
+"""
+
+MARKDOWN_MESSAGE = (
+    "Some **very bold words** first,\nand a line of its own.\n\n"
+    "```python\ndef add(a, b):\n    return a + b\n```\n\n"
+    "Then $x^2$ and " + " ".join(f"word{n}" for n in range(24))
+)
+
+
+# Page logic only: one database is enough.
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_a_streaming_reply_is_rendered_as_it_will_be_when_finished(browser, database_uri, seeder, tmp_path):
+    from playwright.sync_api import expect
+
+    config = {"BOT_ECHO_DELAY": 6, "REPLY_FLUSH_INTERVAL": 0.05}
+    with GunicornServer(database_uri, workers=1, threads=8, config=config, log_dir=tmp_path) as server:
+        with unit_of_work(seeder):
+            auth_services.create_user(USERNAME, PASSWORD)
+        context = browser.new_context(viewport={"width": 1280, "height": 800})
+        context.set_default_timeout(TIMEOUT_MS)
+        context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+        context.add_init_script(RENDER_RECORDER)
+        page = context.new_page()
+        problems = watch_for_problems(page)
+        renders: list[str] = []
+        page.on("request", lambda request: request.url.endswith("/text") and renders.append(request.url))
+        log_in(page, server.url)
+        open_new_conversation(page, seeder, server.url)
+
+        send(page, MARKDOWN_MESSAGE)
+        reply = newest_reply(page)
+        expect(reply).to_have_attribute("data-status", "complete", timeout=TIMEOUT_MS)
+        looks = page.evaluate("window.__looks")
+        streaming = [look for look in looks if look["status"] == "streaming" and look["text"]]
+        # Before the reply was complete, the page already showed bold text and highlighted
+        # code under its language, with its Copy button...
+        assert any(look["strong"] for look in streaming), streaming
+        early = [look for look in streaming if look["highlighted"]]
+        assert early and all(look["language"] == "python" and look["copy"] for look in early), streaming
+        assert any(look["math"] for look in streaming), streaming
+        # ...and never the raw Markdown: no "**", no fence, no "$" while it streamed.
+        assert not any("**" in look["text"] or "```" in look["text"] or "$" in look["text"] for look in streaming)
+        # The finished reply swapped in without moving the code block: only new text.
+        final = looks[-1]
+        assert final["status"] == "complete" and final["strong"] and final["highlighted"] and final["math"]
+        assert final["codeHeight"] == early[-1]["codeHeight"], (early[-1], final)
+        assert final["text"].startswith(early[-1]["text"].rstrip()), (early[-1]["text"], final["text"])
+        # Renderings were asked for one at a time as text came, not once per word.
+        assert 1 <= len(renders) < len(MARKDOWN_MESSAGE.split()), renders
+
+        # Copy on the code block copies the code as written.
+        reply.locator("button.code-copy").click()
+        expect(reply.locator("button.code-copy")).to_have_text("Copied")
+        assert page.evaluate("navigator.clipboard.readText()") == "def add(a, b):\n    return a + b\n"
+        # The reply's own Copy button copies its Markdown as written.
+        reply.locator("[data-copy-message]").click()
+        expect(reply.locator("[data-copy-message]")).to_have_attribute("data-copied", "true")
+        assert page.evaluate("navigator.clipboard.readText()") == MARKDOWN_MESSAGE
+
+        # A reload shows the finished reply the same way, its Copy button added by the page.
+        page.reload()
+        expect(newest_reply(page).locator("pre.highlight span.k").first).to_have_text("def")
+        expect(newest_reply(page).locator("button.code-copy")).to_have_count(1)
+        assert problems == []
+        context.close()

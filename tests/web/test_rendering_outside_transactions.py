@@ -100,8 +100,8 @@ def test_markdown_renders_after_the_connection_went_back_to_the_pool(app, client
     page = client.get(f"/c/{conversation_id}")
     fragment = client.get(f"/c/{conversation_id}/messages/{reply_id}")
     assert page.status_code == fragment.status_code == 200
-    assert "<h1>Title</h1>" in page.get_data(as_text=True)
-    assert "<h1>Title</h1>" in fragment.get_data(as_text=True)
+    assert "<h3>Title</h3>" in page.get_data(as_text=True)
+    assert "<h3>Title</h3>" in fragment.get_data(as_text=True)
     assert states == [NOTHING_HELD, NOTHING_HELD]
 
 
