@@ -8,6 +8,7 @@ import os
 import threading
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import event
 
 from chatapp import create_app
@@ -46,6 +47,25 @@ def test_an_unknown_pooler_is_refused_at_start_up():
 def test_the_pooler_setting_leaves_sqlite_alone(tmp_path):
     app = create_app({**base_test_config(f"sqlite:///{tmp_path / 'x.sqlite'}"), "DATABASE_POOLER": "pgbouncer"})
     assert "prepare_threshold" not in app.config["SQLALCHEMY_ENGINE_OPTIONS"].get("connect_args", {})
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_the_apps_reach_postgresql_through_pgbouncer_when_the_run_asks(app, postgres_database):
+    """With CHATAPP_TEST_PGBOUNCER=1 the app's queries go through PgBouncer; without, straight."""
+    with app.app_context():
+        backend_pid = db.session.scalar(sa.text("SELECT pg_backend_pid()"))
+        client_pid = db.session.connection().connection.dbapi_connection.info.backend_pid
+        db.session.remove()
+    if not pgbouncer.requested():
+        assert postgres_database.bouncer is None
+        assert client_pid == backend_pid
+        return
+    bouncer = postgres_database.bouncer
+    assert bouncer is not None and app.config["DATABASE_POOLER"] == "pgbouncer"
+    assert sa.make_url(app.config["SQLALCHEMY_DATABASE_URI"]).port == bouncer.port
+    # PgBouncer answers with a process id of its own; the server's is another.
+    assert client_pid != backend_pid
+    assert postgres_database.name in [row[0] for row in bouncer.admin("SHOW POOLS")]
 
 
 CLIENTS = 24

@@ -63,10 +63,12 @@ class PostgresDatabase:
         self.name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
         self.url = self.base.set(database=self.name).render_as_string(hide_password=False)
         self.dropped = False
+        self.bouncer: pgbouncer.PgBouncer | None = None
 
     def route_through(self, bouncer: pgbouncer.PgBouncer) -> None:
         """Let the apps reach this database through ``bouncer``."""
         self.url = bouncer.url_for(self.url)
+        self.bouncer = bouncer
 
     def _admin(self, **kwargs) -> psycopg.Connection:
         """A connection to the server's own database (the base URL's), for statements about this one."""
