@@ -44,6 +44,20 @@ def test_an_unknown_pooler_is_refused_at_start_up():
         create_app({**base_test_config(PG_URL), "DATABASE_POOLER": "pgpool"})
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"SQLALCHEMY_DATABASE_URI": PG_URL + "?options=-c%20statement_timeout%3D5000"},
+        {"SQLALCHEMY_ENGINE_OPTIONS": {"connect_args": {"options": "-c statement_timeout=5000"}}},
+    ],
+)
+def test_settings_in_the_startup_options_are_refused_behind_pgbouncer(config):
+    with pytest.raises(ConfigError, match="ALTER ROLE"):
+        create_app({**base_test_config(PG_URL), "DATABASE_POOLER": "pgbouncer", **config})
+    # Straight to PostgreSQL they apply, and are left alone.
+    create_app({**base_test_config(PG_URL), "DATABASE_POOLER": "", **config})
+
+
 def test_the_pooler_setting_leaves_sqlite_alone(tmp_path):
     app = create_app({**base_test_config(f"sqlite:///{tmp_path / 'x.sqlite'}"), "DATABASE_POOLER": "pgbouncer"})
     assert "prepare_threshold" not in app.config["SQLALCHEMY_ENGINE_OPTIONS"].get("connect_args", {})

@@ -90,6 +90,14 @@ def _pooler_settings(config) -> None:
         return
     options = dict(config["SQLALCHEMY_ENGINE_OPTIONS"])
     connect_args = dict(options.get("connect_args") or {})
+    if "options" in connect_args or "options" in url.query:
+        # PgBouncer refuses a startup parameter it does not know, or drops it when
+        # ignore_startup_parameters lists it: a "-c statement_timeout=..." never applies.
+        raise ConfigError(
+            "chatapp: with DATABASE_POOLER = 'pgbouncer', PostgreSQL settings cannot travel in the "
+            "connection's 'options' (PgBouncer does not pass them on); set them on the role instead: "
+            "ALTER ROLE ... SET statement_timeout = '30s'"
+        )
     connect_args["prepare_threshold"] = None
     options["connect_args"] = connect_args
     config["SQLALCHEMY_ENGINE_OPTIONS"] = options
