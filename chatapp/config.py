@@ -31,6 +31,11 @@ class Defaults:
     # PostgreSQL (psycopg): seconds to wait for a new connection, below pool_timeout, so
     # an unreachable database answers 503 rather than hanging (libpq's minimum is 2).
     DATABASE_CONNECT_TIMEOUT = 3
+    # What stands between chatapp and PostgreSQL: "" (nothing, or a pooler in session mode)
+    # or "pgbouncer" (PgBouncer in transaction pooling mode, where consecutive transactions
+    # of one connection may run on different server connections, so nothing may be
+    # prepared on the server; see docs/deployment.md, "Connection budget").
+    DATABASE_POOLER = ""
     # SQLite connection settings, applied to every new connection.
     SQLITE_JOURNAL_MODE = "WAL"
     # How long a writer waits for this process's write gate, and then for SQLite's write lock.

@@ -6,6 +6,7 @@ empty and no pooled connection checked out, so any test that leaks a session fai
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -14,7 +15,7 @@ import pytest
 from chatapp import create_app
 from chatapp.db import db
 from tests.helpers import AuthActions, assert_no_leaks, wait_for_background_work
-from tests.support import databases
+from tests.support import databases, pgbouncer
 
 BACKENDS = ["sqlite", "postgresql"]
 
@@ -72,11 +73,18 @@ def postgres_database():
     require_postgres_or_skip(base_url)
     database = databases.PostgresDatabase(base_url)
     database.create()
-    try:
+    with contextlib.ExitStack() as stack:
+        # Dropped last, after the PgBouncer in front of it has stopped.
+        stack.callback(database.drop)
+        if pgbouncer.requested():
+            # The apps connect through PgBouncer in transaction pooling mode, the helpers
+            # that need the server itself (databases.admin_dsn) straight to PostgreSQL.
+            if pgbouncer.binary() is None:
+                pytest.fail(f"{pgbouncer.ENV_VAR} is set but pgbouncer is not installed (apt-get install -y pgbouncer)")
+            database.route_through(stack.enter_context(pgbouncer.PgBouncer(base_url)))
+            stack.enter_context(pgbouncer.pooler_setting())
         _migrate(database.url)
         yield database
-    finally:
-        database.drop()
 
 
 @pytest.fixture(params=BACKENDS)

@@ -1,6 +1,8 @@
 """Faults on demand: a connection killed under a session, a COMMIT whose answer is lost.
 
-On PostgreSQL a connection is killed by terminating its backend (pg_terminate_backend);
+On PostgreSQL a connection is killed by terminating its backend (pg_terminate_backend;
+through PgBouncer, the server connection its transaction runs on, which PgBouncer then
+reports to its client as a lost connection);
 on SQLite its DBAPI connection is closed under SQLAlchemy. Both report a disconnect.
 """
 
@@ -16,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from chatapp.db import db
 from tests.support.databases import admin_dsn
+from tests.support.pgbouncer import behind_pgbouncer
 
 
 def kill_connection(connection: sa.Connection) -> None:
@@ -24,7 +27,12 @@ def kill_connection(connection: sa.Connection) -> None:
     if connection.dialect.name == "sqlite":
         dbapi_connection.close()
         return
-    pid = dbapi_connection.info.backend_pid
+    if behind_pgbouncer():
+        # PgBouncer gives its clients a pid of its own: ask the server connection this
+        # transaction runs on (the statement pins it to the transaction, as the next will be).
+        pid = dbapi_connection.execute("SELECT pg_backend_pid()").fetchone()[0]
+    else:
+        pid = dbapi_connection.info.backend_pid
     with psycopg.connect(admin_dsn(connection.engine.url), autocommit=True) as admin:
         admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s AND datname = current_database()",

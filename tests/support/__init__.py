@@ -2,6 +2,7 @@
 
 - databases: PostgreSQL databases created for a run and dropped after it; migrating a database
   with the real CLI; reading what a server stored, straight from the database.
+- pgbouncer: PgBouncer in transaction pooling mode in front of the test PostgreSQL server.
 - servers: free loopback ports, and gunicorn serving an app with gunicorn.conf.py.
 - sse: reading a reply's Server-Sent Events, from a body or a live stream.
 - load: client threads looping a scenario against a server, every call recorded.

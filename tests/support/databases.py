@@ -18,6 +18,8 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from tests.support import pgbouncer
+
 ROOT = Path(__file__).resolve().parents[2]
 TEST_URL_VAR = "CHATAPP_TEST_DATABASE_URL"
 # Servers and commands run without TESTING, so they need a key the start-up check accepts
@@ -34,8 +36,10 @@ def postgres_base_url(*env_vars: str, default: str | None = None) -> str | None:
 
 
 def admin_dsn(url: str | sa.URL) -> str:
-    """A psycopg connection string for a SQLAlchemy URL (``postgresql+psycopg://...``)."""
-    return sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    """A psycopg connection string for a SQLAlchemy URL (``postgresql+psycopg://...``), to
+    the PostgreSQL server itself even when ``url`` goes through a test PgBouncer (which
+    would give its pid, not the server's, and pool its statements with others)."""
+    return pgbouncer.direct(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def postgres_unreachable(base_url: str, timeout: int = 5) -> str | None:
@@ -48,13 +52,23 @@ def postgres_unreachable(base_url: str, timeout: int = 5) -> str | None:
 
 
 class PostgresDatabase:
-    """A database created for this run and dropped after it, so parallel runs never collide."""
+    """A database created for this run and dropped after it, so parallel runs never collide.
+
+    ``url`` is what the apps connect to: the server, or a PgBouncer in front of it
+    (``route_through``); the statements about the database itself go to the server.
+    """
 
     def __init__(self, base_url: str, prefix: str = "chatapp_test"):
         self.base = sa.make_url(base_url)
         self.name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
         self.url = self.base.set(database=self.name).render_as_string(hide_password=False)
         self.dropped = False
+        self.bouncer: pgbouncer.PgBouncer | None = None
+
+    def route_through(self, bouncer: pgbouncer.PgBouncer) -> None:
+        """Let the apps reach this database through ``bouncer``."""
+        self.url = bouncer.url_for(self.url)
+        self.bouncer = bouncer
 
     def _admin(self, **kwargs) -> psycopg.Connection:
         """A connection to the server's own database (the base URL's), for statements about this one."""
@@ -132,7 +146,7 @@ def copy_sqlite(template: str, target: str) -> None:
 @contextlib.contextmanager
 def inspect_db(uri: str):
     """A session on the database straight, not through the app (or a proxy in front of it)."""
-    engine = sa.create_engine(uri)
+    engine = sa.create_engine(pgbouncer.direct(uri) if uri.startswith("postgresql") else uri)
     try:
         with Session(engine) as session:
             yield session
