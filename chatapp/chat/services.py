@@ -366,10 +366,13 @@ _DESCENT = (
     .where(_messages.c.id == sa.bindparam("message_id"), _messages.c.conversation_id == sa.bindparam("conversation_id"))
     .cte("descent", recursive=True)
 )
+# Each step joins the children and keeps the one with no newer sibling (PostgreSQL allows
+# no reference to the recursive CTE inside a subquery's FROM; a correlated one is fine).
+_newer = _messages.alias("newer")
 _DESCENT = _DESCENT.union_all(
-    sa.select(_down.c.id).where(
-        _down.c.id == sa.select(sa.func.max(_up.c.id)).where(_up.c.parent_id == _DESCENT.c.id).scalar_subquery()
-    )
+    sa.select(_down.c.id)
+    .select_from(_DESCENT.join(_down, _down.c.parent_id == _DESCENT.c.id))
+    .where(~sa.exists().where(_newer.c.parent_id == _DESCENT.c.id, _newer.c.id > _down.c.id))
 )
 _LEAF_BELOW = sa.select(sa.func.max(_DESCENT.c.id))
 
