@@ -45,7 +45,9 @@ def seed_linear_conversations(app, auth) -> tuple[dict, list[int]]:
         session.execute(insert_conversation, {"title": "empty", "now": now})
         ids = []
         for n, role in enumerate(["user", "assistant", "user", "assistant", "user"]):
-            ids.append(session.execute(insert_message, {"c": main, "role": role, "content": f"m{n}", "now": now}).scalar())
+            ids.append(
+                session.execute(insert_message, {"c": main, "role": role, "content": f"m{n}", "now": now}).scalar()
+            )
             session.execute(insert_message, {"c": other, "role": role, "content": f"o{n}", "now": now})
     return headers, ids
 

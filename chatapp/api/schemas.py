@@ -249,7 +249,7 @@ def plain_dump(schema_class: type[Schema]) -> Callable[[object], dict]:
             getter = _isoformat_of(attribute)
         elif kind in (fields.Integer, fields.String) and not getattr(field, "as_string", False):
             getter = operator.attrgetter(attribute)
-        elif kind is fields.Nested and field.nested is SiblingsOut:
+        elif isinstance(field, fields.Nested) and kind is fields.Nested and field.nested is SiblingsOut:
             # Already plain data (chatapp.chat.services.sibling_info), dumped as it is.
             getter = operator.attrgetter(attribute)
         else:

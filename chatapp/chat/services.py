@@ -300,7 +300,7 @@ def sibling_info(conversation_id: int, messages: Sequence, connection: sa.Connec
 
 def _with_siblings(conversation_id: int, rows: Sequence, connection: sa.Connection | None) -> list[BranchMessage]:
     infos = sibling_info(conversation_id, rows, connection)
-    return [BranchMessage(*row, siblings=info) for row, info in zip(rows, infos, strict=True)]
+    return [BranchMessage(*cast(tuple[Any, ...], row), info) for row, info in zip(rows, infos, strict=True)]
 
 
 def list_messages(
@@ -626,9 +626,7 @@ _REPLY_TO_CLAIM = sa.select(_messages.c.conversation_id, _messages.c.status, _me
 # saw, so the bot sees it too; a failed one (and an empty one) is left out and not counted.
 _SENT = sa.and_(_messages.c.status.in_((Status.COMPLETE, Status.STOPPED)), _messages.c.content != "")
 _SENT_UP = sa.and_(_up.c.status.in_((Status.COMPLETE, Status.STOPPED)), _up.c.content != "")
-_REPLY_PARENT = (
-    sa.select(_up.c.parent_id).where(_up.c.id == sa.bindparam("reply_id")).scalar_subquery()
-)
+_REPLY_PARENT = sa.select(_up.c.parent_id).where(_up.c.id == sa.bindparam("reply_id")).scalar_subquery()
 _ANCESTORS = (
     sa.select(
         _messages.c.id,

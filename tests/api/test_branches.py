@@ -92,9 +92,7 @@ def test_an_edit_branches_and_the_old_branch_stays(client, app, alice, conversat
     assert items[0]["siblings"] == {"index": 1, "count": 1, "previous_id": None, "next_id": None}
 
     # Back to the old branch: from the old message down to its newest leaf, as it was.
-    switched = client.put(
-        f"{conversation_url}/branch", headers=alice, json={"message_id": second["message"]["id"]}
-    )
+    switched = client.put(f"{conversation_url}/branch", headers=alice, json={"message_id": second["message"]["id"]})
     assert switched.status_code == 200, switched.get_json()
     body = switched.get_json()
     assert [m["content"] for m in body["items"]] == ["one", "answer 1", "two", "answer 2", "three", "answer 3"]
@@ -205,7 +203,9 @@ def test_bad_edits_and_switches_change_nothing(client, app, auth, alice, convers
 
     branch = f"{conversation_url}/branch"
     assert_error(client.put(branch, headers=mallory, json={"message_id": message_id}), 404)
-    assert_error(client.put(f"/api/v1/conversations/{other}/branch", headers=alice, json={"message_id": message_id}), 404)
+    assert_error(
+        client.put(f"/api/v1/conversations/{other}/branch", headers=alice, json={"message_id": message_id}), 404
+    )
     assert_error(client.put(branch, headers=alice, json={"message_id": 999999}), 404, "message_not_found")
     for value in ("1", None, 0, -1, 1.5, 2**40):
         assert_error(client.put(branch, headers=alice, json={"message_id": value}), 422)

@@ -9,10 +9,10 @@ objects and the marshmallow schemas give, on every backend.
 from __future__ import annotations
 
 import base64
-from types import SimpleNamespace
 import contextlib
 import sqlite3
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import pytest
 import sqlalchemy as sa
