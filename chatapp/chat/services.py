@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -300,7 +300,8 @@ def sibling_info(conversation_id: int, messages: Sequence, connection: sa.Connec
 
 def _with_siblings(conversation_id: int, rows: Sequence, connection: sa.Connection | None) -> list[BranchMessage]:
     infos = sibling_info(conversation_id, rows, connection)
-    return [BranchMessage(*cast(tuple[Any, ...], row), info) for row, info in zip(rows, infos, strict=True)]
+    make = cast(Callable[..., BranchMessage], BranchMessage)  # a row is its columns, in field order
+    return [make(*row, info) for row, info in zip(rows, infos, strict=True)]
 
 
 def list_messages(
