@@ -151,9 +151,9 @@ def run_backend(backend: str, args, wd: Path) -> list[list[str]]:
                 chat.db.session.rollback()
             label = f"{'20 branches' if branched else 'linear'} ({len(branch)} on the branch)"
             cases = {
-                "list first page": lambda: chat.list_messages(conversation_id, 20),
-                "list deep page": lambda: chat.list_messages(conversation_id, 20, deep),
-                "reply_history": lambda: chat.reply_history(reply_id),
+                "list first page": lambda c=conversation_id: chat.list_messages(c, 20),
+                "list deep page": lambda c=conversation_id, d=deep: chat.list_messages(c, 20, d),
+                "reply_history": lambda r=reply_id: chat.reply_history(r),
             }
             for name, call in cases.items():
                 median, p95, statements = measure(app, call, args.calls)
