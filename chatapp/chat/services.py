@@ -207,6 +207,7 @@ def validate_content(content: object) -> str:
 # every branch, so ordering by id is the branch's order.
 
 _up = _messages.alias("up")
+_down = _messages.alias("down")
 _CURRENT_LEAF = (
     sa.select(_conversations.c.current_leaf_id)
     .where(_conversations.c.id == sa.bindparam("conversation_id"))
@@ -239,9 +240,32 @@ MESSAGE_COLUMNS = (
 )
 _BRANCH_ROWS = sa.select(*MESSAGE_COLUMNS).select_from(_messages.join(_BRANCH, _messages.c.id == _BRANCH.c.id))
 _MESSAGE_PAGE = _BRANCH_ROWS.order_by(_messages.c.id).limit(sa.bindparam("limit", type_=sa.Integer))
-# Newest first, before a message (the web page's "earlier messages"), or from the leaf.
-_MESSAGE_PAGE_NEWEST = _BRANCH_ROWS.order_by(_messages.c.id.desc()).limit(sa.bindparam("limit", type_=sa.Integer))
-_MESSAGE_PAGE_BEFORE = _MESSAGE_PAGE_NEWEST.where(_messages.c.id < sa.bindparam("before_id", type_=sa.Integer))
+
+
+# Newest first (the web page): up from the leaf, or from the parent of the message
+# ``before`` (the page's "earlier messages" link), no further than ``limit`` steps, so a
+# page costs its own rows however long the branch.
+def _newest_rows(anchor_id: sa.ColumnElement) -> sa.Select:
+    start = sa.select(_messages.c.id, _messages.c.parent_id, sa.literal(1, sa.Integer).label("depth")).where(
+        _messages.c.id == anchor_id, _messages.c.conversation_id == sa.bindparam("conversation_id")
+    )
+    walk = start.cte("newest", recursive=True)
+    walk = walk.union_all(
+        sa.select(_up.c.id, _up.c.parent_id, walk.c.depth + 1).where(
+            _up.c.id == walk.c.parent_id, walk.c.depth < sa.bindparam("limit", type_=sa.Integer)
+        )
+    )
+    return (
+        sa.select(*MESSAGE_COLUMNS)
+        .select_from(_messages.join(walk, _messages.c.id == walk.c.id))
+        .order_by(_messages.c.id.desc())
+    )
+
+
+_MESSAGE_PAGE_NEWEST = _newest_rows(_CURRENT_LEAF)
+_MESSAGE_PAGE_BEFORE = _newest_rows(
+    sa.select(_down.c.parent_id).where(_down.c.id == sa.bindparam("before_id", type_=sa.Integer)).scalar_subquery()
+)
 # The siblings of a page's messages: the children of their parents, and the roots of the
 # conversation when the page holds one (ix_messages_parent_id serves both).
 _CHILDREN = sa.select(_messages.c.id, _messages.c.parent_id).where(
@@ -323,9 +347,9 @@ def list_messages(
 
 
 def newest_of_branch(conversation_id: int, limit: int, before: int | None = None) -> list[BranchMessage]:
-    """The newest ``limit`` messages of the current branch (before the message ``before``),
-    newest first."""
-    params = {"conversation_id": conversation_id, "limit": limit, "after_id": 0}
+    """The newest ``limit`` messages of the current branch, or of the branch through the
+    message ``before`` (those before it), newest first."""
+    params = {"conversation_id": conversation_id, "limit": limit}
     query = _MESSAGE_PAGE_NEWEST
     if before is not None:
         query, params["before_id"] = _MESSAGE_PAGE_BEFORE, before
@@ -361,7 +385,6 @@ def list_siblings(conversation_id: int, message_id: int) -> list[BranchMessage]:
 
 # Down from a message to a leaf, taking the newest child at each step; the deepest row has
 # the largest id (a child is newer than its parent).
-_down = _messages.alias("down")
 _DESCENT = (
     sa.select(_messages.c.id)
     .where(_messages.c.id == sa.bindparam("message_id"), _messages.c.conversation_id == sa.bindparam("conversation_id"))

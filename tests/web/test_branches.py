@@ -27,7 +27,7 @@ def test_edit_makes_a_new_branch_and_the_switcher_goes_back(client, app, alice):
     message_id = reply_id - 1
     page = client.get(f"/c/{conversation_id}").get_data(as_text=True)
     edit_url = f"/c/{conversation_id}/messages/{message_id}/edit"
-    assert f'href="{edit_url}"' in page and 'class="versions"' not in page
+    assert f'href="{edit_url}"' in page and 'class="versions"' not in page.split("<template")[0]
 
     form = client.get(edit_url)
     assert form.status_code == 200 and "first question</textarea>" in form.get_data(as_text=True)
@@ -79,3 +79,22 @@ def test_bad_edits_and_switches_show_a_message_and_write_nothing(client, app, al
     assert client.post(edit_url, data={"content": "x"}).status_code == 404
     assert client.post(f"/c/{conversation_id}/branch", data={"message_id": message_id}).status_code == 404
     assert count(app, Message) == before
+
+
+@pytest.mark.parametrize("extra_config", [{"WEB_MESSAGES_PER_PAGE": 3}], indirect=True)
+def test_the_page_and_its_earlier_messages_follow_the_current_branch(client, app, alice):
+    conversation_id, reply_id = seed_reply(app, "alice", "q0", "a0")
+    for n in range(1, 4):
+        client.post(f"/c/{conversation_id}/messages", data={"content": f"q{n}"})
+        wait_for_background_work(app)
+    # Edit q2: the current branch is q0 a0 q1 q1 q2' q2' (the echo bot answers with the question).
+    q2 = reply_id + 3  # q0 a0 q1 a1 q2: ids in the order written
+    assert client.post(f"/c/{conversation_id}/messages/{q2}/edit", data={"content": "q2 again"}).status_code == 302
+    wait_for_background_work(app)
+    seen, url = [], f"/c/{conversation_id}"
+    while url:
+        page = client.get(url).get_data(as_text=True)
+        seen = texts(page) + seen
+        earlier = re.search(r'<p class="earlier">\s*<a href="([^"]+)"', page)
+        url = earlier.group(1).replace("&amp;", "&") if earlier else None
+    assert seen == ["q0", "a0", "q1", "q1", "q2 again", "q2 again"]
