@@ -121,8 +121,33 @@ def seed(database_uri: str, *, conversations: int, messages: int = 0, username: 
                         for i in range(messages)
                     ]
                 )
+                session.flush()
+                link_as_one_branch(session, ids[0])
     finally:
         with app.app_context():
             for engine in db.engines.values():
                 engine.dispose()
     return Seeded(token, user_id, ids)
+
+
+def link_as_one_branch(session, conversation_id: int) -> None:
+    """Make a conversation's messages one branch in id order, ending at the last (messages
+    form a tree: each follows its parent_id, and the conversation shows its current leaf)."""
+    import sqlalchemy as sa
+
+    params = {"c": conversation_id}
+    session.execute(
+        sa.text(
+            "UPDATE messages SET parent_id = (SELECT max(p.id) FROM messages p "
+            "WHERE p.conversation_id = messages.conversation_id AND p.id < messages.id) "
+            "WHERE conversation_id = :c"
+        ),
+        params,
+    )
+    session.execute(
+        sa.text(
+            "UPDATE conversations SET current_leaf_id = (SELECT max(id) FROM messages WHERE conversation_id = :c) "
+            "WHERE id = :c"
+        ),
+        params,
+    )

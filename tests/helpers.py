@@ -92,3 +92,38 @@ def transaction_state() -> dict:
 
 
 NOTHING_HELD = {"in_transaction": False, "holds_gate": False, "checked_out": 0}
+
+
+def link_as_one_branch(session, conversation_id: int) -> None:
+    """Make a conversation's messages, written without parents, one branch in id order
+    (each follows the one before it), ending at the last: what posting them would have made."""
+    import sqlalchemy as sa
+
+    from chatapp.chat.models import Conversation, Message
+
+    ids = session.scalars(sa.select(Message.id).where(Message.conversation_id == conversation_id).order_by(Message.id))
+    previous = None
+    for message_id in ids:
+        session.execute(sa.update(Message).where(Message.id == message_id).values(parent_id=previous))
+        previous = message_id
+    session.execute(sa.update(Conversation).where(Conversation.id == conversation_id).values(current_leaf_id=previous))
+
+
+def run_reply_again(app: Flask, reply_id: int) -> None:
+    """Start a finished reply over as its next attempt, as a takeover after its process
+    died does (regenerating now adds a new version instead): text emptied, pending, run."""
+    import sqlalchemy as sa
+
+    from chatapp.chat.models import Message, Status
+    from chatapp.chat.runner import commit_and_start_reply
+    from chatapp.db import begin_write
+
+    with app.test_request_context():
+        begin_write()
+        attempt = db.session.scalar(sa.select(Message.attempt).where(Message.id == reply_id)) + 1
+        db.session.execute(
+            sa.update(Message)
+            .where(Message.id == reply_id)
+            .values(content="", status=Status.PENDING, attempt=attempt, lease_owner=None, runs=0)
+        )
+        commit_and_start_reply(app, reply_id, attempt)

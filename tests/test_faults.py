@@ -177,16 +177,17 @@ def test_regenerate_whose_commit_landed_unseen_still_starts_the_new_attempt(app,
     conversation_id, headers = conversation
     reply_id = post_message(client, conversation).get_json()["reply"]["id"]
     wait_for_background_work(app)
-    with commit_answer_lost(app, "UPDATE messages") as fault:
+    with commit_answer_lost(app, "UPDATE conversations") as fault:
         response = client.post(
             f"/api/v1/conversations/{conversation_id}/messages/{reply_id}/regenerate", headers=headers
         )
     assert fault.fired == 1
     assert response.status_code == 202, response.get_json()
-    assert (response.get_json()["id"], response.get_json()["status"]) == (reply_id, "pending")
+    version_id = response.get_json()["id"]
+    assert version_id != reply_id and response.get_json()["status"] == "pending"
     wait_for_background_work(app)
-    reply = reply_row(app, reply_id)
-    assert (reply.status, reply.content, reply.attempt) == (Status.COMPLETE, "alpha beta", 1)
+    version = reply_row(app, version_id)
+    assert (version.status, version.content, version.attempt) == (Status.COMPLETE, "alpha beta", 0)
 
 
 def test_post_whose_commit_fails_in_flight_stores_nothing(app, client, conversation):

@@ -348,9 +348,9 @@ def assert_limited_page(response):
     assert response.mimetype == "text/html" and "too many requests" in body and "traceback" not in body
 
 
-def reply_attempt(app, reply_id: int) -> int:
+def message_total(app) -> int:
     with unit_of_work(app, write=False) as session:
-        return session.scalar(sa.select(Message.attempt).where(Message.id == reply_id))
+        return session.scalar(sa.select(sa.func.count()).select_from(Message))
 
 
 def api_message(client, headers, conversation_id: int, content: str = "hello"):
@@ -411,14 +411,19 @@ def test_regenerating_is_limited_per_user_through_the_api_and_the_browser_alike(
     conversation_id = client.post("/api/v1/conversations", json={}, headers=headers).get_json()["id"]
     reply_id = api_message(client, headers, conversation_id).get_json()["reply"]["id"]
     url = f"/api/v1/conversations/{conversation_id}/messages/{reply_id}/regenerate"
-    assert client.post(url, headers=headers).status_code == 202
+    regenerated = client.post(url, headers=headers)
+    assert regenerated.status_code == 202
     wait_for_background_work(app)
-    assert browser.post(f"/c/{conversation_id}/messages/{reply_id}/regenerate").status_code == 302
+    # Each regeneration is a new version; the latest one is regenerated next.
+    version_id = regenerated.get_json()["id"]
+    assert browser.post(f"/c/{conversation_id}/messages/{version_id}/regenerate").status_code == 302
     wait_for_background_work(app)
-    before = reply_attempt(app, reply_id)
+    latest_id = version_id + 1
+    before = message_total(app)
+    url = f"/api/v1/conversations/{conversation_id}/messages/{latest_id}/regenerate"
     assert_limited_per_user(client.post(url, headers=headers), "2 per 1 minute")
-    assert_limited_page(browser.post(f"/c/{conversation_id}/messages/{reply_id}/regenerate"))
-    assert reply_attempt(app, reply_id) == before == 2  # not restarted again
+    assert_limited_page(browser.post(f"/c/{conversation_id}/messages/{latest_id}/regenerate"))
+    assert message_total(app) == before == 4  # the message and three versions: none added
     # A regeneration is not a message: the user may still post.
     assert api_message(client, headers, conversation_id).status_code == 202
 

@@ -18,7 +18,7 @@ import json
 from flask import Flask, Response, current_app
 from flask.json.provider import DefaultJSONProvider
 
-from chatapp.api.schemas import json_response, message_json
+from chatapp.api.schemas import branch_message_json, json_response
 
 # What DefaultJSONProvider.response writes with its default settings: sorted keys, ASCII,
 # compact separators (indent only in debug or with compact=False), then a newline.
@@ -36,27 +36,28 @@ def _provider_is_default(app: Flask) -> bool:
 
 
 def message_page_response(rows, next_cursor: str | None) -> Response:
-    """json_response({"items": [message_json(row) for row in rows], "next_cursor": ...}).
+    """json_response({"items": [branch_message_json(row) for row in rows], "next_cursor": ...}).
 
-    ``rows``: the columns chatapp.chat.services.list_messages selects, in its order
-    (id, conversation_id, role, content, status, error, created_at, updated_at).
+    ``rows``: chatapp.chat.services.BranchMessage rows, as list_messages gives them.
     """
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     if not _provider_is_default(app):
-        return json_response({"items": [message_json(row) for row in rows], "next_cursor": next_cursor})
+        return json_response({"items": [branch_message_json(row) for row in rows], "next_cursor": next_cursor})
     items = [
-        # Keys in sorted order: what the provider's sort_keys would write.
+        # Keys in sorted order: what the provider's sort_keys would write (siblings' too).
         {
-            "content": content,
-            "conversation_id": conversation_id,
-            "created_at": created_at.isoformat(),
-            "error": error,
-            "id": id_,
-            "role": role._value_,
-            "status": status._value_,
-            "updated_at": updated_at.isoformat(),
+            "content": row.content,
+            "conversation_id": row.conversation_id,
+            "created_at": row.created_at.isoformat(),
+            "error": row.error,
+            "id": row.id,
+            "parent_id": row.parent_id,
+            "role": row.role._value_,
+            "siblings": row.siblings,
+            "status": row.status._value_,
+            "updated_at": row.updated_at.isoformat(),
         }
-        for id_, conversation_id, role, content, status, error, created_at, updated_at in rows
+        for row in rows
     ]
     body = _ENCODER.encode({"items": items, "next_cursor": next_cursor})
     return app.response_class(f"{body}\n", mimetype=app.json.mimetype)

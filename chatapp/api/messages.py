@@ -1,4 +1,4 @@
-"""Messages: list, post (starts a reply), regenerate, stop and stream a reply."""
+"""Messages: list, post (starts a reply), edit, regenerate, branches, stop and stream a reply."""
 
 import functools
 import weakref
@@ -12,11 +12,16 @@ from chatapp.api.docs import error_responses
 from chatapp.api.fast_args import PAGE_QUERY_PARSER
 from chatapp.api.fast_json import message_page_response
 from chatapp.api.schemas import (
+    BranchIn,
+    BranchMessageOut,
+    BranchOut,
     MessageIn,
     MessageOut,
     MessagePage,
     PageQuery,
     PostedMessage,
+    SiblingList,
+    branch_message_json,
     json_response,
     message_json,
 )
@@ -93,25 +98,78 @@ def post_message(body, conversation_id, key):
     """Send a message; the bot's reply starts as "pending" and can be streamed."""
     chat.check_conversation(current_user_id(), conversation_id)
     message, reply, created = chat.post_message_to(conversation_id, body["content"], key)
+    # Plain data before the commit, as the exchange was written (see regenerate_reply).
+    message_out, reply_out = with_siblings(conversation_id, message, reply)
     if created:
         commit_and_start_reply(current_app, reply.id, reply.attempt)
-    return json_response({"message": message_json(message), "reply": message_json(reply)}, 202)
+    return json_response({"message": message_out, "reply": reply_out}, 202)
+
+
+def with_siblings(conversation_id: int, *messages) -> list[dict]:
+    """Messages as BranchMessageOut: their columns and their place among their versions."""
+    infos = chat.sibling_info(conversation_id, messages)
+    return [{**message_json(message), "siblings": info} for message, info in zip(messages, infos, strict=True)]
+
+
+@blp.post("/conversations/<int:conversation_id>/messages/<int:message_id>/edit")
+@rate_limits.messages
+@blp.arguments(MessageIn())
+@blp.response(202, PostedMessage)
+@error_responses(blp, 400, 401, 404, 409, 413, 415, 422, 429, 503)
+@transaction("write")
+def edit_message(body, conversation_id, message_id):
+    """Edit one of your messages: a new version of it and a new reply become the current branch."""
+    chat.check_conversation(current_user_id(), conversation_id)
+    message, reply = chat.edit_message(conversation_id, message_id, body["content"])
+    message_out, reply_out = with_siblings(conversation_id, message, reply)
+    commit_and_start_reply(current_app, reply.id, reply.attempt)
+    return json_response({"message": message_out, "reply": reply_out}, 202)
 
 
 @blp.post("/conversations/<int:conversation_id>/messages/<int:reply_id>/regenerate")
 @rate_limits.regenerations
-@blp.response(202, MessageOut)
+@blp.response(202, BranchMessageOut)
 @error_responses(blp, 401, 404, 409, 429, 503)
 @transaction("write")
 def regenerate_reply(conversation_id, reply_id):
-    """Restart a complete or failed reply from scratch."""
+    """Generate the latest reply again, as a new version beside it (which becomes current)."""
     conversation = chat.get_conversation(current_user_id(), conversation_id)
-    reply = chat.restart_reply(conversation, chat.get_reply(conversation, reply_id))
+    version = chat.restart_reply(conversation, chat.get_reply(conversation, reply_id))
     # Plain data now: the reply as this request made it (the runner may change it at once,
     # and after a commit that failed but landed the session is a new one).
-    restarted = message_json(reply)
-    commit_and_start_reply(current_app, reply.id, reply.attempt)
+    (restarted,) = with_siblings(conversation_id, version)
+    commit_and_start_reply(current_app, version.id, version.attempt)
     return json_response(restarted, 202)
+
+
+@blp.get("/conversations/<int:conversation_id>/messages/<int:message_id>/siblings")
+@blp.response(200, SiblingList)
+@error_responses(blp, 401, 404, 503)
+@transaction("read")
+def list_siblings(conversation_id, message_id):
+    """List the versions of a message (it and those with its parent), oldest first."""
+    chat.check_conversation(current_user_id(), conversation_id)
+    items = chat.list_siblings(conversation_id, message_id)
+    return json_response({"items": [branch_message_json(item) for item in items]})
+
+
+@blp.put("/conversations/<int:conversation_id>/branch")
+@blp.arguments(BranchIn())
+@blp.response(200, BranchOut)
+@error_responses(blp, 400, 401, 404, 413, 415, 422, 503)
+@transaction("write")
+def select_branch(body, conversation_id):
+    """Show and continue the branch through a message, down to its newest leaf."""
+    conversation = chat.get_conversation(current_user_id(), conversation_id)
+    leaf_id = chat.select_branch(conversation, body["message_id"])
+    page = chat.list_messages(conversation_id, PageQuery().fields["limit"].load_default)
+    return json_response(
+        {
+            "current_leaf_id": leaf_id,
+            "items": [branch_message_json(item) for item in page.items],
+            "next_cursor": page.next_cursor,
+        }
+    )
 
 
 @blp.post("/conversations/<int:conversation_id>/messages/<int:reply_id>/stop")

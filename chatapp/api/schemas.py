@@ -191,6 +191,11 @@ class MessageIn(Schema):
 class MessageOut(Schema):
     id = fields.Integer(required=True)
     conversation_id = fields.Integer(required=True)
+    parent_id = fields.Integer(
+        required=True,
+        allow_none=True,
+        metadata={"description": "The message this one follows in its branch; null for a first message."},
+    )
     role = fields.Function(lambda m: m.role.value, required=True, metadata={"enum": ["user", "assistant", "system"]})
     content = fields.String(required=True)
     status = fields.Function(
@@ -203,14 +208,52 @@ class MessageOut(Schema):
     updated_at = fields.DateTime(required=True)
 
 
+class SiblingsOut(Schema):
+    index = fields.Integer(required=True, metadata={"description": "This version's place, from 1, oldest first."})
+    count = fields.Integer(required=True, metadata={"description": "Versions beside each other (same parent)."})
+    previous_id = fields.Integer(required=True, allow_none=True)
+    next_id = fields.Integer(required=True, allow_none=True)
+
+
+class BranchMessageOut(MessageOut):
+    siblings = fields.Nested(
+        SiblingsOut,
+        required=True,
+        metadata={"description": "The versions of this message: edits of a user message, regenerated replies."},
+    )
+
+
 class MessagePage(Schema):
-    items = fields.List(fields.Nested(MessageOut), required=True)
+    items = fields.List(fields.Nested(BranchMessageOut), required=True)
     next_cursor = fields.String(required=True, allow_none=True)
 
 
 class PostedMessage(Schema):
-    message = fields.Nested(MessageOut, required=True)
-    reply = fields.Nested(MessageOut, required=True)
+    message = fields.Nested(BranchMessageOut, required=True)
+    reply = fields.Nested(BranchMessageOut, required=True)
+
+
+class BranchIn(Schema):
+    message_id = fields.Integer(
+        required=True,
+        strict=True,
+        validate=validate.Range(1, 2**31 - 1),
+        metadata={"description": "Any message of the conversation: the branch through it, down to its newest leaf."},
+    )
+
+
+class BranchOut(Schema):
+    current_leaf_id = fields.Integer(required=True)
+    items = fields.List(
+        fields.Nested(BranchMessageOut),
+        required=True,
+        metadata={"description": "The first page of the new current branch, oldest first."},
+    )
+    next_cursor = fields.String(required=True, allow_none=True)
+
+
+class SiblingList(Schema):
+    items = fields.List(fields.Nested(BranchMessageOut), required=True)
 
 
 class ErrorDetail(Schema):
@@ -259,6 +302,9 @@ def plain_dump(schema_class: type[Schema]) -> Callable[[object], dict]:
             getter = _isoformat_of(attribute)
         elif kind in (fields.Integer, fields.String) and not getattr(field, "as_string", False):
             getter = operator.attrgetter(attribute)
+        elif isinstance(field, fields.Nested) and kind is fields.Nested and field.nested is SiblingsOut:
+            # Already plain data (chatapp.chat.services.sibling_info), dumped as it is.
+            getter = operator.attrgetter(attribute)
         else:
             raise TypeError(f"{schema_class.__name__}.{name}: plain_dump does not know {kind.__name__} fields")
         getters.append((field.data_key or name, getter))
@@ -282,6 +328,7 @@ def _isoformat_of(attribute: str) -> Callable[[object], str | None]:
 
 conversation_json = plain_dump(ConversationOut)
 message_json = plain_dump(MessageOut)
+branch_message_json = plain_dump(BranchMessageOut)
 
 
 def json_response(payload, status: int = 200) -> Response:

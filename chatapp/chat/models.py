@@ -58,12 +58,24 @@ class Conversation(Model):
     title: Mapped[str] = mapped_column(sa.String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The end of the branch the conversation shows and continues (messages form a tree:
+    # an edit or a regenerated reply starts a sibling). None until the first message.
+    # use_alter: conversations and messages refer to each other.
+    current_leaf_id: Mapped[int | None] = mapped_column(
+        sa.ForeignKey(
+            "messages.id",
+            ondelete="SET NULL",
+            use_alter=True,
+            name="fk_conversations_current_leaf_id_messages",
+        )
+    )
 
     owner: Mapped[User] = relationship(back_populates="conversations")
     messages: WriteOnlyMapped[Message] = relationship(
         back_populates="conversation",
         passive_deletes=True,
         order_by="Message.id",
+        foreign_keys="Message.conversation_id",
     )
 
     def __repr__(self) -> str:
@@ -88,10 +100,16 @@ class Message(Model):
         ),
         # A client's retry of a message it may already have sent (Idempotency-Key).
         sa.Index("uq_messages_idempotency_key", "conversation_id", "idempotency_key", unique=True),
+        # A message's children (siblings, the way down to a leaf); the roots of a conversation
+        # (parent_id IS NULL, then conversation_id); and the ON DELETE CASCADE of parent_id.
+        sa.Index("ix_messages_parent_id", "parent_id", "conversation_id", "id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     conversation_id: Mapped[int] = mapped_column(sa.ForeignKey("conversations.id", ondelete="CASCADE"))
+    # The message this one follows in its branch; None for a conversation's first message
+    # (and its edited versions). Ids grow down every branch: a child is newer than its parent.
+    parent_id: Mapped[int | None] = mapped_column(sa.ForeignKey("messages.id", ondelete="CASCADE"))
     role: Mapped[Role] = mapped_column(_enum_column(Role, "message_role"))
     content: Mapped[str] = mapped_column(sa.Text, default="")
     status: Mapped[Status] = mapped_column(_enum_column(Status, "message_status"), default=Status.COMPLETE)
@@ -111,7 +129,7 @@ class Message(Model):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
-    conversation: Mapped[Conversation] = relationship(back_populates="messages")
+    conversation: Mapped[Conversation] = relationship(back_populates="messages", foreign_keys=[conversation_id])
 
     def __repr__(self) -> str:
         return f"<Message {self.id} {self.role.value} {self.status.value}>"

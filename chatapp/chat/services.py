@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -200,43 +200,229 @@ def validate_content(content: object) -> str:
     return content
 
 
-# Rows with exactly the attributes MessageOut reads.
-_MESSAGE_PAGE = (
-    sa.select(
-        _messages.c.id,
-        _messages.c.conversation_id,
-        _messages.c.role,
-        _messages.c.content,
-        _messages.c.status,
-        _messages.c.error,
-        _messages.c.created_at,
-        _messages.c.updated_at,
-    )
-    .where(_messages.c.conversation_id == sa.bindparam("conversation_id"))
-    .order_by(_messages.c.id)
-    .limit(sa.bindparam("limit", type_=sa.Integer))
+# --- the tree: branches, siblings ---------------------------------------------------
+# Messages form a tree (parent_id); a conversation shows and continues one branch, from a
+# root down to its current leaf. A branch is read up from its leaf in ONE query, a
+# recursive CTE (both databases have them), each step a primary-key lookup; ids grow down
+# every branch, so ordering by id is the branch's order.
+
+_up = _messages.alias("up")
+_down = _messages.alias("down")
+_CURRENT_LEAF = (
+    sa.select(_conversations.c.current_leaf_id)
+    .where(_conversations.c.id == sa.bindparam("conversation_id"))
+    .scalar_subquery()
 )
-_MESSAGE_PAGE_AFTER = _MESSAGE_PAGE.where(_messages.c.id > sa.bindparam("after_id", type_=sa.Integer))
+# The current branch's ids, from the leaf up to (not including) the message after_id: the
+# rows above it are older (smaller ids), so the walk stops there. after_id=0: the whole branch.
+_branch_anchor = sa.select(_messages.c.id, _messages.c.parent_id).where(
+    _messages.c.id == _CURRENT_LEAF,
+    _messages.c.conversation_id == sa.bindparam("conversation_id"),
+    _messages.c.id > sa.bindparam("after_id", type_=sa.Integer),
+)
+_BRANCH = _branch_anchor.cte("branch", recursive=True)
+
+
+def _parent_column(step: sa.CTE, column: str) -> sa.ScalarSelect:
+    """A column of the parent of the walk's current row, looked up by primary key.
+
+    Each step of a walk up is a correlated scalar subquery on the parent's id, not a join:
+    PostgreSQL plans the join with the recursive CTE's work table as a hash join over the
+    whole messages table, once per step (a quarter of a second for 1,000 steps); a
+    subquery is one index lookup per step on both databases.
+    """
+    return sa.select(_up.c[column]).where(_up.c.id == step.c.parent_id).scalar_subquery()
+
+
+_BRANCH = _BRANCH.union_all(
+    sa.select(_BRANCH.c.parent_id, _parent_column(_BRANCH, "parent_id")).where(
+        _BRANCH.c.parent_id > sa.bindparam("after_id", type_=sa.Integer)
+    )
+)
+# Rows with exactly the attributes MessageOut reads from a row (siblings come apart).
+MESSAGE_COLUMNS = (
+    _messages.c.id,
+    _messages.c.conversation_id,
+    _messages.c.parent_id,
+    _messages.c.role,
+    _messages.c.content,
+    _messages.c.status,
+    _messages.c.error,
+    _messages.c.created_at,
+    _messages.c.updated_at,
+)
+_BRANCH_ROWS = sa.select(*MESSAGE_COLUMNS).select_from(_messages.join(_BRANCH, _messages.c.id == _BRANCH.c.id))
+_MESSAGE_PAGE = _BRANCH_ROWS.order_by(_messages.c.id).limit(sa.bindparam("limit", type_=sa.Integer))
+
+
+# Newest first (the web page): up from the leaf, or from the parent of the message
+# ``before`` (the page's "earlier messages" link), no further than ``limit`` steps, so a
+# page costs its own rows however long the branch.
+def _newest_rows(anchor_id: sa.ColumnElement) -> sa.Select:
+    start = sa.select(_messages.c.id, _messages.c.parent_id, sa.literal(1, sa.Integer).label("depth")).where(
+        _messages.c.id == anchor_id, _messages.c.conversation_id == sa.bindparam("conversation_id")
+    )
+    walk = start.cte("newest", recursive=True)
+    walk = walk.union_all(
+        sa.select(walk.c.parent_id, _parent_column(walk, "parent_id"), walk.c.depth + 1).where(
+            walk.c.parent_id.is_not(None), walk.c.depth < sa.bindparam("limit", type_=sa.Integer)
+        )
+    )
+    return (
+        sa.select(*MESSAGE_COLUMNS)
+        .select_from(_messages.join(walk, _messages.c.id == walk.c.id))
+        .order_by(_messages.c.id.desc())
+    )
+
+
+_MESSAGE_PAGE_NEWEST = _newest_rows(_CURRENT_LEAF)
+_MESSAGE_PAGE_BEFORE = _newest_rows(
+    sa.select(_down.c.parent_id).where(_down.c.id == sa.bindparam("before_id", type_=sa.Integer)).scalar_subquery()
+)
+# The siblings of a page's messages: the children of their parents, and the roots of the
+# conversation when the page holds one (ix_messages_parent_id serves both).
+_CHILDREN = sa.select(_messages.c.id, _messages.c.parent_id).where(
+    _messages.c.parent_id.in_(sa.bindparam("parent_ids", expanding=True)),
+    _messages.c.conversation_id == sa.bindparam("conversation_id"),
+)
+_ROOTS = sa.select(_messages.c.id, _messages.c.parent_id).where(
+    _messages.c.parent_id.is_(None), _messages.c.conversation_id == sa.bindparam("conversation_id")
+)
+_CHILDREN_AND_ROOTS = sa.union_all(_CHILDREN, _ROOTS)
+
+
+@dataclass(frozen=True)
+class BranchMessage:
+    """A message row of a branch with its place among its siblings (plain data)."""
+
+    id: int
+    conversation_id: int
+    parent_id: int | None
+    role: Role
+    content: str
+    status: Status
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    siblings: dict
+
+
+def sibling_info(conversation_id: int, messages: Sequence, connection: sa.Connection | None = None) -> list[dict]:
+    """For each message (anything with id and parent_id), its place among the versions beside
+    it: {"index" (1-based), "count", "previous_id", "next_id"}, siblings ordered by id. One query."""
+    if not messages:
+        return []
+    connection = connection if connection is not None else db.session.connection()
+    parent_ids = sorted({m.parent_id for m in messages if m.parent_id is not None})
+    has_root = any(m.parent_id is None for m in messages)
+    params: dict[str, Any] = {"conversation_id": conversation_id, "parent_ids": parent_ids}
+    query = _CHILDREN_AND_ROOTS if has_root else _CHILDREN
+    groups: dict[int | None, list[int]] = {}
+    for row in connection.execute(query, params):
+        groups.setdefault(row.parent_id, []).append(row.id)
+    infos = []
+    for message in messages:
+        ids = sorted(groups.get(message.parent_id) or [message.id])
+        position = ids.index(message.id) if message.id in ids else 0
+        infos.append(
+            {  # keys in sorted order, as the JSON provider writes them
+                "count": len(ids),
+                "index": position + 1,
+                "next_id": ids[position + 1] if position + 1 < len(ids) else None,
+                "previous_id": ids[position - 1] if position > 0 else None,
+            }
+        )
+    return infos
+
+
+def _with_siblings(conversation_id: int, rows: Sequence, connection: sa.Connection | None) -> list[BranchMessage]:
+    infos = sibling_info(conversation_id, rows, connection)
+    make = cast(Callable[..., BranchMessage], BranchMessage)  # a row is its columns, in field order
+    return [make(*row, info) for row, info in zip(rows, infos, strict=True)]
 
 
 def list_messages(
     conversation_id: int, limit: int, cursor: str | None = None, connection: sa.Connection | None = None
 ) -> Page:
-    """A conversation's messages, oldest first, as plain rows with MessageOut's attributes
-    (Core on the session's connection, as check_conversation)."""
-    params = {"conversation_id": conversation_id, "limit": limit + 1}
-    query = _MESSAGE_PAGE
+    """The conversation's current branch, oldest first, a page at a time, as BranchMessage
+    rows (Core on the session's connection, as check_conversation): two queries."""
+    params = {"conversation_id": conversation_id, "limit": limit + 1, "after_id": 0}
     if cursor:
         (last_id,) = _decode_cursor(cursor, 1)
         params["after_id"] = _cursor_id(last_id)
-        query = _MESSAGE_PAGE_AFTER
     connection = connection if connection is not None else db.session.connection()
-    rows = connection.execute(query, params).all()
+    rows = connection.execute(_MESSAGE_PAGE, params).all()
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
         next_cursor = _encode_cursor(rows[-1].id)
-    return Page(rows, next_cursor)
+    return Page(_with_siblings(conversation_id, rows, connection), next_cursor)
+
+
+def newest_of_branch(conversation_id: int, limit: int, before: int | None = None) -> list[BranchMessage]:
+    """The newest ``limit`` messages of the current branch, or of the branch through the
+    message ``before`` (those before it), newest first."""
+    params = {"conversation_id": conversation_id, "limit": limit}
+    query = _MESSAGE_PAGE_NEWEST
+    if before is not None:
+        query, params["before_id"] = _MESSAGE_PAGE_BEFORE, before
+    connection = db.session.connection()
+    return _with_siblings(conversation_id, connection.execute(query, params).all(), connection)
+
+
+_MESSAGE_IN_CONVERSATION = sa.select(_messages.c.id, _messages.c.parent_id, _messages.c.role).where(
+    _messages.c.id == sa.bindparam("message_id"), _messages.c.conversation_id == sa.bindparam("conversation_id")
+)
+
+
+def _message_in(conversation_id: int, message_id: int) -> sa.Row:
+    row = db.session.execute(
+        _MESSAGE_IN_CONVERSATION, {"conversation_id": conversation_id, "message_id": message_id}
+    ).first()
+    if row is None:
+        raise NotFound("message not found in this conversation", code="message_not_found")
+    return row
+
+
+def list_siblings(conversation_id: int, message_id: int) -> list[BranchMessage]:
+    """The versions of a message: it and the messages with its parent, oldest first."""
+    message = _message_in(conversation_id, message_id)
+    query = sa.select(*MESSAGE_COLUMNS).where(_messages.c.conversation_id == conversation_id)
+    if message.parent_id is None:
+        query = query.where(_messages.c.parent_id.is_(None))
+    else:
+        query = query.where(_messages.c.parent_id == message.parent_id)
+    rows = db.session.execute(query.order_by(_messages.c.id)).all()
+    return _with_siblings(conversation_id, rows, None)
+
+
+# Down from a message to a leaf, taking the newest child at each step; the deepest row has
+# the largest id (a child is newer than its parent).
+_DESCENT = (
+    sa.select(_messages.c.id)
+    .where(_messages.c.id == sa.bindparam("message_id"), _messages.c.conversation_id == sa.bindparam("conversation_id"))
+    .cte("descent", recursive=True)
+)
+_newer = _messages.alias("newer")
+_DESCENT = _DESCENT.union_all(
+    # The newest child, by a lookup (see _parent_column); None past the leaf, which ends the walk.
+    sa.select(sa.select(sa.func.max(_newer.c.id)).where(_newer.c.parent_id == _DESCENT.c.id).scalar_subquery()).where(
+        _DESCENT.c.id.is_not(None)
+    )
+)
+_LEAF_BELOW = sa.select(sa.func.max(_DESCENT.c.id))
+
+
+def select_branch(conversation: Conversation, message_id: int) -> int:
+    """Make the branch through ``message_id`` current: that message, followed down by the
+    newest child at each step to a leaf. Returns the new leaf's id; NotFound if the message
+    is not one of this conversation's."""
+    leaf_id = db.session.scalar(_LEAF_BELOW, {"conversation_id": conversation.id, "message_id": message_id})
+    if leaf_id is None:
+        raise NotFound("message not found in this conversation", code="message_not_found")
+    conversation.current_leaf_id = leaf_id
+    db.session.flush()
+    return leaf_id
 
 
 _ACTIVE_REPLY = (
@@ -248,11 +434,13 @@ _ACTIVE_REPLY = (
     .limit(1)
 )
 _INSERT_MESSAGE = sa.insert(_messages)
-_TOUCH_CONVERSATION = (
+# The branch moves on to the new reply.
+_MOVE_LEAF = (
     sa.update(_conversations)
     .where(_conversations.c.id == sa.bindparam("conversation_id"))
-    .values(updated_at=sa.bindparam("now"))
+    .values(updated_at=sa.bindparam("now"), current_leaf_id=sa.bindparam("leaf_id"))
 )
+_READ_LEAF = sa.select(_conversations.c.current_leaf_id).where(_conversations.c.id == sa.bindparam("conversation_id"))
 
 
 def _reply_in_progress(conversation_id: int) -> bool:
@@ -265,6 +453,7 @@ class NewMessage:
 
     id: int
     conversation_id: int
+    parent_id: int | None
     role: Role
     content: str
     status: Status
@@ -276,6 +465,7 @@ class NewMessage:
 
 def _insert_message(
     conversation_id: int,
+    parent_id: int | None,
     role: Role,
     content: str,
     status: Status,
@@ -284,6 +474,7 @@ def _insert_message(
 ) -> NewMessage:
     values: dict[str, Any] = {
         "conversation_id": conversation_id,
+        "parent_id": parent_id,
         "role": role,
         "content": content,
         "status": status,
@@ -316,6 +507,17 @@ def post_message_to(
         earlier = _sent_with_key(conversation_id, idempotency_key, content)
         if earlier is not None:
             return (*earlier, False)
+    # Appended to the current branch; under the one-active-reply index, no other post or
+    # edit can move the leaf between this read and the insert (it would fail first).
+    parent_id = db.session.execute(_READ_LEAF, {"conversation_id": conversation_id}).scalar()
+    return _add_exchange(conversation_id, parent_id, content, idempotency_key)
+
+
+def _add_exchange(
+    conversation_id: int, parent_id: int | None, content: str, idempotency_key: str | None = None
+) -> tuple[NewMessage | Message, NewMessage | Message, bool]:
+    """A user message under ``parent_id`` and a pending reply under it, which becomes the
+    conversation's current leaf."""
     if _reply_in_progress(conversation_id):
         if idempotency_key is not None:
             # The first send with this key may have committed since the look above.
@@ -328,17 +530,29 @@ def post_message_to(
         # A savepoint: a concurrent post that won the race (the unique indexes on active
         # replies and on idempotency keys) undoes only these rows, not the caller's work.
         with db.session.begin_nested():
-            # The user's message first: ids order a conversation, and the reply comes after it.
-            message = _insert_message(conversation_id, Role.USER, content, Status.COMPLETE, now, idempotency_key)
-            reply = _insert_message(conversation_id, Role.ASSISTANT, "", Status.PENDING, now)
+            message = _insert_message(
+                conversation_id, parent_id, Role.USER, content, Status.COMPLETE, now, idempotency_key
+            )
+            reply = _insert_message(conversation_id, message.id, Role.ASSISTANT, "", Status.PENDING, now)
     except sa.exc.IntegrityError:
         if idempotency_key is not None:
             earlier = _sent_with_key(conversation_id, idempotency_key, content)
             if earlier is not None:
                 return (*earlier, False)
         raise _reply_in_progress_error() from None
-    db.session.execute(_TOUCH_CONVERSATION, {"conversation_id": conversation_id, "now": now})
+    db.session.execute(_MOVE_LEAF, {"conversation_id": conversation_id, "now": now, "leaf_id": reply.id})
     return message, reply, True
+
+
+def edit_message(conversation_id: int, message_id: int, content: object) -> tuple[NewMessage, NewMessage]:
+    """An edit of one of the user's messages: a new version beside it (same parent) with a
+    new pending reply, made the current branch; the old branch stays as it was."""
+    content = validate_content(content)
+    original = _message_in(conversation_id, message_id)
+    if original.role is not Role.USER:
+        raise InvalidInput("only your own messages can be edited, not the bot's replies", field="message_id")
+    message, reply, _created = _add_exchange(conversation_id, original.parent_id, content)
+    return cast(NewMessage, message), cast(NewMessage, reply)
 
 
 def _reply_in_progress_error() -> Conflict:
@@ -360,13 +574,10 @@ def _sent_with_key(conversation_id: int, key: str, content: str) -> tuple[Messag
             "this Idempotency-Key was already used for a different message; send a new key with each new message",
             field="Idempotency-Key",
         )
+    # The reply posted with it: its first child (later ones are regenerated versions).
     reply = db.session.scalar(
         sa.select(Message)
-        .where(
-            Message.conversation_id == conversation_id,
-            Message.id > message.id,
-            Message.role == Role.ASSISTANT,
-        )
+        .where(Message.conversation_id == conversation_id, Message.parent_id == message.id)
         .order_by(Message.id)
         .limit(1)
     )
@@ -379,6 +590,7 @@ def post_message(conversation: Conversation, content: object) -> tuple[NewMessag
     message, reply, _created = post_message_to(conversation.id, content)
     # The row has it already: set it as loaded, not as a change to write again at commit.
     set_committed_value(conversation, "updated_at", reply.updated_at)
+    set_committed_value(conversation, "current_leaf_id", reply.id)
     return message, reply
 
 
@@ -395,31 +607,24 @@ def get_reply(conversation: Conversation, reply_id: int) -> Message:
     return reply
 
 
-def restart_reply(conversation: Conversation, reply: Message) -> Message:
-    """Clear a finished or failed reply and make it pending again, as a new attempt."""
+def restart_reply(conversation: Conversation, reply: Message) -> NewMessage:
+    """Generate a finished or failed reply again: a new version beside it (same parent),
+    pending, which becomes the current leaf; the old version stays as it was."""
     if reply.status in ACTIVE_STATUSES:
         raise Conflict("this reply is still being generated; wait for it to finish", code="reply_in_progress")
-    newer = db.session.scalar(
-        sa.select(Message.id).where(Message.conversation_id == conversation.id, Message.id > reply.id).limit(1)
-    )
-    if newer is not None:
+    if reply.id != conversation.current_leaf_id:
         raise Conflict("only the latest reply in a conversation can be regenerated", code="not_latest_reply")
-    reply.content = ""
-    reply.error = None
-    reply.status = Status.PENDING
-    reply.attempt += 1
-    reply.runs = 0
-    reply.lease_owner = None
-    reply.lease_expires_at = None
-    reply.updated_at = utcnow()
-    conversation.updated_at = reply.updated_at
+    now = utcnow()
     try:
         with db.session.begin_nested():
-            db.session.flush()
+            version = _insert_message(conversation.id, reply.parent_id, Role.ASSISTANT, "", Status.PENDING, now)
     except sa.exc.IntegrityError:
         # Another reply of this conversation started meanwhile (the one-active-reply index).
         raise _reply_in_progress_error() from None
-    return reply
+    db.session.execute(_MOVE_LEAF, {"conversation_id": conversation.id, "now": now, "leaf_id": version.id})
+    set_committed_value(conversation, "updated_at", now)
+    set_committed_value(conversation, "current_leaf_id", version.id)
+    return version
 
 
 def stop_reply(conversation: Conversation, reply: Message) -> Message:
@@ -450,32 +655,44 @@ def stop_reply(conversation: Conversation, reply: Message) -> Message:
 _REPLY_TO_CLAIM = sa.select(_messages.c.conversation_id, _messages.c.status, _messages.c.attempt).where(
     _messages.c.id == sa.bindparam("reply_id")
 )
-# The history before a reply, newest first, a page at a time (keyset on id): a reply reads
-# only as far back as its budget reaches, not the whole conversation. A stopped reply's
-# text is what its user saw, so the bot sees it too; a failed one is left out.
-HISTORY_PAGE_ROWS = 50
-_HISTORY_PAGE = (
-    sa.select(_messages.c.id, _messages.c.role, _messages.c.content)
-    .where(
-        _messages.c.conversation_id == sa.bindparam("conversation_id"),
-        _messages.c.id < sa.bindparam("before_id"),
-        _messages.c.status.in_((Status.COMPLETE, Status.STOPPED)),
-        _messages.c.content != "",
+# The history the bot is sent: the ancestors of the reply (its own branch, whatever branch
+# is current), newest first, in ONE query: a recursive CTE up from the reply's parent that
+# carries the characters counted so far and stops one message past the budget, so a reply
+# reads only as far back as fit_history can take. A stopped reply's text is what its user
+# saw, so the bot sees it too; a failed one (and an empty one) is left out and not counted.
+_SENT = sa.and_(_messages.c.status.in_((Status.COMPLETE, Status.STOPPED)), _messages.c.content != "")
+_SENT_UP = sa.and_(_up.c.status.in_((Status.COMPLETE, Status.STOPPED)), _up.c.content != "")
+_REPLY_PARENT = sa.select(_up.c.parent_id).where(_up.c.id == sa.bindparam("reply_id")).scalar_subquery()
+_ANCESTORS = (
+    sa.select(
+        _messages.c.id,
+        _messages.c.parent_id,
+        sa.case((_SENT, sa.func.length(_messages.c.content)), else_=0).label("used"),
     )
+    .where(_messages.c.id == _REPLY_PARENT)
+    .cte("ancestors", recursive=True)
+)
+_ANCESTORS = _ANCESTORS.union_all(
+    sa.select(
+        _ANCESTORS.c.parent_id,
+        _parent_column(_ANCESTORS, "parent_id"),
+        _ANCESTORS.c.used
+        + sa.select(sa.case((_SENT_UP, sa.func.length(_up.c.content)), else_=0))
+        .where(_up.c.id == _ANCESTORS.c.parent_id)
+        .scalar_subquery(),
+    ).where(_ANCESTORS.c.parent_id.is_not(None), _ANCESTORS.c.used <= sa.bindparam("max_chars", type_=sa.Integer))
+)
+_HISTORY = (
+    sa.select(_messages.c.role, _messages.c.content)
+    .select_from(_messages.join(_ANCESTORS, _messages.c.id == _ANCESTORS.c.id))
+    .where(_SENT)
     .order_by(_messages.c.id.desc())
-    .limit(HISTORY_PAGE_ROWS)
 )
 
 
-def _history_newest_first(conversation_id: int, reply_id: int) -> Iterator[dict]:
-    before_id = reply_id
-    while True:
-        rows = db.session.execute(_HISTORY_PAGE, {"conversation_id": conversation_id, "before_id": before_id}).all()
-        for row in rows:
-            yield {"role": row.role.value, "content": row.content}
-        if len(rows) < HISTORY_PAGE_ROWS:
-            return
-        before_id = rows[-1].id
+def _history_newest_first(reply_id: int, max_chars: int) -> Iterator[dict]:
+    for row in db.session.execute(_HISTORY, {"reply_id": reply_id, "max_chars": max_chars}):
+        yield {"role": row.role.value, "content": row.content}
 
 
 def reply_history(reply_id: int, max_chars: int | None = None) -> tuple[int, list[dict]] | None:
@@ -487,7 +704,7 @@ def reply_history(reply_id: int, max_chars: int | None = None) -> tuple[int, lis
         return None
     if max_chars is None:
         max_chars = current_app.config["BOT_HISTORY_MAX_CHARS"]
-    return reply.attempt, fit_history(_history_newest_first(reply.conversation_id, reply_id), max_chars)
+    return reply.attempt, fit_history(_history_newest_first(reply_id, max_chars), max_chars)
 
 
 # Matches no row once the reply was restarted (attempt), stopped or finished (status),

@@ -501,12 +501,16 @@
         setPosting(false);
         return;
       }
+      // A new version beside the old reply: it takes the old one's place in the page.
+      const version = await response.json();
       const fresh = fromTemplate("assistant-message-template");
-      fresh.id = item.id;
-      fresh.dataset.messageId = replyId;
+      fresh.id = "message-" + version.id;
+      fresh.dataset.messageId = version.id;
       item.replaceWith(fresh);
-      stream(fresh, replyId);
+      stream(fresh, version.id);
     });
+
+    setUpEdits({ list, apiBase, state, setPosting, showError, errorMessage, appendMessage, stream, scrollToBottom });
 
     // A reply still being written when the page loaded (a reload mid-reply): resume it.
     const active = list.querySelector(
@@ -553,6 +557,94 @@
     input.addEventListener("input", () => counter.update());
     counter.update();
     return counter;
+  }
+
+  // Edit one of your messages in place: Save sends the new version (a new branch, with its
+  // own reply, streamed like a sent message); the rest of the old branch leaves the page.
+  // Without JavaScript the Edit link opens a form page instead.
+  function setUpEdits(chat) {
+    const { list, apiBase, state } = chat;
+    list.addEventListener("click", (event) => {
+      const link = event.target.closest("a.edit-message");
+      if (!link) return;
+      event.preventDefault();
+      const item = link.closest("li.message");
+      if (item.querySelector(".edit-box") || state.posting || state.running !== null) return;
+      const text = item.querySelector(".text");
+      const box = document.createElement("form");
+      box.className = "edit-box";
+      const area = document.createElement("textarea");
+      area.className = "input";
+      area.value = text.textContent;
+      area.setAttribute("aria-label", "Edit message");
+      const save = document.createElement("button");
+      save.type = "submit";
+      save.className = "button primary small";
+      save.textContent = "Save";
+      const cancel = document.createElement("button");
+      cancel.type = "button";
+      cancel.className = "button subtle small";
+      cancel.textContent = "Cancel";
+      const error = document.createElement("p");
+      error.className = "error-text";
+      error.setAttribute("role", "alert");
+      box.append(area, save, cancel, error);
+      text.hidden = true;
+      text.after(box);
+      area.focus();
+      cancel.addEventListener("click", () => {
+        box.remove();
+        text.hidden = false;
+        link.focus();
+      });
+      box.addEventListener("submit", async (submitted) => {
+        submitted.preventDefault();
+        if (state.posting || state.running !== null) return;
+        if (!area.value.trim()) {
+          error.textContent = "Write a message first.";
+          return;
+        }
+        chat.setPosting(true);
+        let response = null;
+        try {
+          response = await apiPost(apiBase + "/" + item.dataset.messageId + "/edit", { content: area.value });
+        } catch (_) {
+          response = null;
+        }
+        if (!response || response.status !== 202) {
+          error.textContent = response ? await chat.errorMessage(response) : "Could not reach the server. Try again.";
+          chat.setPosting(false);
+          return;
+        }
+        const posted = await response.json();
+        // The old branch from this message on is no longer the one shown.
+        while (item.nextElementSibling) item.nextElementSibling.remove();
+        item.remove();
+        list.querySelectorAll(".regenerate-form").forEach((node) => node.remove());
+        const message = chat.appendMessage("user-message-template", posted.message);
+        addVersions(message, posted.message.siblings);
+        const reply = chat.appendMessage("assistant-message-template", posted.reply);
+        chat.scrollToBottom();
+        chat.stream(reply, posted.reply.id);
+      });
+    });
+  }
+
+  // The ‹ 2/3 › switcher of a message added by the script, from the page's template.
+  function addVersions(item, siblings) {
+    const template = document.getElementById("versions-template");
+    if (!template || !siblings || siblings.count < 2) return;
+    const row = template.content.firstElementChild.cloneNode(true);
+    const previous = row.querySelector(".version-previous");
+    const next = row.querySelector(".version-next");
+    previous.value = siblings.previous_id || "";
+    previous.disabled = !siblings.previous_id;
+    next.value = siblings.next_id || "";
+    next.disabled = !siblings.next_id;
+    row.querySelector(".version-position").textContent = siblings.index + "/" + siblings.count;
+    const actions = item.querySelector(".message-actions");
+    if (actions) actions.prepend(row);
+    else item.append(row);
   }
 
   function setUpRename() {

@@ -9,7 +9,7 @@ from chatapp import rate_limits
 from chatapp.chat import services as chat
 from chatapp.chat.runner import commit_and_start_reply, get_runner
 from chatapp.db import begin_write, db, transaction
-from chatapp.errors import AppError, Conflict
+from chatapp.errors import AppError, Conflict, InvalidInput
 from chatapp.security import parse_bounded_int
 from chatapp.web import bp, pages
 from chatapp.web.forms import MessageForm, RenameForm, add_error
@@ -202,3 +202,65 @@ def reply_text(conversation_id: int, reply_id: int):
     text = pages.reply_text(current_user.id, conversation_id, reply_id)
     html = pages.render_page("chat/_reply_text.html", reply=text)
     return html, 200, {"Cache-Control": "no-store"}
+
+
+# --- branches: edit a message, switch between versions (forms that work without JavaScript) ---
+
+
+def _render_edit(conversation_id: int, message_id: int, form: MessageForm, status: int = 200):
+    conversation = chat.get_conversation(current_user.id, conversation_id)
+    message = pages.user_message(conversation, message_id)
+    if form.content.data is None:
+        form.content.data = message.content
+    return pages.render_page(
+        "chat/edit.html",
+        conversation=pages.conversation_item(conversation),
+        message=message,
+        form=form,
+        sidebar=_sidebar(conversation.id),
+    ), status
+
+
+@bp.get("/c/<int:conversation_id>/messages/<int:message_id>/edit")
+@login_required
+@transaction("read")
+def edit_message_form(conversation_id: int, message_id: int):
+    """The edit form of one of your messages."""
+    return _render_edit(conversation_id, message_id, MessageForm(formdata=None))
+
+
+@bp.post("/c/<int:conversation_id>/messages/<int:message_id>/edit")
+@login_required
+@rate_limits.messages
+@transaction("write-after")
+def edit_message(conversation_id: int, message_id: int):
+    """Save an edit: a new version of the message, and its reply, become the current branch."""
+    form = MessageForm()
+    if not form.validate_on_submit():
+        return _render_edit(conversation_id, message_id, form, status=422)
+    begin_write()
+    chat.check_conversation(current_user.id, conversation_id)
+    try:
+        _message, reply = chat.edit_message(conversation_id, message_id, form.content.data)
+    except AppError as error:
+        db.session.rollback()  # the page re-renders holding no write lock
+        if error.status == 404:
+            raise
+        add_error(form, error, "content")
+        return _render_edit(conversation_id, message_id, form, status=error.status)
+    commit_and_start_reply(current_app, reply.id, reply.attempt)
+    return redirect(url_for("web.conversation", conversation_id=conversation_id))
+
+
+@bp.post("/c/<int:conversation_id>/branch")
+@login_required
+@transaction("write")
+def select_branch(conversation_id: int):
+    """Show another version of a message (‹ 2/3 ›): the branch through it becomes current."""
+    conversation = chat.get_conversation(current_user.id, conversation_id)
+    message_id = parse_bounded_int(request.form.get("message_id", ""))
+    if message_id is None:
+        raise InvalidInput("choose a message", field="message_id")
+    chat.select_branch(conversation, message_id)
+    db.session.commit()
+    return redirect(url_for("web.conversation", conversation_id=conversation_id, _anchor=f"message-{message_id}"))

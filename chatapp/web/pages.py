@@ -21,6 +21,7 @@ from chatapp.auth import services as auth
 from chatapp.chat import services as chat
 from chatapp.chat.models import ACTIVE_STATUSES, Conversation, Message, Role
 from chatapp.db import db, end_transaction
+from chatapp.errors import NotFound
 from chatapp.web.markdown import render_markdown, render_streaming_markdown
 
 
@@ -84,6 +85,19 @@ def date_group(day: date, today: date) -> str:
 
 
 @dataclass(frozen=True)
+class Versions:
+    """Where a message stands among its versions (edits, regenerated replies): the ‹ 2/3 › switcher."""
+
+    index: int
+    count: int
+    previous_id: int | None
+    next_id: int | None
+
+
+ONLY_VERSION = Versions(1, 1, None, None)
+
+
+@dataclass(frozen=True)
 class MessageItem:
     id: int
     role: str
@@ -93,6 +107,7 @@ class MessageItem:
     is_latest: bool
     # Assistant replies show as Markdown, a reply being generated too (its text so far).
     is_markdown: bool
+    versions: Versions = ONLY_VERSION
 
     @property
     def is_active(self) -> bool:
@@ -161,7 +176,7 @@ def sidebar(user_id: int, per_page: int, cursor: str | None, active_id: int | No
     return Sidebar(items, page.next_cursor, not cursor, active_id, cursor or None)
 
 
-def message_item(message: Message, is_latest: bool) -> MessageItem:
+def message_item(message: Message | chat.BranchMessage, is_latest: bool, siblings: dict | None = None) -> MessageItem:
     status = message.status.value
     return MessageItem(
         id=message.id,
@@ -171,15 +186,13 @@ def message_item(message: Message, is_latest: bool) -> MessageItem:
         error=message.error,
         is_latest=is_latest,
         is_markdown=message.role is Role.ASSISTANT,
+        versions=Versions(**siblings) if siblings else ONLY_VERSION,
     )
 
 
 def history(conversation_id: int, per_page: int, before: int | None = None) -> History:
-    """The newest messages (or those before ``before``), oldest first."""
-    query = sa.select(Message).where(Message.conversation_id == conversation_id)
-    if before is not None:
-        query = query.where(Message.id < before)
-    rows = list(db.session.scalars(query.order_by(Message.id.desc()).limit(per_page + 1)))
+    """The newest messages of the current branch (or those before ``before``), oldest first."""
+    rows = chat.newest_of_branch(conversation_id, per_page + 1, before)
     earlier = None
     if len(rows) > per_page:
         rows = rows[:per_page]
@@ -187,14 +200,26 @@ def history(conversation_id: int, per_page: int, before: int | None = None) -> H
     rows.reverse()
     # Only the last message of the newest page is the conversation's latest.
     latest_id = rows[-1].id if rows and before is None else None
-    return History([message_item(row, row.id == latest_id) for row in rows], earlier)
+    return History([message_item(row, row.id == latest_id, row.siblings) for row in rows], earlier)
 
 
 def reply_item(conversation: Conversation, reply_id: int) -> MessageItem:
     """One assistant reply of the conversation (NotFound otherwise), as the page shows it."""
     reply = chat.get_reply(conversation, reply_id)
-    latest_id = db.session.scalar(sa.select(sa.func.max(Message.id)).where(Message.conversation_id == conversation.id))
-    return message_item(reply, reply.id == latest_id)
+    (siblings,) = chat.sibling_info(conversation.id, [reply])
+    return message_item(reply, reply.id == conversation.current_leaf_id, siblings)
+
+
+def user_message(conversation: Conversation, message_id: int) -> MessageItem:
+    """One of the user's messages in the conversation (NotFound otherwise), for its edit form."""
+    message = db.session.scalar(
+        sa.select(Message).where(
+            Message.id == message_id, Message.conversation_id == conversation.id, Message.role == Role.USER
+        )
+    )
+    if message is None:
+        raise NotFound("message not found in this conversation", code="message_not_found")
+    return message_item(message, False)
 
 
 def reply_text(owner_id: int, conversation_id: int, reply_id: int) -> ReplyText:

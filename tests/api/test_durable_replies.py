@@ -80,7 +80,9 @@ def test_stop_ends_a_running_reply_keeping_its_text(client, app, alice, conversa
     regenerated = client.post(f"{conversation_url}/messages/{reply_id}/regenerate", headers=alice)
     assert regenerated.status_code == 202, regenerated.get_json()
     wait_for_background_work(app)
-    assert reply_of(app, reply_id).status is Status.COMPLETE
+    # A new version; the stopped one keeps its text.
+    assert reply_of(app, regenerated.get_json()["id"]).status is Status.COMPLETE
+    assert reply_of(app, reply_id).status is Status.STOPPED
 
 
 def test_stop_is_refused_for_finished_and_for_others_replies(client, app, auth, alice, conversation_url):

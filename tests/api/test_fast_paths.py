@@ -12,6 +12,7 @@ import base64
 import contextlib
 import sqlite3
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import pytest
 import sqlalchemy as sa
@@ -36,6 +37,7 @@ from chatapp.chat.models import ACTIVE_STATUSES, Conversation, Message, Role, St
 from chatapp.db import begin_write, db, unit_of_work
 from chatapp.extensions import limiter
 from tests.api.test_accounts import assert_error
+from tests.helpers import link_as_one_branch, wait_for_background_work
 from tests.web.conftest import csrf_from
 
 ERRORS = (None, "the bot failed: timeout")
@@ -81,6 +83,8 @@ def seed_every_kind_of_message(app, owner_id: int) -> int:
                         )
                     )
                     n += 1
+        session.flush()
+        link_as_one_branch(session, conversation.id)
         return conversation.id
 
 
@@ -132,6 +136,7 @@ def seed_row():
     return SimpleNamespace(
         id=3,
         conversation_id=4,
+        parent_id=None,
         role=Role.USER,
         content="text",
         status=Status.COMPLETE,
@@ -152,8 +157,14 @@ def test_messages_page_is_the_bytes_flask_smorest_would_send(app, client, alice)
         assert response.status_code == 200 and response.mimetype == "application/json"
         shown, objects = objects[:7], objects[7:]
         cursor = response.get_json()["next_cursor"]
+        # One branch: every message is the only version of itself.
+        alone = {"index": 1, "count": 1, "previous_id": None, "next_id": None}
+        items = [SimpleNamespace(**MessageOut().dump(m), siblings=alone) for m in shown]
+        for item, orm_object in zip(items, shown, strict=True):
+            item.role, item.status = orm_object.role, orm_object.status
+            item.created_at, item.updated_at = orm_object.created_at, orm_object.updated_at
         with app.app_context():
-            expected = app.json.response(MessagePage().dump({"items": shown, "next_cursor": cursor}))
+            expected = app.json.response(MessagePage().dump({"items": items, "next_cursor": cursor}))
         assert response.data == expected.data
         pages += 1
         if cursor is None:
@@ -212,7 +223,10 @@ def test_posted_messages_dump_as_message_out_and_as_they_read_back(app, client, 
     )
     assert message.id < reply.id
     listed = client.get(url, headers=alice).get_json()["items"]
-    assert [as_instants(m) for m in listed] == [as_instants(message_json(m)) for m in (message, reply)]
+    alone = {"index": 1, "count": 1, "previous_id": None, "next_id": None}
+    assert [as_instants(m) for m in listed] == [
+        as_instants({**message_json(m), "siblings": alone}) for m in (message, reply)
+    ]
     after = client.get(f"/api/v1/conversations/{conversation['id']}", headers=alice).get_json()
     assert datetime.fromisoformat(after["updated_at"]) == reply.updated_at
 
@@ -264,17 +278,20 @@ def test_a_bearer_request_loads_no_orm_object(app, client, alice):
         db.session.rollback()
 
 
-def test_the_messages_list_runs_three_statements(app, client, alice):
+def test_the_messages_list_runs_four_statements(app, client, alice):
     conversation = client.post("/api/v1/conversations", headers=alice, json={}).get_json()
     url = f"/api/v1/conversations/{conversation['id']}/messages"
+    assert client.post(url, headers=alice, json={"content": "hi"}).status_code == 202
+    wait_for_background_work(app)
     client.get(url, headers=alice)  # last_used_at is recorded once
     seen, stop = count_statements(app)
     try:
         assert client.get(url, headers=alice).status_code == 200
     finally:
         stop()
-    # The token (with its user), the conversation's owner, the page: nothing else.
-    assert len(seen) == 3, seen
+    # The token (with its user), the conversation's owner, the page of the current branch,
+    # the versions beside its messages: nothing else.
+    assert len(seen) == 4, seen
 
 
 def test_cookie_users_still_work_with_ids(app, client, auth):

@@ -13,7 +13,7 @@ from chatapp.config import ConfigError
 from chatapp.db import db, unit_of_work
 from tests.api.test_pipeline import post
 from tests.fake_openai import FakeOpenAIServer
-from tests.helpers import wait_for_background_work
+from tests.helpers import link_as_one_branch, wait_for_background_work
 
 
 def user(content: str) -> dict:
@@ -95,16 +95,17 @@ def seed_conversation(app, username: str, contents: list[str]) -> int:
                 for n, content in enumerate(contents)
             ],
         )
+        link_as_one_branch(session, conversation.id)
         return conversation.id
 
 
 @pytest.fixture
 def history_queries(app):
-    """The statements that read a reply's history (newest first, a page at a time)."""
+    """The statements that read a reply's history (newest first, up the reply's branch)."""
     statements = []
 
     def record(conn, cursor, statement, parameters, context, executemany):
-        if "ORDER BY messages.id DESC" in statement and "messages.id <" in statement:
+        if "ORDER BY messages.id DESC" in statement and "ancestors" in statement:
             statements.append(statement)
 
     with app.app_context():
@@ -132,12 +133,12 @@ def test_a_long_conversation_sends_its_newest_messages_and_the_system_prompt(app
     # The newest 31 earlier messages fit beside the question (31 * 1,000 + 12 <= 32,000), in order.
     assert [m["content"] for m in sent[1:-1]] == contents[-31:]
     assert [m["role"] for m in sent[1:-1]] == ["assistant", "user"] * 15 + ["assistant"]
-    # One page of rows was read, not the conversation's thousand.
+    # One query, which walked up no further than the budget reached.
     assert len(history_queries) == 1
 
 
-def test_a_history_longer_than_a_page_is_read_page_by_page(app, client, alice):
-    rows = services.HISTORY_PAGE_ROWS * 2 + 7
+def test_a_long_history_is_read_whole_or_trimmed_to_the_budget(app, client, alice):
+    rows = 107
     contents = [f"message {n}" for n in range(rows)]
     conversation_id = seed_conversation(app, "alice", contents)
     # A pending reply to read the history for, as posting a message leaves it.
@@ -147,6 +148,7 @@ def test_a_history_longer_than_a_page_is_read_page_by_page(app, client, alice):
         session.add(reply)
         session.flush()
         reply_id = reply.id
+        link_as_one_branch(session, conversation_id)
     with unit_of_work(app, write=False):
         attempt, history = services.reply_history(reply_id, 100_000)
         _attempt, trimmed = services.reply_history(reply_id, len("now") + len("message 999") * 3)

@@ -13,7 +13,7 @@ from chatapp.chat.runner import get_runner
 from chatapp.chat.stream import reply_events
 from chatapp.db import unit_of_work
 from tests.api.test_pipeline import post, reply_row
-from tests.helpers import checked_out, live_sessions, wait_for_background_work
+from tests.helpers import checked_out, live_sessions, run_reply_again, wait_for_background_work
 from tests.support.sse import parse_events
 
 LIVE_CONFIG = {"BOT_ECHO_DELAY": 0.6, "REPLY_FLUSH_INTERVAL": 0.02, "STREAM_POLL_INTERVAL": 0.01}
@@ -125,7 +125,7 @@ def test_a_live_stream_resumed_on_an_older_attempt_resets(client, app, alice, co
     wait_for_background_work(app)
     gated_bot.thinking.clear()
     gated_bot.go_on.clear()
-    assert client.post(f"{conversation_url}/messages/{reply_id}/regenerate", headers=alice).status_code == 202
+    run_reply_again(app, reply_id)
     assert gated_bot.thinking.wait(10)
     # A client that had read all of attempt 0 reconnects while attempt 1 runs here.
     events = reply_events(app, reply_id, resume=(0, len("partial answer")))

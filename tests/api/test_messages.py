@@ -97,16 +97,24 @@ def test_message_paging_oldest_first(client, app, alice, conversation_url):
     assert_error(client.get(conversation_url + "/messages", headers=alice, query_string={"cursor": "zz"}), 422)
 
 
-def test_regenerate_restarts_a_complete_reply(client, app, alice, conversation_url):
-    reply_id = post(client, alice, conversation_url, "again please")["reply"]["id"]
+def test_regenerate_adds_a_new_version_beside_a_complete_reply(client, app, alice, conversation_url):
+    posted = post(client, alice, conversation_url, "again please")
+    reply_id = posted["reply"]["id"]
     wait_for_background_work(app)
     response = client.post(f"{conversation_url}/messages/{reply_id}/regenerate", headers=alice)
     assert response.status_code == 202
-    assert response.get_json()["status"] == "pending" and response.get_json()["content"] == ""
+    version = response.get_json()
+    assert version["status"] == "pending" and version["content"] == ""
+    assert version["id"] != reply_id and version["parent_id"] == posted["message"]["id"]
+    assert version["siblings"] == {"index": 2, "count": 2, "previous_id": reply_id, "next_id": None}
     wait_for_background_work(app)
     with unit_of_work(app, write=False) as session:
-        reply = session.get(Message, reply_id)
-        assert (reply.status, reply.content, reply.attempt) == (Status.COMPLETE, "again please", 1)
+        old, new = session.get(Message, reply_id), session.get(Message, version["id"])
+        # The old version is kept as it was; the new one was generated from the same history.
+        assert (old.status, old.content, old.attempt) == (Status.COMPLETE, "again please", 0)
+        assert (new.status, new.content, new.parent_id) == (Status.COMPLETE, "again please", old.parent_id)
+    listed = client.get(f"{conversation_url}/messages", headers=alice).get_json()["items"]
+    assert [m["id"] for m in listed] == [posted["message"]["id"], version["id"]]
 
 
 def test_regenerate_rules(client, app, alice, conversation_url):

@@ -7,7 +7,7 @@ from chatapp.chat.models import Message, Status
 from chatapp.chat.stream import reply_events
 from chatapp.db import unit_of_work
 from tests.fake_openai import FakeOpenAIServer
-from tests.helpers import checked_out, live_sessions, wait_for_background_work
+from tests.helpers import checked_out, live_sessions, run_reply_again, wait_for_background_work
 
 
 def post(client, headers, url, content="hello"):
@@ -101,9 +101,9 @@ def test_stream_through_the_view_closed_mid_way_releases_everything(client, app,
 def test_stream_resumed_on_an_older_attempt_resets(client, app, alice, conversation_url):
     reply_id = post(client, alice, conversation_url, "first answer")
     wait_for_background_work(app)
-    assert client.post(f"{conversation_url}/messages/{reply_id}/regenerate", headers=alice).status_code == 202
+    run_reply_again(app, reply_id)
     wait_for_background_work(app)
-    # A client that had read all of attempt 0 reconnects after the reply was regenerated.
+    # A client that had read all of attempt 0 reconnects after the reply was run again.
     events = list(reply_events(app, reply_id, resume=(0, len("first answer"))))
     assert events[1] == "event: reset\ndata: \n\n"
     assert "data: first answer" in events[2] and events[2].startswith("id: 1:12")

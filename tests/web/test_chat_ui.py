@@ -66,7 +66,12 @@ def test_the_regenerate_icon_still_posts_without_javascript(client, app, alice):
     wait_for_background_work(app)
     with unit_of_work(app, write=False) as session:
         reply = session.get(Message, reply_id)
-        assert (reply.status, reply.content, reply.attempt) == (Status.COMPLETE, "again", 1)
+        # A new version beside the first reply, which stays as it was.
+        versions = session.scalars(sa.select(Message).where(Message.parent_id == reply.parent_id).order_by(Message.id))
+        assert [(m.id == reply_id, m.status, m.content) for m in versions] == [
+            (True, Status.COMPLETE, "first answer"),
+            (False, Status.COMPLETE, "again"),
+        ]
 
 
 def test_a_failed_reply_says_regenerate_in_words(client, app, alice):

@@ -191,8 +191,12 @@ def test_failed_reply_shows_its_error_and_regenerates(client, app, alice):
     assert response.status_code == 302
     wait_for_background_work(app)
     with unit_of_work(app, write=False) as session:
-        reply = session.get(Message, reply_id)
-        assert (reply.status, reply.content, reply.error, reply.attempt) == (Status.COMPLETE, "try me", None, 1)
+        # A new version beside the failed one, which stays as it was.
+        version = session.scalar(sa.select(Message).where(Message.id > reply_id))
+        assert (version.status, version.content, version.error) == (Status.COMPLETE, "try me", None)
+        assert session.get(Message, reply_id).status is Status.FAILED
+    html = client.get(f"/c/{conversation_id}").get_data(as_text=True)
+    assert "the model server is down" not in html and ">2/2<" in html
 
 
 # A commit whose connection died after COMMIT was sent, but which landed: the page goes
@@ -220,14 +224,14 @@ def test_send_whose_commit_fails_in_flight_is_a_503_page_and_stores_nothing(clie
 
 def test_regenerate_whose_commit_landed_unseen_still_starts_the_new_attempt(client, app, alice):
     conversation_id, reply_id = seed_reply(app, "alice", "try me", "half", error="the model server is down")
-    with commit_answer_lost(app, "UPDATE messages") as fault:
+    with commit_answer_lost(app, "UPDATE conversations") as fault:
         response = client.post(f"/c/{conversation_id}/messages/{reply_id}/regenerate")
     assert fault.fired == 1
     assert response.status_code == 302
     wait_for_background_work(app)
     with unit_of_work(app, write=False) as session:
-        reply = session.get(Message, reply_id)
-        assert (reply.status, reply.content, reply.attempt) == (Status.COMPLETE, "try me", 1)
+        version = session.scalar(sa.select(Message).where(Message.id > reply_id))
+        assert (version.status, version.content, version.attempt) == (Status.COMPLETE, "try me", 0)
 
 
 def test_only_the_latest_reply_regenerates(client, app, alice):

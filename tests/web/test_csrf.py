@@ -45,6 +45,8 @@ def test_every_logged_in_form_refuses_a_missing_or_wrong_token(client, app, logg
         (f"/c/{conversation_id}/delete", {}),
         (f"/c/{conversation_id}/messages", {"content": "forged"}),
         (f"/c/{conversation_id}/messages/{reply_id}/regenerate", {}),
+        (f"/c/{conversation_id}/messages/{reply_id - 1}/edit", {"content": "forged"}),
+        (f"/c/{conversation_id}/branch", {"message_id": reply_id}),
         ("/settings/tokens", {"name": "forged"}),
         ("/settings/sessions/1/end", {}),
         ("/settings/sessions/end-all", {}),

@@ -742,3 +742,35 @@ def test_a_streaming_reply_is_rendered_as_it_will_be_when_finished(browser, data
         expect(newest_reply(page).locator("button.code-copy")).to_have_count(1)
         assert problems == []
         context.close()
+
+
+# Page logic only: one database is enough.
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_edit_a_message_and_switch_between_versions(browser, database_uri, seeder, tmp_path):
+    from playwright.sync_api import expect
+
+    with GunicornServer(database_uri, workers=1, threads=8, log_dir=tmp_path) as server:
+        with unit_of_work(seeder):
+            auth_services.create_user(USERNAME, PASSWORD)
+        context = browser.new_context(viewport={"width": 1280, "height": 800})
+        context.set_default_timeout(TIMEOUT_MS)
+        page = context.new_page()
+        problems = watch_for_problems(page)
+        log_in(page, server.url)
+        conversation_id = seed_conversation(seeder, "Versions", [("first try", "first answer", None)])
+        page.goto(f"{server.url}/c/{conversation_id}")
+        page.wait_for_load_state("load")
+        # Edit in place: the new version and its reply stream in, the old branch leaves the page.
+        page.locator("li.message.user").get_by_role("link", name="Edit").click()
+        page.get_by_label("Edit message").fill("second try")
+        page.get_by_role("button", name="Save").click()
+        expect_finished(page, expect, "second try")  # the echo bot
+        expect(page.locator("li.message .text")).to_have_text(["second try", "second try"])
+        expect(page.locator("li.message.user .version-position")).to_have_text("2/2")
+        # ‹ goes back to the first version and its reply, as they were.
+        page.get_by_role("button", name="Previous version").click()
+        page.wait_for_url(re.compile(rf".*/c/{conversation_id}#message-\d+$"))
+        expect(page.locator("li.message .text")).to_have_text(["first try", "first answer"])
+        expect(page.locator("li.message.user .version-position")).to_have_text("1/2")
+        assert problems == []
+        context.close()
