@@ -39,7 +39,7 @@ def message_page_response(rows, next_cursor: str | None) -> Response:
     """json_response({"items": [message_json(row) for row in rows], "next_cursor": ...}).
 
     ``rows``: the columns chatapp.chat.services.list_messages selects, in its order
-    (id, conversation_id, role, content, status, error, created_at, updated_at).
+    (id, conversation_id, role, content, status, error, created_at, updated_at, model).
     """
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     if not _provider_is_default(app):
@@ -52,11 +52,12 @@ def message_page_response(rows, next_cursor: str | None) -> Response:
             "created_at": created_at.isoformat(),
             "error": error,
             "id": id_,
+            "model": model,
             "role": role._value_,
             "status": status._value_,
             "updated_at": updated_at.isoformat(),
         }
-        for id_, conversation_id, role, content, status, error, created_at, updated_at in rows
+        for id_, conversation_id, role, content, status, error, created_at, updated_at, model in rows
     ]
     body = _ENCODER.encode({"items": items, "next_cursor": next_cursor})
     return app.response_class(f"{body}\n", mimetype=app.json.mimetype)

@@ -116,12 +116,29 @@ class PageQuery(Schema):
 TITLE_DOC = {**limits(1, Defaults.TITLE_MAX_LENGTH), "pattern": VISIBLE_TEXT_PATTERN}
 
 
+MODEL_DOC = {
+    "maxLength": 200,
+    "description": "A model id from GET /models; empty for the server's default. "
+    "One the engine does not offer is refused with 422 naming those it does.",
+}
+SYSTEM_PROMPT_DOC = {
+    **limits(0, Defaults.SYSTEM_PROMPT_MAX_LENGTH),
+    "pattern": NO_NUL_PATTERN,
+    "description": "Sent to the model before the history, and always kept in it; blank for the server's default.",
+}
+
+
 class ConversationIn(Schema):
     title = fields.String(validate=Rule(inputs.title_problem), metadata=TITLE_DOC)
+    model = fields.String(validate=validate.Length(0, 200), metadata=MODEL_DOC)
+    system_prompt = fields.String(validate=Rule(inputs.system_prompt_problem), metadata=SYSTEM_PROMPT_DOC)
 
 
 class ConversationPatch(Schema):
-    title = fields.String(required=True, validate=Rule(inputs.title_problem), metadata=TITLE_DOC)
+    # Each optional, at least one (the document's minProperties): only those sent change.
+    title = fields.String(validate=Rule(inputs.title_problem), metadata=TITLE_DOC)
+    model = fields.String(validate=validate.Length(0, 200), metadata=MODEL_DOC)
+    system_prompt = fields.String(validate=Rule(inputs.system_prompt_problem), metadata=SYSTEM_PROMPT_DOC)
 
 
 class ConversationOut(Schema):
@@ -129,6 +146,17 @@ class ConversationOut(Schema):
     title = fields.String(required=True)
     created_at = fields.DateTime(required=True)
     updated_at = fields.DateTime(required=True)
+    model = fields.String(required=True, allow_none=True, metadata={"description": "null: the server's default"})
+    system_prompt = fields.String(required=True, allow_none=True)
+
+
+class ModelOut(Schema):
+    id = fields.String(required=True)
+    default = fields.Boolean(required=True, metadata={"description": "The model of conversations that choose none."})
+
+
+class ModelList(Schema):
+    items = fields.List(fields.Nested(ModelOut), required=True)
 
 
 class ConversationPage(Schema):
@@ -157,6 +185,9 @@ class MessageOut(Schema):
     error = fields.String(required=True, allow_none=True)
     created_at = fields.DateTime(required=True)
     updated_at = fields.DateTime(required=True)
+    model = fields.String(
+        required=True, allow_none=True, metadata={"description": "A reply's model (null for your messages)."}
+    )
 
 
 class MessagePage(Schema):

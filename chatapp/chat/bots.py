@@ -128,7 +128,9 @@ def _client(connect_timeout: float, read_timeout: float) -> httpx.Client:
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
-            timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout)
+            timeout = httpx.Timeout(
+                connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout
+            )
             # No environment proxies: the model server is the operator's, named in config.
             client = _clients[key] = httpx.Client(timeout=timeout, trust_env=False)
         return client

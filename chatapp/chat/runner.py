@@ -31,7 +31,7 @@ from typing import Protocol
 import sqlalchemy as sa
 from flask import Flask
 
-from chatapp.chat import leases, live_replies, services
+from chatapp.chat import leases, live_replies, services, titles
 from chatapp.chat.live_replies import LiveReply
 from chatapp.chat.pipeline import generate_reply
 from chatapp.db import db, is_transient, remove_session, unit_of_work
@@ -287,7 +287,7 @@ class ThreadPoolReplyRunner:
             run.cancel(reason)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until no reply runs or waits here, and the keeper has stopped."""
+        """Wait until no reply runs or waits here, the keeper has stopped, and no title job is pending."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             self._state()
@@ -296,8 +296,12 @@ class ThreadPoolReplyRunner:
             keeper = self._keeper
         if keeper is not None:
             keeper.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            return not keeper.is_alive()
-        return True
+            if keeper.is_alive():
+                return False
+        # The title jobs the replies started are this runner's work too.
+        return titles.get_title_jobs(self.app).wait_idle(
+            None if deadline is None else max(0.0, deadline - time.monotonic())
+        )
 
     # --- the keeper: leases renewed, stops noticed --------------------------------------
 
@@ -358,8 +362,17 @@ class ThreadPoolReplyRunner:
         with self._lock:
             self._state()
             self._accepting = False
-        if self.wait_idle(max(0.0, grace)):
-            return
+        started = time.monotonic()
+        try:
+            if self.wait_idle(max(0.0, grace)):
+                return
+            self._hand_over()
+        finally:
+            # Titles wait for the replies (which may submit one), within what is left of
+            # the grace period; an unfinished title only leaves the default one.
+            titles.get_title_jobs(self.app).shutdown(max(0.0, grace - (time.monotonic() - started)))
+
+    def _hand_over(self) -> None:
         runs = self.running()
         log.warning("handing over %d unfinished repl%s to other processes", len(runs), "y" if len(runs) == 1 else "ies")
         for reply_id in runs:
@@ -375,6 +388,7 @@ class ThreadPoolReplyRunner:
 
 def init_app(app: Flask) -> None:
     live_replies.init_app(app)
+    titles.init_app(app)
     app.extensions[EXTENSION_KEY] = ThreadPoolReplyRunner(
         app, app.config["REPLY_WORKERS"], app.config["REPLY_QUEUE_MAX"]
     )
