@@ -35,8 +35,9 @@ QUEUE_MAX = 100
 def clean_title(text: str, max_length: int) -> str:
     """A model's answer as a title: its first line, without quotes, a label or a final period."""
     line = next((line for line in text.strip().splitlines() if line.strip()), "")
-    line = re.sub(r"^\s*(title\s*:\s*)", "", line, flags=re.IGNORECASE)
-    line = line.strip().strip("\"'“”‘’*#` ").rstrip(".").strip()
+    quotes = "\"'“”‘’*#` "
+    line = re.sub(r"^title\s*:\s*", "", line.strip().strip(quotes), flags=re.IGNORECASE)
+    line = line.strip().strip(quotes).rstrip(".").strip()
     return first_words(line, max_length, words=20)
 
 
