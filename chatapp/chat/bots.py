@@ -297,6 +297,12 @@ class OpenAIBot:
             _models_cache[key] = (time.monotonic() + self.models_cache_seconds, ids)
         return list(ids)
 
+    def cached_models(self) -> list[str] | None:
+        """The cached model list if fresh, else None: never waits for the server (pages)."""
+        with _models_lock:
+            cached = _models_cache.get((self.base_url, self.api_key))
+        return list(cached[1]) if cached is not None and cached[0] > time.monotonic() else None
+
     def _fetch_models(self) -> list[str]:
         url = self.base_url + "/models"
         try:

@@ -46,6 +46,22 @@ def list_models(config=None) -> list[ModelItem]:
     return [ModelItem(model_id, model_id == bot.default_model) for model_id in ids]
 
 
+def models_at_hand(current: str | None = None, config=None) -> list[ModelItem]:
+    """The models a page can offer without waiting for the model server: the engine's list
+    if it is fixed (echo) or cached, else the default and ``current``; the page's script
+    fetches the full list (GET /api/v1/models)."""
+    bot = bot_from_config(config or current_app.config)
+    cached = getattr(bot, "cached_models", None)
+    ids = list(bot.models() if cached is None else (cached() or []))
+    for model_id in (current, bot.default_model):
+        if model_id and model_id not in ids:
+            ids.insert(0, model_id)
+    if bot.default_model in ids:  # the default first
+        ids.remove(bot.default_model)
+        ids.insert(0, bot.default_model)
+    return [ModelItem(model_id, model_id == bot.default_model) for model_id in ids]
+
+
 def check_model(model: object) -> str | None:
     """A conversation's model choice: None or "" for the default; else one the engine lists
     (InvalidInput naming those it does). The default needs no listing, so it works while

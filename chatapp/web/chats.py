@@ -38,6 +38,7 @@ def _render_conversation(conversation_id: int, *, message_form=None, rename_form
         sidebar=_sidebar(conversation.id),
         message_form=message_form or MessageForm(formdata=None),
         rename_form=rename_form or RenameForm(formdata=None, title=conversation.title),
+        chat_settings=pages.chat_settings(conversation.model, conversation.system_prompt),
     ), status
 
 

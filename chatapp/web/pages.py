@@ -18,6 +18,7 @@ from markupsafe import Markup
 
 from chatapp.auth import login_sessions as sessions
 from chatapp.auth import services as auth
+from chatapp.chat import catalog
 from chatapp.chat import services as chat
 from chatapp.chat.models import ACTIVE_STATUSES, Conversation, Message, Role
 from chatapp.db import db, end_transaction
@@ -49,6 +50,7 @@ class MessageItem:
     is_latest: bool
     # Finished assistant replies show as Markdown; a reply being generated shows as text.
     is_markdown: bool
+    model: str | None = None  # the model a reply was written by
 
     @property
     def is_active(self) -> bool:
@@ -64,6 +66,20 @@ class MessageItem:
 class History:
     messages: list[MessageItem]
     earlier_before: int | None
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """A conversation's model and system prompt, and the models its picker offers."""
+
+    model: str | None
+    system_prompt: str
+    models: list[catalog.ModelItem]
+
+
+def chat_settings(model: str | None, system_prompt: str | None) -> ChatSettings:
+    # Never waits for the model server: a page offers what is at hand, its script the rest.
+    return ChatSettings(model, system_prompt or "", catalog.models_at_hand(model))
 
 
 @dataclass(frozen=True)
@@ -112,6 +128,7 @@ def message_item(message: Message, is_latest: bool) -> MessageItem:
         error=message.error,
         is_latest=is_latest,
         is_markdown=finished,
+        model=message.model,
     )
 
 

@@ -504,3 +504,45 @@ def test_a_lost_answer_is_sent_again_once_with_the_same_key(browser, database_ur
         with unit_of_work(seeder, write=False) as session:
             assert session.scalar(sa.select(sa.func.count()).select_from(Message)) == 6
         context.close()
+
+
+# Page logic only: one database is enough.
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_a_new_chat_is_created_by_its_first_message_with_its_model(browser, database_uri, seeder, tmp_path):
+    """ "New chat" stores nothing; the first message creates the chat with the chosen model
+    and system prompt; the reply shows its model and the generated title appears unreloaded."""
+    from playwright.sync_api import expect
+
+    with GunicornServer(database_uri, workers=1, threads=8, config={"BOT_ECHO_DELAY": 1}, log_dir=tmp_path) as server:
+        with unit_of_work(seeder):
+            auth_services.create_user(USERNAME, PASSWORD)
+        context = browser.new_context(viewport={"width": 1280, "height": 800})
+        context.set_default_timeout(TIMEOUT_MS)
+        page = context.new_page()
+        problems = watch_for_problems(page)
+        log_in(page, server.url)
+        for _ in range(3):
+            page.get_by_role("link", name="New chat").first.click()
+            page.wait_for_url(server.url + "/chat/new")
+        expect(page.locator(".conversation-link")).to_have_count(0)
+        page.get_by_label("Model").select_option("")
+        page.get_by_text("System prompt (optional)").click()
+        page.get_by_label("System prompt").fill("Be brief.")
+        box = page.get_by_label("Message", exact=True)
+        box.fill("Plan a picnic by the river")
+        box.press("Enter")
+        page.wait_for_url(re.compile(r".*/c/\d+$"))
+        expect_finished(page, expect, "Plan a picnic by the river")
+        expect(newest_reply(page).locator(".message-model")).to_have_text("Model: echo")
+        # The echo engine's title: the first words of the first message, shown without a reload.
+        expect(page.locator("#chat-title")).to_have_text("Plan a picnic by the river")
+        expect(page.locator(".conversation-link")).to_have_text(["Plan a picnic by the river"])
+        with unit_of_work(seeder, write=False) as session:
+            (conversation,) = session.scalars(sa.select(chat_services.Conversation)).all()
+            assert (conversation.system_prompt, conversation.model, conversation.title_source) == (
+                "Be brief.",
+                None,
+                "auto",
+            )
+        assert problems == []
+        context.close()
