@@ -53,7 +53,10 @@ class FakeOpenAIServer:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                self.wfile.write(payload)
+                try:
+                    self.wfile.write(payload)
+                except OSError:  # the client gave up waiting (a title timeout)
+                    server.client_gone.set()
 
             def do_GET(self):
                 if self.path != "/v1/models":
