@@ -35,11 +35,14 @@ def _document_the_models(app: Flask) -> None:
     """What the schemas cannot say: a PATCH changes something, and the models when the
     engine's list is fixed (echo); an
     OpenAI-compatible server's list changes, and GET /models gives it."""
-    from chatapp.chat.bots import EchoBot, bot_from_config
+    from chatapp.chat.bots import BotError, EchoBot, bot_from_config
 
     # A PATCH changes at least one field (the view refuses {} with 422).
     api.spec.components.schemas["ConversationPatch"]["minProperties"] = 1
-    bot = bot_from_config(app.config)
+    try:
+        bot = bot_from_config(app.config)
+    except BotError:  # an unknown engine: each reply says so, as before
+        return
     if not isinstance(bot, EchoBot):
         return
     for name in ("ConversationIn", "ConversationPatch"):

@@ -16,7 +16,7 @@ from chatapp.api.schemas import (
 )
 from chatapp.chat import catalog
 from chatapp.chat import services as chat
-from chatapp.db import begin_write, db, transaction
+from chatapp.db import begin_write, db, end_transaction, transaction
 from chatapp.errors import InvalidInput
 
 blp = api_blueprint("conversations", "Conversations", authenticated=True)
@@ -75,6 +75,11 @@ def rename_conversation(body, conversation_id):
     if not body:
         raise InvalidInput("send at least one of title, model and system_prompt")
     settings = {}
+    if "model" in body or "system_prompt" in body:
+        # Someone else's conversation is a 404 whatever the body says: looked up first, in a
+        # short read that ends before the model check (which may ask the model server).
+        chat.check_conversation(current_user_id(), conversation_id)
+        end_transaction()
     if "model" in body:
         settings["model"] = catalog.check_model(body["model"])
     if "system_prompt" in body:

@@ -5,6 +5,7 @@ Engines never see a session or an ORM object, so nothing they do can hold a conn
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -134,6 +135,17 @@ def _client(connect_timeout: float, read_timeout: float) -> httpx.Client:
             # No environment proxies: the model server is the operator's, named in config.
             client = _clients[key] = httpx.Client(timeout=timeout, trust_env=False)
         return client
+
+
+@atexit.register
+def close_clients() -> None:
+    """Close this process's connections to model servers (at exit: no socket left to the GC)."""
+    with _clients_lock:
+        clients = list(_clients.values())
+        _clients.clear()
+    for client in clients:
+        with contextlib.suppress(Exception):
+            client.close()
 
 
 def clear_model_cache() -> None:

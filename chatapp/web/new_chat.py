@@ -11,7 +11,7 @@ from chatapp import rate_limits
 from chatapp.chat import catalog
 from chatapp.chat import services as chat
 from chatapp.chat.runner import commit_and_start_reply
-from chatapp.db import begin_write, db, transaction
+from chatapp.db import begin_write, db, end_transaction, transaction
 from chatapp.errors import AppError
 from chatapp.web import bp, pages
 from chatapp.web.forms import ChatSettingsForm, NewChatForm, add_error, sentence
@@ -70,6 +70,10 @@ def start_chat():
 @transaction("write-after")
 def chat_settings(conversation_id: int):
     """Change a conversation's model and system prompt; the next reply uses them."""
+    # Someone else's conversation is a 404 whatever the form says (a short read, ended
+    # before the model check, which may ask the model server).
+    chat.check_conversation(current_user.id, conversation_id)
+    end_transaction()
     form = ChatSettingsForm()
     problems = [] if form.validate_on_submit() else [e for errors in form.errors.values() for e in errors]
     if not problems:
