@@ -175,13 +175,16 @@ def test_models_and_titles_migration_keeps_existing_chats(app, auth):
         db.session.remove()
     now = utcnow()
     with unit_of_work(app) as session:
-        conversation_id = session.execute(
-            sa.text(
-                "INSERT INTO conversations (owner_id, title, created_at, updated_at) "
-                "VALUES ((SELECT id FROM users), 'kept', :now, :now) RETURNING id"
-            ),
-            {"now": now},
-        ).scalar()
+        conversation_id, untitled_id = (
+            session.execute(
+                sa.text(
+                    "INSERT INTO conversations (owner_id, title, created_at, updated_at) "
+                    "VALUES ((SELECT id FROM users), :title, :now, :now) RETURNING id"
+                ),
+                {"now": now, "title": title},
+            ).scalar()
+            for title in ("kept", "New chat")
+        )
         session.execute(
             sa.text(
                 "INSERT INTO messages (conversation_id, role, content, status, attempt, runs, "
@@ -194,7 +197,9 @@ def test_models_and_titles_migration_keeps_existing_chats(app, auth):
         db.session.remove()
     with unit_of_work(app, write=False) as session:
         conversation = session.get(Conversation, conversation_id)
-        assert (conversation.title, conversation.title_source) == ("kept", "default")
+        # A title someone gave is theirs; a default one is left for the title job.
+        assert (conversation.title, conversation.title_source) == ("kept", "user")
+        assert session.get(Conversation, untitled_id).title_source == "default"
         assert (conversation.model, conversation.system_prompt) == (None, None)
         assert session.scalar(sa.select(Message.model)) is None
     body = app.test_client().get(f"/api/v1/conversations/{conversation_id}", headers=headers).get_json()

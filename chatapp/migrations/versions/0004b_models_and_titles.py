@@ -17,14 +17,16 @@ depends_on = None
 
 
 def upgrade():
-    # Nullable columns and a server default: existing rows need no data change (their
-    # titles count as "default", so a chat created before this gets a title once it replies).
+    # Nullable columns (None: the server's defaults) and a server default for the title's source.
     with op.batch_alter_table('conversations', schema=None) as batch_op:
         batch_op.add_column(
             sa.Column('title_source', sa.String(length=16), nullable=False, server_default='default')
         )
         batch_op.add_column(sa.Column('model', sa.String(length=200), nullable=True))
         batch_op.add_column(sa.Column('system_prompt', sa.Text(), nullable=True))
+    # A title someone gave (at creation or by renaming) must never be replaced by a generated
+    # one: only chats still called "New chat" are left for the title job.
+    op.execute("UPDATE conversations SET title_source = 'user' WHERE title <> 'New chat'")
     with op.batch_alter_table('messages', schema=None) as batch_op:
         batch_op.add_column(sa.Column('model', sa.String(length=200), nullable=True))
 
