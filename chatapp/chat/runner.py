@@ -289,6 +289,16 @@ class ThreadPoolReplyRunner:
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no reply runs or waits here, the keeper has stopped, and no title job is pending."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._replies_idle(timeout):
+            return False
+        # The title jobs the replies started are this runner's work too.
+        return titles.get_title_jobs(self.app).wait_idle(
+            None if deadline is None else max(0.0, deadline - time.monotonic())
+        )
+
+    def _replies_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no reply runs or waits here, and the keeper has stopped."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             self._state()
             if not self._idle.wait_for(lambda: self._queued == 0, timeout):
@@ -296,12 +306,8 @@ class ThreadPoolReplyRunner:
             keeper = self._keeper
         if keeper is not None:
             keeper.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if keeper.is_alive():
-                return False
-        # The title jobs the replies started are this runner's work too.
-        return titles.get_title_jobs(self.app).wait_idle(
-            None if deadline is None else max(0.0, deadline - time.monotonic())
-        )
+            return not keeper.is_alive()
+        return True
 
     # --- the keeper: leases renewed, stops noticed --------------------------------------
 
@@ -364,7 +370,8 @@ class ThreadPoolReplyRunner:
             self._accepting = False
         started = time.monotonic()
         try:
-            if self.wait_idle(max(0.0, grace)):
+            # Replies only: a slow title must not keep them from being handed over.
+            if self._replies_idle(max(0.0, grace)):
                 return
             self._hand_over()
         finally:
@@ -378,7 +385,7 @@ class ThreadPoolReplyRunner:
         for reply_id in runs:
             self.cancel(reply_id, "handover")
         # Cancelled runs close their bot requests and write nothing more; then the leases go.
-        self.wait_idle(2.0)
+        self._replies_idle(2.0)
         try:
             with job("lease"), unit_of_work(self.app):
                 leases.release(self.owner, runs)
