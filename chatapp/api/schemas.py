@@ -20,7 +20,11 @@ from chatapp.config import LOGIN_PASSWORD_MAX_LENGTH, LOGIN_USERNAME_MAX_LENGTH,
 # The same rules as JSON Schema patterns for the OpenAPI document, written so that no two
 # quantifiers can take the same character: a client that applies them runs in linear time.
 NO_NUL_PATTERN = r"^[^\u0000]*$"
-VISIBLE_TEXT_PATTERN = r"^\s*[^\s\u0000][^\u0000]*$"
+# Whitespace spelled out as Python's str.isspace() has it: a JSON Schema (ECMA) \s differs
+# (it lacks U+001C-U+001F and U+0085, and has U+FEFF), so a client or a fuzzer reading it
+# would disagree with the server about text such as "\u0085".
+_WHITESPACE = r"\t-\r\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+VISIBLE_TEXT_PATTERN = f"^[{_WHITESPACE}]*[^{_WHITESPACE}\\u0000][^\\u0000]*$"
 
 
 def no_nul(value: str) -> None:

@@ -35,19 +35,14 @@ _REPLY_CONVERSATION = (
     .select_from(_messages.join(_conversations, _conversations.c.id == _messages.c.conversation_id))
     .where(_messages.c.id == sa.bindparam("reply_id"))
 )
-_RECORD_MODEL = (
-    sa.update(_messages).where(_messages.c.id == sa.bindparam("reply_id")).values(model=sa.bindparam("model"))
-)
 
 
 def for_reply(reply_id: int, default_model: str) -> ReplySettings | None:
-    """Read the reply's conversation settings and record the model on the reply (its run's write)."""
+    """Read the reply's conversation settings (leases.claim recorded the model on the reply)."""
     row = db.session.execute(_REPLY_CONVERSATION, {"reply_id": reply_id}).first()
     if row is None:
         return None
-    model = row.model or default_model
-    db.session.execute(_RECORD_MODEL, {"reply_id": reply_id, "model": model})
-    return ReplySettings(row.id, model, row.system_prompt, row.title_source == "default")
+    return ReplySettings(row.id, row.model or default_model, row.system_prompt, row.title_source == "default")
 
 
 @dataclass(frozen=True)

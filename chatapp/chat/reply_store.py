@@ -58,15 +58,21 @@ def claim_reply(
 ) -> tuple[int, list[dict], conversation_settings.ReplySettings] | None:
     """Take the reply's lease and read what the bot needs, in one short unit of work:
     (attempt, history, its conversation's settings), or None if the reply is not there to
-    claim. The model the run uses is recorded on the reply in the same transaction."""
+    claim. The claim records the model the run uses on the reply."""
     config = app.config
 
     def claim():
         with unit_of_work(app):
-            attempt = leases.claim(reply_id, owner, float(config["REPLY_LEASE_SECONDS"]), int(config["REPLY_MAX_RUNS"]))
+            bot = bot_from_config(config)
+            attempt = leases.claim(
+                reply_id,
+                owner,
+                float(config["REPLY_LEASE_SECONDS"]),
+                int(config["REPLY_MAX_RUNS"]),
+                default_model=bot.default_model,
+            )
             if attempt is None:
                 return None
-            bot = bot_from_config(config)
             settings = conversation_settings.for_reply(reply_id, bot.default_model)
             if settings is None:  # not reached: the claim has just found the reply
                 return None

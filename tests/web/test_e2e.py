@@ -160,12 +160,20 @@ def test_chat_in_a_real_browser(browser, database_uri, seeder, tmp_path):
         page.get_by_role("button", name="Create account").click()
         expect(page.get_by_role("heading", name="Start your first conversation")).to_be_visible()
 
-        # A new conversation, and a message sent with Enter.
-        page.get_by_role("button", name="New chat").first.click()
-        expect(page).to_have_url(re.compile(r"/c/\d+$"))
+        # A new chat: its first message, sent with Enter, creates it; the bot titles it.
+        page.get_by_role("link", name="New chat").first.click()
+        expect(page).to_have_url(re.compile(r"/chat/new$"))
         # The page script is deferred: until it has run, Enter only adds a new line.
         page.wait_for_load_state("load")
-        expect(page.get_by_text("No messages yet.")).to_be_visible()
+        send(page, "First words here")
+        expect(page).to_have_url(re.compile(r"/c/\d+$"))
+        page.wait_for_load_state("load")
+        expect_finished(page, expect, "First words here")
+        expect(page.locator("#chat-title")).to_have_text("First words here")
+        streams.clear()  # whether the first reply was still running when its page opened varies
+
+        # A message sent with Enter in the conversation.
+        page.evaluate("window.__states = []")
         message = "one two three four five six seven eight"
         send(page, message)
         expect_finished(page, expect, message)
@@ -190,7 +198,7 @@ def test_chat_in_a_real_browser(browser, database_uri, seeder, tmp_path):
                 box.press("Shift+Enter")
             box.press_sequentially(line)
         assert box.input_value() == xss
-        assert page.locator("li.message").count() == 2  # nothing sent yet
+        assert page.locator("li.message").count() == 4  # nothing sent yet
         page.evaluate("window.__states = []")
         box.press("Enter")
         expect(newest_reply(page)).to_have_attribute("data-status", "complete", timeout=TIMEOUT_MS)
@@ -235,7 +243,7 @@ def test_chat_in_a_real_browser(browser, database_uri, seeder, tmp_path):
         expect(page.locator("li.message").first).not_to_be_in_viewport()
 
         # Rename and delete the first conversation.
-        page.get_by_role("link", name="New chat").click()
+        page.get_by_role("link", name="First words here", exact=True).click()
         page.get_by_text("Rename", exact=True).click()
         page.get_by_label("Title").fill("Counting words")
         page.get_by_role("button", name="Save").click()
