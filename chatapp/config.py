@@ -55,6 +55,8 @@ class Defaults:
     # At most BOT_HISTORY_MAX_CHARS, so that the message a reply answers always fits.
     MESSAGE_MAX_LENGTH = 32_000
     TOKEN_NAME_MAX_LENGTH = 100
+    # A conversation's system prompt (sent before its history, and always kept in it).
+    SYSTEM_PROMPT_MAX_LENGTH = 8_000
     # Werkzeug's method and parameters for new hashes: scrypt with n=2**17 (Werkzeug's
     # default is 2**15), r=8, p=1, which needs 128 MiB for each hash. A login whose stored
     # hash used another method stores a new hash made with this one.
@@ -83,6 +85,13 @@ class Defaults:
     OPENAI_CONNECT_TIMEOUT = 5.0
     OPENAI_READ_TIMEOUT = 60.0
     OPENAI_SYSTEM_PROMPT = ""
+    # The engine's model list (GET /v1/models) is cached this long per process.
+    MODELS_CACHE_SECONDS = 60.0
+    # After a conversation's first reply, a background job asks the engine for a title
+    # (a separate, non-streamed request with this prompt, given up after TITLE_TIMEOUT s).
+    TITLES_ENABLED = True
+    TITLE_PROMPT = ""
+    TITLE_TIMEOUT = 20.0
     # Characters of a conversation's history sent to the bot with each reply (a simple
     # stand-in for the model's token window): the newest messages that fit, and always the
     # user message being answered. The system prompt is not counted.
@@ -230,7 +239,13 @@ def check_input_limits(config) -> None:
                 f"chatapp: {low} and {high} must be whole numbers with 1 <= {low} <= {high}; "
                 f"got {minimum!r} and {maximum!r}"
             )
-    for name in ("USERNAME_MAX_LENGTH", "TITLE_MAX_LENGTH", "MESSAGE_MAX_LENGTH", "TOKEN_NAME_MAX_LENGTH"):
+    for name in (
+        "USERNAME_MAX_LENGTH",
+        "TITLE_MAX_LENGTH",
+        "MESSAGE_MAX_LENGTH",
+        "TOKEN_NAME_MAX_LENGTH",
+        "SYSTEM_PROMPT_MAX_LENGTH",
+    ):
         value = config.get(name)
         if not _whole(value) or value < 1:
             raise ConfigError(f"chatapp: {name} must be a whole number of at least 1; got {value!r}")

@@ -221,3 +221,8 @@ def content_problem(value: object) -> str | None:
 
 def token_name_problem(value: object) -> str | None:
     return _text_problem(value, 0, limit("TOKEN_NAME_MAX_LENGTH"), visible=False)
+
+
+def system_prompt_problem(value: object) -> str | None:
+    # Empty is allowed: it clears the prompt (the server's default applies).
+    return _text_problem(value, 0, limit("SYSTEM_PROMPT_MAX_LENGTH"), visible=False)

@@ -19,15 +19,26 @@ class FakeOpenAIServer:
     "http500" answers an error; "garbage" sends a malformed chunk.
 
     ``client_gone`` is set when a client is seen to close its request before the end.
+
+    ``GET /v1/models`` lists ``models`` (``models_status`` other than 200: an error instead),
+    and a non-streamed completion (the title request) answers ``title_text``, after
+    ``title_gate`` is set if there is one (``title_waiting`` tells the test it is there).
     """
 
     def __init__(self, mode: str = "ok", reply_words: list[str] | None = None, delay: float = 0.0):
         self.mode = mode
         self.reply_words = reply_words or ["Hello", " from", " the", " model."]
         self.delay = delay
-        self.requests: list[dict] = []
+        self.requests: list[dict] = []  # the streamed (reply) requests
+        self.title_requests: list[dict] = []  # the bodies of non-streamed (title) requests
         self.release = threading.Event()
         self.client_gone = threading.Event()
+        self.models = ["test-model", "other-model"]
+        self.models_status = 200
+        self.model_requests = 0
+        self.title_text = "Greetings From The Model"
+        self.title_gate: threading.Event | None = None
+        self.title_waiting = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -36,11 +47,36 @@ class FakeOpenAIServer:
             def log_message(self, *args):
                 pass
 
+            def _json(self, status: int, body: dict) -> None:
+                payload = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                try:
+                    self.wfile.write(payload)
+                except OSError:  # the client gave up waiting (a title timeout)
+                    server.client_gone.set()
+
+            def do_GET(self):
+                if self.path != "/v1/models":
+                    return self._json(404, {"error": {"message": "no such path"}})
+                server.model_requests += 1
+                if server.models_status != 200:
+                    return self._json(server.models_status, {"error": {"message": "models are sleeping"}})
+                self._json(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in server.models]})
+
             def do_POST(self):
                 length = int(self.headers.get("Content-Length", 0))
-                server.requests.append(
-                    {"path": self.path, "headers": dict(self.headers), "body": json.loads(self.rfile.read(length))}
-                )
+                body = json.loads(self.rfile.read(length))
+                if body.get("stream") is False:
+                    server.title_requests.append(body)
+                    server.title_waiting.set()
+                    if server.title_gate is not None:
+                        server.title_gate.wait(30)
+                    message = {"role": "assistant", "content": server.title_text}
+                    return self._json(200, {"object": "chat.completion", "choices": [{"index": 0, "message": message}]})
+                server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
                 if server.mode == "http500":
                     payload = json.dumps({"error": {"message": "model is overloaded"}}).encode()
                     self.send_response(500)
@@ -104,5 +140,7 @@ class FakeOpenAIServer:
 
     def __exit__(self, *exc):
         self.release.set()
+        if self.title_gate is not None:
+            self.title_gate.set()
         self.httpd.shutdown()
         self.httpd.server_close()

@@ -171,3 +171,113 @@ def test_a_failed_reply_shows_a_general_error_and_logs_the_details(app, client, 
     for text in (f"reply {reply_id} (attempt 0)", "HTTP 500: model is overloaded", f"***@127.0.0.1:{port}"):
         assert text in logged[0], (text, logged[0])
     assert PASSWORD not in logged[0] and "operator" not in logged[0]
+
+
+def test_a_cancel_ends_a_blocked_read_at_once_and_the_server_sees_the_client_go():
+    """A silent model keeps the read blocked for read_timeout; the cancel callback closes it."""
+    import threading
+
+    from chatapp.chat.runner import Cancellation
+
+    cancel = Cancellation()
+    received: list[str] = []
+    outcome: list[object] = []
+    with FakeOpenAIServer("silent") as server:
+        bot = make_bot(server, read_timeout=60)
+
+        def read():
+            try:
+                for chunk in bot.stream(HISTORY, cancel):
+                    received.append(chunk)
+                    got_first.set()
+                outcome.append("ended")
+            except BotError as error:
+                outcome.append(error)
+
+        got_first = threading.Event()
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert got_first.wait(10)
+        cancel.cancel("stopped")
+        reader.join(10)  # an upper bound for a loaded machine: without the cancel, 60 s
+        assert not reader.is_alive()
+        assert server.client_gone.wait(10)
+    assert received == ["Hello"] and len(outcome) == 1
+
+
+def test_openai_models_are_listed_and_cached_per_server():
+    from chatapp.chat.bots import clear_model_cache
+
+    clear_model_cache()
+    with FakeOpenAIServer("ok") as server:
+        bot = make_bot(server)
+        assert bot.cached_models() is None
+        assert bot.models() == ["test-model", "other-model"]
+        server.models = ["changed"]
+        assert make_bot(server).models() == ["test-model", "other-model"]  # cached
+        assert server.model_requests == 1
+        clear_model_cache()
+        assert bot.models() == ["changed"]
+    clear_model_cache()
+
+
+def test_openai_models_error_is_private():
+    from chatapp.chat.bots import clear_model_cache
+
+    clear_model_cache()
+    with FakeOpenAIServer("ok") as server:
+        server.models_status = 503
+        error = failure_of(make_bot(server, base_url=credentialed(server.base_url)).models)
+    assert str(error) == "the model server answered with an error (HTTP 503); try again later"
+    assert "/v1/models" in error.detail and "models are sleeping" in error.detail
+    assert PASSWORD not in error.detail and "127.0.0.1" not in str(error)
+
+
+def failure_of(call) -> BotError:
+    with pytest.raises(BotError) as caught:
+        call()
+    return caught.value
+
+
+def test_openai_title_is_a_separate_non_streamed_request():
+    with FakeOpenAIServer("ok") as server:
+        server.title_text = "Greeting"
+        title = make_bot(server, title_prompt="Name it.").title("hi there", "hello", model="other-model")
+    assert title == "Greeting"
+    (body,) = server.title_requests
+    assert body["stream"] is False and body["model"] == "other-model"
+    assert body["messages"] == [
+        {"role": "user", "content": "hi there"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "Name it."},
+    ]
+    assert server.requests == []  # no streamed request
+
+
+def test_openai_title_is_bounded_in_time():
+    import threading
+
+    with FakeOpenAIServer("ok") as server:
+        server.title_gate = threading.Event()
+        error = failure_of(lambda: make_bot(server, title_timeout=0.5).title("hi", "hello"))
+    assert "sent nothing" in str(error) or "in time" in str(error)
+
+
+def test_the_conversation_model_and_system_prompt_override_the_defaults():
+    with FakeOpenAIServer("ok") as server:
+        bot = make_bot(server, system_prompt="default prompt")
+        list(bot.stream(HISTORY, model="other-model", system_prompt="Speak French."))
+        list(bot.stream(HISTORY, system_prompt=""))  # an explicit empty prompt sends none
+    first, second = (request["body"] for request in server.requests)
+    assert first["model"] == "other-model"
+    assert first["messages"][0] == {"role": "system", "content": "Speak French."}
+    assert second["model"] == "test-model" and second["messages"] == HISTORY
+
+
+def test_echo_offers_its_model_and_titles_with_the_first_words():
+    from chatapp.chat.bots import first_words
+
+    bot = EchoBot()
+    assert bot.models() == ["echo"] and bot.default_model == "echo"
+    assert bot.title("  one two\nthree four five six seven", "ignored") == "one two three four five six"
+    assert first_words("abcdefghij klm", 5) == "abcd…"

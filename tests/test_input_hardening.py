@@ -103,7 +103,22 @@ def test_hostile_text_to_the_web_forms_is_refused_quickly(app, client, auth):
 
 @pytest.mark.parametrize(
     "text",
-    ["a", " a ", "\n\tb\n", "\u00a0x", "x\u2028", "a\x00", "\x00a", " ", "\u3000\u00a0\n", "\x00", "", "a b\x00 c"],
+    [
+        "a",
+        " a ",
+        "\n\tb\n",
+        "\u00a0x",
+        "x\u2028",
+        "a\x00",
+        "\x00a",
+        " ",
+        "\u3000\u00a0\n",
+        "\x00",
+        "",
+        "a b\x00 c",
+        "\x1c\u0085",
+        "\ufeff",
+    ],
 )
 def test_the_documented_patterns_say_what_the_validators_do(text):
     """The OpenAPI document shows the rules as patterns; they agree with the plain checks."""

@@ -44,7 +44,7 @@ def test_login_sessions_migration_keeps_existing_data(app, client):
     client.post("/api/v1/users", json={"username": "before", "password": "correct horse"})
     token = client.post("/api/v1/tokens", json={"username": "before", "password": "correct horse"}).get_json()
     headers = {"Authorization": f"Bearer {token['token']}"}
-    # As 0001's tables hold it: the models of today have columns added since.
+    # In SQL: the models may have columns that later migrations add.
     with unit_of_work(app) as session:
         session.execute(
             sa.text(
@@ -165,3 +165,46 @@ def test_indexes_for_the_app_queries_exist(app):
         conversation_indexes = {tuple(ix["column_names"]) for ix in inspector.get_indexes("conversations")}
     assert ("conversation_id", "id") in message_indexes
     assert ("owner_id", "updated_at", "id") in conversation_indexes
+
+
+def test_models_and_titles_migration_keeps_existing_chats(app, auth):
+    """0004b on a database with chats: they keep their rows, get the defaults, and work."""
+    from alembic.script import ScriptDirectory
+
+    before = ScriptDirectory(MIGRATIONS_DIR).get_revision("0004b").down_revision
+    headers = auth.headers("before")
+    with app.app_context():
+        flask_migrate.downgrade(directory=MIGRATIONS_DIR, revision=before)
+        assert "model" not in {c["name"] for c in sa.inspect(db.engine).get_columns("conversations")}
+        db.session.remove()
+    now = utcnow()
+    with unit_of_work(app) as session:
+        conversation_id, untitled_id = (
+            session.execute(
+                sa.text(
+                    "INSERT INTO conversations (owner_id, title, created_at, updated_at) "
+                    "VALUES ((SELECT id FROM users), :title, :now, :now) RETURNING id"
+                ),
+                {"now": now, "title": title},
+            ).scalar()
+            for title in ("kept", "New chat")
+        )
+        session.execute(
+            sa.text(
+                "INSERT INTO messages (conversation_id, role, content, status, attempt, runs, "
+                "created_at, updated_at) VALUES (:c, 'user', 'hello', 'complete', 0, 0, :now, :now)"
+            ),
+            {"c": conversation_id, "now": now},
+        )
+    with app.app_context():
+        upgrade_to_latest()
+        db.session.remove()
+    with unit_of_work(app, write=False) as session:
+        conversation = session.get(Conversation, conversation_id)
+        # A title someone gave is theirs; a default one is left for the title job.
+        assert (conversation.title, conversation.title_source) == ("kept", "user")
+        assert session.get(Conversation, untitled_id).title_source == "default"
+        assert (conversation.model, conversation.system_prompt) == (None, None)
+        assert session.scalar(sa.select(Message.model)) is None
+    body = app.test_client().get(f"/api/v1/conversations/{conversation_id}", headers=headers).get_json()
+    assert (body["title"], body["model"], body["system_prompt"]) == ("kept", None, None)

@@ -1,4 +1,4 @@
-"""Conversations: list, create, read, rename, delete."""
+"""Conversations: list, create, read, rename (and change model or system prompt), delete."""
 
 from chatapp import rate_limits
 from chatapp.api.auth import current_user_id
@@ -14,8 +14,10 @@ from chatapp.api.schemas import (
     conversation_json,
     json_response,
 )
+from chatapp.chat import catalog
 from chatapp.chat import services as chat
-from chatapp.db import db, transaction
+from chatapp.db import begin_write, db, end_transaction, transaction
+from chatapp.errors import InvalidInput
 
 blp = api_blueprint("conversations", "Conversations", authenticated=True)
 # Plain page queries (?limit=&cursor=) skip the schema load; see chatapp.api.fast_args.
@@ -40,10 +42,16 @@ def list_conversations(query):
 @blp.arguments(ConversationIn, required=False)  # no body: a conversation titled "New chat"
 @blp.response(201, ConversationOut)
 @error_responses(blp, 400, 401, 413, 415, 422, 429, 503)
-@transaction("write")
+@transaction("write-after")
 def create_conversation(body):
-    """Start a conversation."""
-    conversation = chat.create_conversation(current_user_id(), body.get("title"))
+    """Start a conversation, optionally with its model and system prompt."""
+    # Checked holding nothing: a model other than the default may ask the model server.
+    model = catalog.check_model(body.get("model"))
+    system_prompt = catalog.check_system_prompt(body.get("system_prompt"))
+    begin_write()
+    conversation = chat.create_conversation(
+        current_user_id(), body.get("title"), model=model, system_prompt=system_prompt
+    )
     db.session.commit()
     return conversation
 
@@ -61,11 +69,27 @@ def get_conversation(conversation_id):
 @blp.arguments(ConversationPatch)
 @blp.response(200, ConversationOut)
 @error_responses(blp, 400, 401, 404, 413, 415, 422, 503)
-@transaction("write")
+@transaction("write-after")
 def rename_conversation(body, conversation_id):
-    """Rename one of your conversations."""
+    """Rename one of your conversations, or change its model or system prompt."""
+    if not body:
+        raise InvalidInput("send at least one of title, model and system_prompt")
+    settings = {}
+    if "model" in body or "system_prompt" in body:
+        # Someone else's conversation is a 404 whatever the body says: looked up first, in a
+        # short read that ends before the model check (which may ask the model server).
+        chat.check_conversation(current_user_id(), conversation_id)
+        end_transaction()
+    if "model" in body:
+        settings["model"] = catalog.check_model(body["model"])
+    if "system_prompt" in body:
+        settings["system_prompt"] = catalog.check_system_prompt(body["system_prompt"])
+    begin_write()
     conversation = chat.get_conversation(current_user_id(), conversation_id)
-    chat.rename_conversation(conversation, body["title"])
+    if "title" in body:
+        chat.rename_conversation(conversation, body["title"])
+    if settings:
+        chat.change_conversation_settings(conversation, **settings)
     db.session.commit()
     return conversation
 

@@ -51,6 +51,7 @@ def message_page_response(rows, next_cursor: str | None) -> Response:
             "created_at": row.created_at.isoformat(),
             "error": row.error,
             "id": row.id,
+            "model": row.model,
             "parent_id": row.parent_id,
             "role": row.role._value_,
             "siblings": row.siblings,

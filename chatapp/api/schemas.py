@@ -20,7 +20,11 @@ from chatapp.config import LOGIN_PASSWORD_MAX_LENGTH, LOGIN_USERNAME_MAX_LENGTH,
 # The same rules as JSON Schema patterns for the OpenAPI document, written so that no two
 # quantifiers can take the same character: a client that applies them runs in linear time.
 NO_NUL_PATTERN = r"^[^\u0000]*$"
-VISIBLE_TEXT_PATTERN = r"^\s*[^\s\u0000][^\u0000]*$"
+# Whitespace spelled out as Python's str.isspace() has it: a JSON Schema (ECMA) \s differs
+# (it lacks U+001C-U+001F and U+0085, and has U+FEFF), so a client or a fuzzer reading it
+# would disagree with the server about text such as "\u0085".
+_WHITESPACE = r"\t-\r\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+VISIBLE_TEXT_PATTERN = f"^[{_WHITESPACE}]*[^{_WHITESPACE}\\u0000][^\\u0000]*$"
 
 
 def no_nul(value: str) -> None:
@@ -160,12 +164,29 @@ class PageQuery(Schema):
 TITLE_DOC = {**limits(1, Defaults.TITLE_MAX_LENGTH), "pattern": VISIBLE_TEXT_PATTERN}
 
 
+MODEL_DOC = {
+    "maxLength": 200,
+    "description": "A model id from GET /models; empty for the server's default. "
+    "One the engine does not offer is refused with 422 naming those it does.",
+}
+SYSTEM_PROMPT_DOC = {
+    **limits(0, Defaults.SYSTEM_PROMPT_MAX_LENGTH),
+    "pattern": NO_NUL_PATTERN,
+    "description": "Sent to the model before the history, and always kept in it; blank for the server's default.",
+}
+
+
 class ConversationIn(Schema):
     title = fields.String(validate=Rule(inputs.title_problem), metadata=TITLE_DOC)
+    model = fields.String(validate=validate.Length(0, 200), metadata=MODEL_DOC)
+    system_prompt = fields.String(validate=Rule(inputs.system_prompt_problem), metadata=SYSTEM_PROMPT_DOC)
 
 
 class ConversationPatch(Schema):
-    title = fields.String(required=True, validate=Rule(inputs.title_problem), metadata=TITLE_DOC)
+    # Each optional, at least one (the document's minProperties): only those sent change.
+    title = fields.String(validate=Rule(inputs.title_problem), metadata=TITLE_DOC)
+    model = fields.String(validate=validate.Length(0, 200), metadata=MODEL_DOC)
+    system_prompt = fields.String(validate=Rule(inputs.system_prompt_problem), metadata=SYSTEM_PROMPT_DOC)
 
 
 class ConversationOut(Schema):
@@ -173,6 +194,17 @@ class ConversationOut(Schema):
     title = fields.String(required=True)
     created_at = fields.DateTime(required=True)
     updated_at = fields.DateTime(required=True)
+    model = fields.String(required=True, allow_none=True, metadata={"description": "null: the server's default"})
+    system_prompt = fields.String(required=True, allow_none=True)
+
+
+class ModelOut(Schema):
+    id = fields.String(required=True)
+    default = fields.Boolean(required=True, metadata={"description": "The model of conversations that choose none."})
+
+
+class ModelList(Schema):
+    items = fields.List(fields.Nested(ModelOut), required=True)
 
 
 class ConversationPage(Schema):
@@ -206,6 +238,9 @@ class MessageOut(Schema):
     error = fields.String(required=True, allow_none=True)
     created_at = fields.DateTime(required=True)
     updated_at = fields.DateTime(required=True)
+    model = fields.String(
+        required=True, allow_none=True, metadata={"description": "A reply's model (null for your messages)."}
+    )
 
 
 class SiblingsOut(Schema):

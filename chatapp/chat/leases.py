@@ -20,13 +20,14 @@ from typing import cast
 
 import sqlalchemy as sa
 
-from chatapp.chat.models import ACTIVE_SQL, ACTIVE_STATUSES, Message, Status
+from chatapp.chat.models import ACTIVE_SQL, ACTIVE_STATUSES, Conversation, Message, Status
 from chatapp.db import db, utcnow
 
 # Set on a reply whose owner handed it over (a worker shutting down): not the name of any
 # process, so the old owner's writers match nothing, and the next claim starts a new attempt.
 RELEASED = "released"
 _messages = cast(sa.Table, Message.__table__)
+_conversations = cast(sa.Table, Conversation.__table__)
 _active = _messages.c.status.in_(ACTIVE_STATUSES)
 
 
@@ -55,14 +56,26 @@ def _expiry(now: datetime, seconds: float) -> datetime:
     return now + timedelta(seconds=seconds)
 
 
-def claim(reply_id: int, owner: str, lease_seconds: float, max_runs: int) -> int | None:
+def claim(
+    reply_id: int, owner: str, lease_seconds: float, max_runs: int, default_model: str | None = None
+) -> int | None:
     """Take the lease of an unclaimed or orphaned reply; returns its attempt, or None.
 
     A reply that had an owner before (it died, or handed the reply over) starts a new
     attempt from empty text, so streams reset and the old owner's writes match no row.
+    With ``default_model``, the same UPDATE records the model this run uses: its
+    conversation's, else that default.
     """
     now = utcnow()
     had_owner = _messages.c.lease_owner.is_not(None)
+    extra = {}
+    if default_model is not None:
+        extra["model"] = sa.func.coalesce(
+            sa.select(_conversations.c.model)
+            .where(_conversations.c.id == _messages.c.conversation_id)
+            .scalar_subquery(),
+            default_model,
+        )
     result = db.session.execute(
         sa.update(_messages)
         .where(
@@ -80,6 +93,7 @@ def claim(reply_id: int, owner: str, lease_seconds: float, max_runs: int) -> int
             status=Status.PENDING,
             error=None,
             updated_at=now,
+            **extra,
         )
         .returning(_messages.c.attempt)
     )

@@ -56,6 +56,14 @@ class Conversation(Model):
     id: Mapped[int] = mapped_column(primary_key=True)
     owner_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"))
     title: Mapped[str] = mapped_column(sa.String(200))
+    # Who set the title: "default" (New chat), "auto" (generated after the first reply) or
+    # "user" (renamed). A generated title is written only over a default one, so a rename
+    # racing the title job wins.
+    title_source: Mapped[str] = mapped_column(sa.String(16), default="default", server_default="default")
+    # The model its replies use (None: the server's default) and its system prompt (None: the
+    # server's OPENAI_SYSTEM_PROMPT), chosen when it starts and changeable later.
+    model: Mapped[str | None] = mapped_column(sa.String(200))
+    system_prompt: Mapped[str | None] = mapped_column(sa.Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # The end of the branch the conversation shows and continues (messages form a tree:
@@ -126,6 +134,8 @@ class Message(Model):
     runs: Mapped[int] = mapped_column(default=0)
     # A user message's Idempotency-Key: a retried POST returns this message and its reply.
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(100))
+    # A reply's model, recorded when a run claims it (a regenerated reply may change it).
+    model: Mapped[str | None] = mapped_column(sa.String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

@@ -13,8 +13,9 @@ import time
 
 from flask import Flask
 
-from chatapp.chat import leases
+from chatapp.chat import leases, titles
 from chatapp.chat.bots import BotError, bot_from_config
+from chatapp.chat.conversation_settings import ReplySettings
 from chatapp.chat.live_replies import LiveReply
 from chatapp.chat.reply_store import DatabaseUnavailable, ReplyWriter, claim_reply
 from chatapp.ops import metrics
@@ -42,13 +43,17 @@ def generate_reply(
         claimed = claim_reply(app, reply_id, owner)
         if claimed is None:
             return "skipped"  # finished, stopped, deleted, or another process holds it
-        attempt, history = claimed
+        attempt, history, settings = claimed
         if cancel is not None:
             cancel.claimed = True
         if live is not None:
             live.claimed(attempt)
         writer = ReplyWriter(app, reply_id, attempt, owner, live)
-        return _run_bot(app, writer, history, cancel)
+        status = _run_bot(app, writer, history, cancel, settings)
+        if status == "complete" and settings.needs_title and app.config["TITLES_ENABLED"]:
+            # Only the id crosses over; the job reads and writes in its own short units of work.
+            titles.get_title_jobs(app).submit(settings.conversation_id)
+        return status
     except DatabaseUnavailable:
         # Its last progress is stored; when the lease expires, a live process runs it again.
         log.error(
@@ -59,7 +64,7 @@ def generate_reply(
         return "lost"
 
 
-def _run_bot(app: Flask, writer: ReplyWriter, history: list[dict], cancel) -> str:
+def _run_bot(app: Flask, writer: ReplyWriter, history: list[dict], cancel, settings: ReplySettings) -> str:
     # From here on no session and no connection is held, except inside the writer's
     # short units of work.
     interval = app.config["REPLY_FLUSH_INTERVAL"]
@@ -67,7 +72,8 @@ def _run_bot(app: Flask, writer: ReplyWriter, history: list[dict], cancel) -> st
     last_flush = time.monotonic()
     try:
         bot = bot_from_config(app.config)
-        for chunk in metrics.timed_bot_stream(bot.stream(history, cancel)):
+        chunks = bot.stream(history, cancel, model=settings.model, system_prompt=settings.system_prompt)
+        for chunk in metrics.timed_bot_stream(chunks):
             if cancel is not None and cancel.is_set():
                 break
             buffer.append(chunk)

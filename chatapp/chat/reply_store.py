@@ -19,7 +19,8 @@ from typing import TypeVar
 
 from flask import Flask
 
-from chatapp.chat import leases, services
+from chatapp.chat import conversation_settings, leases, services
+from chatapp.chat.bots import bot_from_config
 from chatapp.chat.live_replies import LiveReply
 from chatapp.db import is_transient, unit_of_work
 
@@ -52,20 +53,38 @@ def retry_transient(app: Flask, work: Callable[[], T], what: str) -> T:
         delay = min(delay * 2, MAX_DELAY)
 
 
-def claim_reply(app: Flask, reply_id: int, owner: str) -> tuple[int, list[dict]] | None:
+def claim_reply(
+    app: Flask, reply_id: int, owner: str
+) -> tuple[int, list[dict], conversation_settings.ReplySettings] | None:
     """Take the reply's lease and read what the bot needs, in one short unit of work:
-    (attempt, history), or None if the reply is not there to claim."""
+    (attempt, history, its conversation's settings), or None if the reply is not there to
+    claim. The claim records the model the run uses on the reply."""
     config = app.config
 
     def claim():
         with unit_of_work(app):
-            attempt = leases.claim(reply_id, owner, float(config["REPLY_LEASE_SECONDS"]), int(config["REPLY_MAX_RUNS"]))
+            bot = bot_from_config(config)
+            attempt = leases.claim(
+                reply_id,
+                owner,
+                float(config["REPLY_LEASE_SECONDS"]),
+                int(config["REPLY_MAX_RUNS"]),
+                default_model=bot.default_model,
+            )
             if attempt is None:
                 return None
-            claimed = services.reply_history(reply_id)
+            settings = conversation_settings.for_reply(reply_id, bot.default_model)
+            if settings is None:  # not reached: the claim has just found the reply
+                return None
+            # The system prompt is always sent: it takes its share of the history's budget.
+            prompt = settings.system_prompt
+            if prompt is None:
+                prompt = getattr(bot, "system_prompt", "") or ""
+            budget = max(0, int(config["BOT_HISTORY_MAX_CHARS"]) - len(prompt))
+            claimed = services.reply_history(reply_id, budget)
             if claimed is None:  # not reached: the claim has just made the reply pending
                 return None
-            return attempt, claimed[1]
+            return attempt, claimed[1], settings
 
     return retry_transient(app, claim, f"reply {reply_id}")
 

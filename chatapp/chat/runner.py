@@ -31,7 +31,7 @@ from typing import Protocol
 import sqlalchemy as sa
 from flask import Flask
 
-from chatapp.chat import leases, live_replies, services
+from chatapp.chat import leases, live_replies, services, titles
 from chatapp.chat.live_replies import LiveReply
 from chatapp.chat.pipeline import generate_reply
 from chatapp.db import db, is_transient, remove_session, unit_of_work
@@ -287,6 +287,16 @@ class ThreadPoolReplyRunner:
             run.cancel(reason)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no reply runs or waits here, the keeper has stopped, and no title job is pending."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._replies_idle(timeout):
+            return False
+        # The title jobs the replies started are this runner's work too.
+        return titles.get_title_jobs(self.app).wait_idle(
+            None if deadline is None else max(0.0, deadline - time.monotonic())
+        )
+
+    def _replies_idle(self, timeout: float | None = None) -> bool:
         """Wait until no reply runs or waits here, and the keeper has stopped."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
@@ -358,14 +368,24 @@ class ThreadPoolReplyRunner:
         with self._lock:
             self._state()
             self._accepting = False
-        if self.wait_idle(max(0.0, grace)):
-            return
+        started = time.monotonic()
+        try:
+            # Replies only: a slow title must not keep them from being handed over.
+            if self._replies_idle(max(0.0, grace)):
+                return
+            self._hand_over()
+        finally:
+            # Titles wait for the replies (which may submit one), within what is left of
+            # the grace period; an unfinished title only leaves the default one.
+            titles.get_title_jobs(self.app).shutdown(max(0.0, grace - (time.monotonic() - started)))
+
+    def _hand_over(self) -> None:
         runs = self.running()
         log.warning("handing over %d unfinished repl%s to other processes", len(runs), "y" if len(runs) == 1 else "ies")
         for reply_id in runs:
             self.cancel(reply_id, "handover")
         # Cancelled runs close their bot requests and write nothing more; then the leases go.
-        self.wait_idle(2.0)
+        self._replies_idle(2.0)
         try:
             with job("lease"), unit_of_work(self.app):
                 leases.release(self.owner, runs)
@@ -375,6 +395,7 @@ class ThreadPoolReplyRunner:
 
 def init_app(app: Flask) -> None:
     live_replies.init_app(app)
+    titles.init_app(app)
     app.extensions[EXTENSION_KEY] = ThreadPoolReplyRunner(
         app, app.config["REPLY_WORKERS"], app.config["REPLY_QUEUE_MAX"]
     )

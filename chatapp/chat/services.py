@@ -80,9 +80,34 @@ def validate_title(title: object) -> str:
     return title.strip()
 
 
-def create_conversation(owner_id: int, title: object = None) -> Conversation:
-    conversation = Conversation(owner_id=owner_id, title=DEFAULT_TITLE if title is None else validate_title(title))
+def create_conversation(
+    owner_id: int, title: object = None, *, model: str | None = None, system_prompt: str | None = None
+) -> Conversation:
+    """A new conversation; ``model`` and ``system_prompt`` were checked (chatapp.chat.catalog)
+    before the write began, as listing models may ask the model server."""
+    conversation = Conversation(
+        owner_id=owner_id,
+        title=DEFAULT_TITLE if title is None else validate_title(title),
+        title_source="default" if title is None else "user",
+        model=model,
+        system_prompt=system_prompt,
+    )
     db.session.add(conversation)
+    db.session.flush()
+    return conversation
+
+
+_UNSET: Any = object()
+
+
+def change_conversation_settings(
+    conversation: Conversation, *, model: str | None = _UNSET, system_prompt: str | None = _UNSET
+) -> Conversation:
+    """Set a conversation's model or system prompt (checked by chatapp.chat.catalog); the next reply uses them."""
+    if model is not _UNSET:
+        conversation.model = model
+    if system_prompt is not _UNSET:
+        conversation.system_prompt = system_prompt
     db.session.flush()
     return conversation
 
@@ -134,6 +159,7 @@ def check_conversation(owner_id: int, conversation_id: int, connection: sa.Conne
 
 def rename_conversation(conversation: Conversation, title: object) -> Conversation:
     conversation.title = validate_title(title)
+    conversation.title_source = "user"  # a generated title never replaces it
     conversation.updated_at = utcnow()
     db.session.flush()
     return conversation
@@ -152,6 +178,8 @@ _CONVERSATION_PAGE = (
         _conversations.c.title,
         _conversations.c.created_at,
         _conversations.c.updated_at,
+        _conversations.c.model,
+        _conversations.c.system_prompt,
     )
     .where(_conversations.c.owner_id == sa.bindparam("owner_id"))
     .order_by(_conversations.c.updated_at.desc(), _conversations.c.id.desc())
@@ -170,7 +198,7 @@ _CONVERSATION_PAGE_AFTER = _CONVERSATION_PAGE.where(
 
 def list_conversations(owner_id: int, limit: int, cursor: str | None = None) -> Page:
     """A user's conversations, most recently updated first, as plain rows
-    (id, title, created_at, updated_at)."""
+    (id, title, created_at, updated_at, model, system_prompt)."""
     params: dict[str, object] = {"owner_id": owner_id, "limit": limit + 1}
     query = _CONVERSATION_PAGE
     if cursor:
@@ -250,6 +278,7 @@ MESSAGE_COLUMNS = (
     _messages.c.error,
     _messages.c.created_at,
     _messages.c.updated_at,
+    _messages.c.model,
 )
 _BRANCH_ROWS = sa.select(*MESSAGE_COLUMNS).select_from(_messages.join(_BRANCH, _messages.c.id == _BRANCH.c.id))
 _MESSAGE_PAGE = _BRANCH_ROWS.order_by(_messages.c.id).limit(sa.bindparam("limit", type_=sa.Integer))
@@ -304,6 +333,7 @@ class BranchMessage:
     error: str | None
     created_at: datetime
     updated_at: datetime
+    model: str | None
     siblings: dict
 
 
@@ -461,6 +491,7 @@ class NewMessage:
     attempt: int
     created_at: datetime
     updated_at: datetime
+    model: str | None = None  # recorded on a reply when a run claims it
 
 
 def _insert_message(

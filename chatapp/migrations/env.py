@@ -1,3 +1,4 @@
+import contextlib
 import logging
 import warnings
 from logging.config import fileConfig
@@ -94,11 +95,38 @@ def run_migrations_online():
 
     connectable = get_engine()
 
-    with connectable.connect() as connection:
+    with connectable.connect() as connection, _sqlite_foreign_keys_off(connection):
         context.configure(connection=connection, target_metadata=get_metadata(), **conf_args)
 
         with context.begin_transaction():
             context.run_migrations()
+
+
+@contextlib.contextmanager
+def _sqlite_foreign_keys_off(connection):
+    """Foreign keys off on SQLite while migrations run, checked before they go back on.
+
+    SQLite changes most of a table (a column dropped, a foreign key added) by copying it to a
+    new table and dropping the old one; with foreign keys on, dropping the old table would
+    delete every row that refers to it (ON DELETE CASCADE): a change to conversations would
+    empty messages. Alembic's batch mode documents this switch. The pragma is a no-op inside
+    a transaction, so it is set before the migrations' transaction begins.
+    """
+    if connection.dialect.name != "sqlite":
+        yield
+        return
+    # Straight to the driver (in autocommit, chatapp.db.sqlite): through SQLAlchemy, the
+    # statement would first BEGIN a transaction, inside which the pragma does nothing.
+    driver = connection.connection.driver_connection
+    driver.execute("PRAGMA foreign_keys = OFF")
+    try:
+        yield
+        problems = driver.execute("PRAGMA foreign_key_check").fetchall()
+        if problems:
+            raise RuntimeError(f"the migrations left rows whose foreign keys match nothing: {problems[:10]}")
+    finally:
+        restored = "ON" if current_app.config.get("SQLITE_FOREIGN_KEYS", True) else "OFF"
+        driver.execute(f"PRAGMA foreign_keys = {restored}")
 
 
 if context.is_offline_mode():

@@ -107,7 +107,7 @@ def _child(metric, *labels):
     return child
 
 
-# What is running outside a request: "reply", "stream", "lease", "sweeper"; "cli" is detected.
+# What is running outside a request: "reply", "stream", "lease", "sweeper", "title"; "cli" is detected.
 _job: contextvars.ContextVar[str | None] = contextvars.ContextVar("chatapp_job", default=None)
 
 

@@ -359,6 +359,7 @@
         await finish(item, replyId, result, raw);
         status.textContent = ENDED[result.status] || "The reply failed.";
         setRunning(null);
+        chat.dispatchEvent(new CustomEvent("chatapp:reply-ended", { detail: result }));
       });
       source.addEventListener("error", () => {
         // While the connection is open or reconnecting, the browser resumes by itself
@@ -785,12 +786,88 @@
     form.querySelector("[data-close-dialog]").addEventListener("click", () => dialog.close());
   }
 
+  // Model pickers start with the models the server had at hand; the full list comes from
+  // GET /api/v1/models (which may ask the model server) once the picker is shown.
+  function setUpModelPickers() {
+    document.querySelectorAll("select.model-picker").forEach((select) => {
+      let loaded = false;
+      async function load() {
+        if (loaded) return;
+        loaded = true;
+        try {
+          const response = await fetch(select.dataset.modelsUrl, {
+            credentials: "same-origin",
+            headers: { Accept: "application/json" },
+          });
+          if (!response.ok) return; // keep the options the page has
+          const known = new Set(Array.from(select.options, (option) => option.value));
+          for (const model of (await response.json()).items) {
+            if (model.default || known.has(model.id)) continue;
+            const option = document.createElement("option");
+            option.value = model.id;
+            option.textContent = model.id; // text, never HTML
+            select.append(option);
+          }
+        } catch (_) {
+          loaded = false; // try again next time
+        }
+      }
+      const menu = select.closest("details");
+      if (menu) menu.addEventListener("toggle", () => menu.open && load());
+      else load();
+    });
+  }
+
+  // The first message of a new chat: Enter sends it, Shift+Enter starts a new line.
+  function setUpNewChat() {
+    const form = document.getElementById("new-chat-form");
+    if (!form) return;
+    const input = form.querySelector("textarea[name=content]");
+    input.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+        event.preventDefault();
+        form.requestSubmit();
+      }
+    });
+  }
+
+  // A new conversation is titled in the background after its first reply: show the title
+  // when it arrives (a few looks at the conversation), without a reload.
+  function setUpTitleWatch(chat) {
+    const heading = document.getElementById("chat-title");
+    const url = chat.dataset.apiMessagesUrl.replace(/\/messages$/, "");
+    const defaultTitle = heading.textContent;
+    chat.addEventListener("chatapp:reply-ended", async () => {
+      if (heading.textContent !== defaultTitle) return;
+      for (const wait of [500, 1500, 4000]) {
+        await pause(wait);
+        try {
+          const response = await fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } });
+          if (!response.ok) return;
+          const title = (await response.json()).title;
+          if (title !== defaultTitle) {
+            heading.textContent = title;
+            document.title = document.title.replace(defaultTitle, title);
+            const link = document.querySelector('.conversation-link[aria-current="page"]');
+            if (link) link.textContent = title;
+            return;
+          }
+        } catch (_) {
+          return;
+        }
+      }
+    });
+  }
+
   const chat = document.getElementById("chat");
   if (chat) setUpChat(chat);
+  if (chat && document.getElementById("chat-title").textContent === "New chat") setUpTitleWatch(chat);
   setUpRename();
   setUpCopyButtons();
   addCodeCopyButtons(document);
   groupConversations();
   setUpMenus();
   setUpDeleteDialog();
+  setUpModelPickers();
+  setUpNewChat();
 })();

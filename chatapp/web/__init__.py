@@ -54,4 +54,4 @@ def csrf_failed(error: CSRFError):
     )
 
 
-from chatapp.web import accounts, chats, settings  # noqa: E402,F401  (views register on bp)
+from chatapp.web import accounts, chats, new_chat, settings  # noqa: E402,F401  (views register on bp)

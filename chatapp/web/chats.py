@@ -48,6 +48,7 @@ def _render_conversation(conversation_id: int, *, message_form=None, rename_form
         earlier_page=before is not None,
         # The sidebar's "Rename" (?rename=1) opens the rename pop-over, also without a script.
         rename_open=request.args.get("rename") == "1",
+        chat_settings=pages.chat_settings(conversation.model, conversation.system_prompt),
     ), status
 
 

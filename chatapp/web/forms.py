@@ -7,7 +7,7 @@ from flask import request
 from flask_wtf import FlaskForm
 from flask_wtf.form import _Auto
 from werkzeug.datastructures import CombinedMultiDict
-from wtforms import BooleanField, PasswordField, StringField, TextAreaField
+from wtforms import BooleanField, PasswordField, SelectField, StringField, TextAreaField
 from wtforms.validators import EqualTo, InputRequired, Length, ValidationError
 
 from chatapp import inputs
@@ -87,6 +87,22 @@ class RenameForm(Form):
 
 
 class MessageForm(Form):
+    content = TextAreaField("Message", validators=[InputRequired(), Rule("content", inputs.content_problem)])
+
+
+class ChatSettingsForm(Form):
+    """A conversation's model and system prompt. The model's choices are set by the view
+    (the engine's list); chatapp.chat.catalog checks the one sent, as the API does."""
+
+    model = SelectField("Model", choices=[], validate_choice=False)
+    system_prompt = TextAreaField(
+        "System prompt", default="", validators=[Rule("system_prompt", inputs.system_prompt_problem)]
+    )
+
+
+class NewChatForm(ChatSettingsForm):
+    """The first message of a conversation, which creates it, with its settings."""
+
     content = TextAreaField("Message", validators=[InputRequired(), Rule("content", inputs.content_problem)])
 
 

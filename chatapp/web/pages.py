@@ -18,6 +18,7 @@ from markupsafe import Markup
 
 from chatapp.auth import login_sessions as sessions
 from chatapp.auth import services as auth
+from chatapp.chat import catalog
 from chatapp.chat import services as chat
 from chatapp.chat.models import ACTIVE_STATUSES, Conversation, Message, Role
 from chatapp.db import db, end_transaction
@@ -108,6 +109,7 @@ class MessageItem:
     # Assistant replies show as Markdown, a reply being generated too (its text so far).
     is_markdown: bool
     versions: Versions = ONLY_VERSION
+    model: str | None = None  # the model a reply was written by
 
     @property
     def is_active(self) -> bool:
@@ -138,6 +140,20 @@ class ReplyText:
 class History:
     messages: list[MessageItem]
     earlier_before: int | None
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """A conversation's model and system prompt, and the models its picker offers."""
+
+    model: str | None
+    system_prompt: str
+    models: list[catalog.ModelItem]
+
+
+def chat_settings(model: str | None, system_prompt: str | None) -> ChatSettings:
+    # Never waits for the model server: a page offers what is at hand, its script the rest.
+    return ChatSettings(model, system_prompt or "", catalog.models_at_hand(model))
 
 
 @dataclass(frozen=True)
@@ -187,6 +203,7 @@ def message_item(message: Message | chat.BranchMessage, is_latest: bool, sibling
         is_latest=is_latest,
         is_markdown=message.role is Role.ASSISTANT,
         versions=Versions(**siblings) if siblings else ONLY_VERSION,
+        model=message.model,
     )
 
 

@@ -24,7 +24,8 @@ class GatedBot:
         self.go_on = threading.Event()
         self.fail_with = fail_with
 
-    def stream(self, history, cancel=None):
+    def stream(self, history, cancel=None, **options):
+        self.history, self.options = history, options  # model, system_prompt
         yield "partial "
         self.thinking.set()
         if not self.go_on.wait(10):

@@ -17,7 +17,7 @@ class RecordingBot:
     def __init__(self):
         self.histories: list[list[dict]] = []
 
-    def stream(self, history, cancel=None):
+    def stream(self, history, cancel=None, **options):
         self.histories.append(history)
         yield f"answer {len(self.histories)}"
 

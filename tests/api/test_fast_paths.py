@@ -144,6 +144,7 @@ def seed_row():
         created_at=stamp,
         updated_at=stamp,
         run=2,
+        model="echo",
     )
 
 

@@ -122,7 +122,7 @@ def test_a_long_conversation_sends_its_newest_messages_and_the_system_prompt(app
         app.config.update(
             BOT_ENGINE="openai",
             OPENAI_BASE_URL=server.base_url,
-            OPENAI_SYSTEM_PROMPT="You are terse. " * 1000,  # not counted in the budget
+            OPENAI_SYSTEM_PROMPT="You are terse. " * 1000,  # always sent: 15,000 of the budget
             BOT_HISTORY_MAX_CHARS=32_000,
         )
         post(client, alice, f"/api/v1/conversations/{conversation_id}", "the question")
@@ -130,9 +130,10 @@ def test_a_long_conversation_sends_its_newest_messages_and_the_system_prompt(app
     sent = server.requests[0]["body"]["messages"]
     assert sent[0] == {"role": "system", "content": "You are terse. " * 1000}
     assert sent[-1] == user("the question")
-    # The newest 31 earlier messages fit beside the question (31 * 1,000 + 12 <= 32,000), in order.
-    assert [m["content"] for m in sent[1:-1]] == contents[-31:]
-    assert [m["role"] for m in sent[1:-1]] == ["assistant", "user"] * 15 + ["assistant"]
+    # The newest 16 earlier messages fit beside the prompt and the question
+    # (15,000 + 16 * 1,000 + 12 <= 32,000), in order.
+    assert [m["content"] for m in sent[1:-1]] == contents[-16:]
+    assert [m["role"] for m in sent[1:-1]] == ["user", "assistant"] * 8
     # One query, which walked up no further than the budget reached.
     assert len(history_queries) == 1
 

@@ -191,7 +191,7 @@ def test_an_earlier_page_links_back_to_the_newest_messages(client, app, alice):
 def test_the_composer_knows_the_limit_and_the_server_never_cuts_a_long_message(client, app, alice):
     conversation_id = alice.new_conversation()
     html = client.get(f"/c/{conversation_id}").get_data(as_text=True)
-    box = re.search(r"<textarea[^>]*>", html).group(0)
+    box = re.search(r'<textarea[^>]*name="content"[^>]*>', html).group(0)
     assert 'data-max-length="50"' in box
     assert "maxlength" not in box  # the browser would cut pasted text silently
     assert 'id="composer-counter"' in html

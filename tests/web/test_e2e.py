@@ -163,12 +163,20 @@ def test_chat_in_a_real_browser(browser, database_uri, seeder, tmp_path):
         page.get_by_role("button", name="Create account").click()
         expect(page.get_by_role("heading", name="Start your first conversation")).to_be_visible()
 
-        # A new conversation, and a message sent with Enter.
-        page.get_by_role("button", name="New chat").first.click()
-        expect(page).to_have_url(re.compile(r"/c/\d+$"))
+        # A new chat: its first message, sent with Enter, creates it; the bot titles it.
+        page.get_by_role("link", name="New chat").first.click()
+        expect(page).to_have_url(re.compile(r"/chat/new$"))
         # The page script is deferred: until it has run, Enter only adds a new line.
         page.wait_for_load_state("load")
-        expect(page.get_by_text("No messages yet.")).to_be_visible()
+        send(page, "First words here")
+        expect(page).to_have_url(re.compile(r"/c/\d+$"))
+        page.wait_for_load_state("load")
+        expect_finished(page, expect, "First words here")
+        expect(page.locator("#chat-title")).to_have_text("First words here")
+        streams.clear()  # whether the first reply was still running when its page opened varies
+
+        # A message sent with Enter in the conversation.
+        page.evaluate("window.__states = []")
         message = "one two three four five six seven eight"
         send(page, message)
         expect_finished(page, expect, message)
@@ -193,7 +201,7 @@ def test_chat_in_a_real_browser(browser, database_uri, seeder, tmp_path):
                 box.press("Shift+Enter")
             box.press_sequentially(line)
         assert box.input_value() == xss
-        assert page.locator("li.message").count() == 2  # nothing sent yet
+        assert page.locator("li.message").count() == 4  # nothing sent yet
         page.evaluate("window.__states = []")
         box.press("Enter")
         expect(newest_reply(page)).to_have_attribute("data-status", "complete", timeout=TIMEOUT_MS)
@@ -238,7 +246,7 @@ def test_chat_in_a_real_browser(browser, database_uri, seeder, tmp_path):
         expect(page.locator("li.message").first).not_to_be_in_viewport()
 
         # Rename and delete the first conversation.
-        page.get_by_role("link", name="New chat").click()
+        page.get_by_role("link", name="First words here", exact=True).click()
         page.get_by_text("Rename", exact=True).click()
         page.get_by_label("Title").fill("Counting words")
         page.get_by_role("button", name="Save").click()
@@ -772,5 +780,47 @@ def test_edit_a_message_and_switch_between_versions(browser, database_uri, seede
         page.wait_for_url(re.compile(rf".*/c/{conversation_id}#message-\d+$"))
         expect(page.locator("li.message .text")).to_have_text(["first try", "first answer"])
         expect(page.locator("li.message.user .version-position")).to_have_text("1/2")
+        assert problems == []
+        context.close()
+
+
+# Page logic only: one database is enough.
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_a_new_chat_is_created_by_its_first_message_with_its_model(browser, database_uri, seeder, tmp_path):
+    """ "New chat" stores nothing; the first message creates the chat with the chosen model
+    and system prompt; the reply shows its model and the generated title appears unreloaded."""
+    from playwright.sync_api import expect
+
+    with GunicornServer(database_uri, workers=1, threads=8, config={"BOT_ECHO_DELAY": 1}, log_dir=tmp_path) as server:
+        with unit_of_work(seeder):
+            auth_services.create_user(USERNAME, PASSWORD)
+        context = browser.new_context(viewport={"width": 1280, "height": 800})
+        context.set_default_timeout(TIMEOUT_MS)
+        page = context.new_page()
+        problems = watch_for_problems(page)
+        log_in(page, server.url)
+        for _ in range(3):
+            page.get_by_role("link", name="New chat").first.click()
+            page.wait_for_url(server.url + "/chat/new")
+        expect(page.locator(".conversation-link")).to_have_count(0)
+        page.get_by_label("Model").select_option("")
+        page.get_by_text("System prompt (optional)").click()
+        page.get_by_label("System prompt").fill("Be brief.")
+        box = page.get_by_label("Message", exact=True)
+        box.fill("Plan a picnic by the river")
+        box.press("Enter")
+        page.wait_for_url(re.compile(r".*/c/\d+$"))
+        expect_finished(page, expect, "Plan a picnic by the river")
+        expect(newest_reply(page).locator(".message-model")).to_have_text("Model: echo")
+        # The echo engine's title: the first words of the first message, shown without a reload.
+        expect(page.locator("#chat-title")).to_have_text("Plan a picnic by the river")
+        expect(page.locator(".conversation-link")).to_have_text(["Plan a picnic by the river"])
+        with unit_of_work(seeder, write=False) as session:
+            (conversation,) = session.scalars(sa.select(chat_services.Conversation)).all()
+            assert (conversation.system_prompt, conversation.model, conversation.title_source) == (
+                "Be brief.",
+                None,
+                "auto",
+            )
         assert problems == []
         context.close()

@@ -5,8 +5,6 @@ Revises: 0004a
 Create Date: 2026-11-28 12:00:00
 
 """
-import contextlib
-
 from alembic import op
 import sqlalchemy as sa
 
@@ -25,13 +23,12 @@ def upgrade():
             batch_op.f('fk_messages_parent_id_messages'), 'messages', ['parent_id'], ['id'], ondelete='CASCADE'
         )
         batch_op.create_index('ix_messages_parent_id', ['parent_id', 'conversation_id', 'id'], unique=False)
-    with _messages_kept():
-        with op.batch_alter_table('conversations', schema=None) as batch_op:
-            batch_op.add_column(sa.Column('current_leaf_id', sa.Integer(), nullable=True))
-            batch_op.create_foreign_key(
-                'fk_conversations_current_leaf_id_messages', 'messages', ['current_leaf_id'], ['id'],
-                ondelete='SET NULL',
-            )
+    with op.batch_alter_table('conversations', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('current_leaf_id', sa.Integer(), nullable=True))
+        batch_op.create_foreign_key(
+            'fk_conversations_current_leaf_id_messages', 'messages', ['current_leaf_id'], ['id'],
+            ondelete='SET NULL',
+        )
     # Every conversation so far is one branch, unchanged: each message follows the one
     # before it (by id, the order it was shown in), and the branch ends at the last one.
     op.execute(
@@ -58,25 +55,7 @@ def downgrade():
         batch_op.drop_index('ix_messages_parent_id')
         batch_op.drop_constraint(batch_op.f('fk_messages_parent_id_messages'), type_='foreignkey')
         batch_op.drop_column('parent_id')
-    with _messages_kept():
-        with op.batch_alter_table('conversations', schema=None) as batch_op:
-            batch_op.drop_constraint('fk_conversations_current_leaf_id_messages', type_='foreignkey')
-            batch_op.drop_column('current_leaf_id')
+    with op.batch_alter_table('conversations', schema=None) as batch_op:
+        batch_op.drop_constraint('fk_conversations_current_leaf_id_messages', type_='foreignkey')
+        batch_op.drop_column('current_leaf_id')
 
-
-@contextlib.contextmanager
-def _messages_kept():
-    """Keep the messages through a batch change of the conversations table.
-
-    SQLite adds or drops a foreign key only by copying the table, and with foreign keys on,
-    dropping the old conversations table deletes every message (ON DELETE CASCADE): they
-    are set aside meanwhile and put back as they were. PostgreSQL alters in place.
-    """
-    sqlite = op.get_bind().dialect.name == 'sqlite'
-    if sqlite:
-        op.execute('CREATE TEMPORARY TABLE messages_kept AS SELECT * FROM messages')
-    yield
-    if sqlite:
-        op.execute('DELETE FROM messages')
-        op.execute('INSERT INTO messages SELECT * FROM messages_kept ORDER BY id')
-        op.execute('DROP TABLE messages_kept')
