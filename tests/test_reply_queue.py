@@ -1,0 +1,280 @@
+"""Replies on a job queue (Celery on Redis): real worker processes, a Redis of the tests' own.
+
+The web side is the Flask test client with REPLY_QUEUE set; the replies run in
+``celery --app chatapp.jobs worker`` subprocesses, and the test's Redis is a
+``redis-server`` it starts (and restarts) on a free port, keeping nothing on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+
+from chatapp.chat.queue import QueueReplyRunner
+from chatapp.chat.runner import get_runner
+from tests.support.databases import ROOT, SECRET_KEY, stored_messages
+from tests.support.load import wait_until
+from tests.support.metrics import parse, scrape, total
+from tests.support.servers import free_port
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server"),
+]
+TEXT = " ".join(f"w{n}" for n in range(20))
+# Short leases, so that take-overs happen in seconds.
+LEASES = {
+    "REPLY_LEASE_SECONDS": 2,
+    "REPLY_LEASE_RENEW_SECONDS": 0.5,
+    "REPLY_STOP_CHECK_SECONDS": 0.2,
+    "REPLY_SWEEP_INTERVAL": 0.5,
+}
+
+
+class RedisServer:
+    """``redis-server`` on a free loopback port, nothing saved: stop() loses every job."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
+        assert wait_until(lambda: _answers(client), 10), "redis-server did not start"
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_timeout=1)
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+class CeleryWorker:
+    """``celery --app chatapp.jobs worker --pool threads``, as docs/deployment.md runs it."""
+
+    def __init__(self, database_uri: str, queue_url: str, log_dir: Path, **config) -> None:
+        self.metrics_port = free_port()
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+            "CHATAPP_SECRET_KEY": SECRET_KEY,
+            "CHATAPP_SQLALCHEMY_DATABASE_URI": database_uri,
+            "CHATAPP_REPLY_QUEUE": queue_url,
+            "CHATAPP_QUEUE_WORKER_METRICS_PORT": str(self.metrics_port),
+        }
+        self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        for key, value in {**LEASES, **config}.items():
+            self.env[f"CHATAPP_{key}"] = str(value)
+        self.log_path = log_dir / f"celery-{self.metrics_port}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> CeleryWorker:
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - the worker writes to it until it ends
+        args = [sys.executable, "-m", "celery", "--app", "chatapp.jobs", "worker", "--pool", "threads"]
+        args += ["--concurrency", "4", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
+        args += ["--hostname", f"w{self.metrics_port}@localhost"]
+        self.process = subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        # Its metrics server starts when the worker is ready to take jobs.
+        assert wait_until(lambda: self.process.poll() is None and self.metrics() is not None, 30), self.log()
+        return self
+
+    def metrics(self):
+        return scrape(f"http://127.0.0.1:{self.metrics_port}", timeout=2)
+
+    def outcomes(self, outcome: str) -> float:
+        return total(self.metrics(), "chatapp_reply_queue_jobs_total", outcome=outcome)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if getattr(self, "_log", None) and not self._log.closed:
+            self._log.close()
+
+    def __enter__(self) -> CeleryWorker:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def extra_config(redis_server) -> dict:
+    redis_server.client().flushall()
+    return {"REPLY_QUEUE": redis_server.url, "REPLY_QUEUE_TIMEOUT": 0.5}
+
+
+@pytest.fixture
+def worker_factory(database_uri, redis_server, tmp_path):
+    started: list[CeleryWorker] = []
+
+    def start(**config) -> CeleryWorker:
+        worker = CeleryWorker(database_uri, redis_server.url, tmp_path, **config)
+        started.append(worker)
+        return worker.start()
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def post(client, headers, content: str = TEXT):
+    conversation = client.post("/api/v1/conversations", json={}, headers=headers).get_json()
+    response = client.post(
+        f"/api/v1/conversations/{conversation['id']}/messages", json={"content": content}, headers=headers
+    )
+    return conversation["id"], response
+
+
+def reply_row(database_uri: str, reply_id: int):
+    return stored_messages(database_uri)[reply_id]
+
+
+def wait_for_status(database_uri: str, reply_id: int, status: str, timeout: float = 30) -> None:
+    assert wait_until(lambda: reply_row(database_uri, reply_id).status.value == status, timeout), reply_row(
+        database_uri, reply_id
+    )
+
+
+def test_queue_mode_runs_replies_in_workers_only(app, client, auth, database_uri, worker_factory, redis_server):
+    assert isinstance(get_runner(app), QueueReplyRunner)
+    worker = worker_factory()
+    headers = auth.headers()
+    _conversation_id, response = post(client, headers)
+    assert response.status_code == 202, response.get_json()
+    reply_id = response.get_json()["reply"]["id"]
+    wait_for_status(database_uri, reply_id, "complete")
+    reply = reply_row(database_uri, reply_id)
+    assert (reply.content, reply.error, reply.runs) == (TEXT, None, 1)
+    # The web process enqueued, and ran nothing: no reply thread, no keeper.
+    assert not [thread for thread in threading.enumerate() if thread.name in ("reply", "reply-keeper")]
+    assert wait_until(lambda: worker.outcomes("complete") == 1, 10), worker.log()
+    samples = worker.metrics()
+    assert total(samples, "chatapp_reply_queue_wait_seconds_count") == 1
+
+    # The same job delivered again (a redelivery, a sweep's second enqueue) does nothing.
+    assert get_runner(app).enqueue(reply_id)
+    assert wait_until(lambda: worker.outcomes("duplicate") == 1, 10), worker.log()
+    again = reply_row(database_uri, reply_id)
+    assert (again.content, again.status.value, again.runs, again.attempt) == (TEXT, "complete", 1, reply.attempt)
+
+    # The web process's /metrics samples the queue's depth: nothing waits now.
+    web = parse(client.get("/metrics").get_data(as_text=True))
+    assert total(web, "chatapp_reply_queue_up") == 1
+    assert [value for name, _labels, value in web if name == "chatapp_reply_queue_depth"] == [0]
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_killed_worker_s_reply_completes_once_on_another(app, client, auth, database_uri, worker_factory):
+    first = worker_factory(BOT_ECHO_DELAY=4)
+    _conversation_id, response = post(client, auth.headers())
+    reply_id = response.get_json()["reply"]["id"]
+    assert wait_until(lambda: reply_row(database_uri, reply_id).content, 20), first.log()
+    first.kill()  # SIGKILL mid-reply: no acknowledgement, no hand-over
+    assert reply_row(database_uri, reply_id).status.value in ("pending", "streaming")
+    second = worker_factory(BOT_ECHO_DELAY=1)
+    wait_for_status(database_uri, reply_id, "complete", 40)
+    reply = reply_row(database_uri, reply_id)
+    assert (reply.content, reply.error, reply.runs) == (TEXT, None, 2)
+    assert wait_until(lambda: second.outcomes("complete") == 1, 10), second.log()
+
+
+def test_redis_down_at_post_answers_503_and_writes_nothing(app, client, auth, database_uri, worker_factory, redis_server):
+    worker = worker_factory()
+    headers = auth.headers()
+    conversation_id, response = post(client, headers, "before")
+    wait_for_status(database_uri, response.get_json()["reply"]["id"], "complete")
+    before = stored_messages(database_uri)
+    redis_server.stop()
+    try:
+        response = client.post(
+            f"/api/v1/conversations/{conversation_id}/messages", json={"content": TEXT}, headers=headers
+        )
+        assert response.status_code == 503
+        assert response.get_json()["code"] == "replies_unavailable"
+        assert response.headers["Retry-After"]
+        assert stored_messages(database_uri).keys() == before.keys()
+        web = parse(client.get("/metrics").get_data(as_text=True))
+        assert total(web, "chatapp_reply_queue_up") == 0
+    finally:
+        redis_server.start()
+    # Redis is back (empty): the service recovers by itself, the worker reconnects.
+    response = client.post(f"/api/v1/conversations/{conversation_id}/messages", json={"content": TEXT}, headers=headers)
+    assert response.status_code == 202, response.get_json()
+    reply_id = response.get_json()["reply"]["id"]
+    wait_for_status(database_uri, reply_id, "complete", 40)
+    assert reply_row(database_uri, reply_id).content == TEXT, worker.log()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_lost_enqueue_is_found_by_the_sweep(app, client, auth, database_uri, worker_factory, redis_server):
+    _conversation_id, response = post(client, auth.headers())
+    assert response.status_code == 202
+    reply_id = response.get_json()["reply"]["id"]
+    redis_server.client().flushall()  # Redis restarted: the job is gone, the reply is committed
+    worker = worker_factory()
+    wait_for_status(database_uri, reply_id, "complete", 30)
+    reply = reply_row(database_uri, reply_id)
+    assert (reply.content, reply.runs) == (TEXT, 1)
+    assert wait_until(lambda: worker.outcomes("complete") == 1, 10)
+    assert "taking over 1 orphaned reply" in worker.log()
+
+
+def test_stop_reaches_a_reply_running_in_a_worker(app, client, auth, database_uri, worker_factory):
+    worker = worker_factory(BOT_ECHO_DELAY=20)
+    headers = auth.headers()
+    conversation_id, response = post(client, headers)
+    reply_id = response.get_json()["reply"]["id"]
+    assert wait_until(lambda: reply_row(database_uri, reply_id).content, 20), worker.log()
+    stopped = client.post(f"/api/v1/conversations/{conversation_id}/messages/{reply_id}/stop", headers=headers)
+    assert stopped.status_code == 200, stopped.get_json()
+    # The worker's keeper sees the stop in the database and ends the run there.
+    assert wait_until(lambda: worker.outcomes("stopped") == 1, 10), worker.log()
+    reply = reply_row(database_uri, reply_id)
+    assert reply.status.value == "stopped"
+    assert TEXT.startswith(reply.content) and reply.content != TEXT
