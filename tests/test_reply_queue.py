@@ -13,12 +13,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import redis
-import requests
 
 from chatapp.chat.queue import QueueReplyRunner
 from chatapp.chat.runner import get_runner
@@ -224,7 +222,9 @@ def test_a_killed_worker_s_reply_completes_once_on_another(app, client, auth, da
     assert wait_until(lambda: second.outcomes("complete") == 1, 10), second.log()
 
 
-def test_redis_down_at_post_answers_503_and_writes_nothing(app, client, auth, database_uri, worker_factory, redis_server):
+def test_redis_down_at_post_answers_503_and_writes_nothing(
+    app, client, auth, database_uri, worker_factory, redis_server
+):
     worker = worker_factory()
     headers = auth.headers()
     conversation_id, response = post(client, headers, "before")
@@ -236,7 +236,7 @@ def test_redis_down_at_post_answers_503_and_writes_nothing(app, client, auth, da
             f"/api/v1/conversations/{conversation_id}/messages", json={"content": TEXT}, headers=headers
         )
         assert response.status_code == 503
-        assert response.get_json()["code"] == "replies_unavailable"
+        assert response.get_json()["error"]["code"] == "replies_unavailable"
         assert response.headers["Retry-After"]
         assert stored_messages(database_uri).keys() == before.keys()
         web = parse(client.get("/metrics").get_data(as_text=True))

@@ -158,7 +158,7 @@ class QueueReplyRunner:
     def depth(self) -> int | None:
         """Tasks waiting in Redis (the queue's list), or None if Redis does not answer."""
         try:
-            return int(self.redis.llen(self.app.config["REPLY_QUEUE_NAME"]))
+            return int(self.redis.llen(self.app.config["REPLY_QUEUE_NAME"]))  # type: ignore[arg-type]
         except redis.RedisError:
             return None
 
