@@ -136,7 +136,13 @@ class QueueReplyRunner:
         mark_seconds = max(1, math.ceil(float(self.app.config["REPLY_LEASE_SECONDS"])))
         taken = []
         for reply_id in reply_ids:
-            if self.redis.set(f"{_ENQUEUED_MARK}{reply_id}", 1, nx=True, ex=mark_seconds) and self.enqueue(reply_id):
+            try:
+                fresh = self.redis.set(f"{_ENQUEUED_MARK}{reply_id}", 1, nx=True, ex=mark_seconds)
+            except redis.RedisError as error:
+                # Redis is down: the replies stay in the database; the next sweep tries again.
+                log.warning("the sweep cannot reach the reply queue (%s); retrying at its next pass", error)
+                break
+            if fresh and self.enqueue(reply_id):
                 taken.append(reply_id)
         return taken
 
