@@ -69,6 +69,13 @@ def post(client, headers, content: str = TEXT):
     return conversation["id"], response
 
 
+def queue_depth(client) -> list[float]:
+    """The web process's /metrics: the queue's depth, sampled at the scrape."""
+    samples = parse(client.get("/metrics").get_data(as_text=True))
+    assert total(samples, "chatapp_reply_queue_up") == 1
+    return [value for name, _labels, value in samples if name == "chatapp_reply_queue_depth"]
+
+
 def reply_row(database_uri: str, reply_id: int):
     return stored_messages(database_uri)[reply_id]
 
@@ -102,24 +109,27 @@ def test_queue_mode_runs_replies_in_workers_only(app, client, auth, database_uri
     assert (again.content, again.status.value, again.runs, again.attempt) == (TEXT, "complete", 1, reply.attempt)
 
     # The web process's /metrics samples the queue's depth: nothing waits now.
-    web = parse(client.get("/metrics").get_data(as_text=True))
-    assert total(web, "chatapp_reply_queue_up") == 1
-    assert [value for name, _labels, value in web if name == "chatapp_reply_queue_depth"] == [0]
+    assert queue_depth(client) == [0]
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 def test_a_killed_worker_s_reply_completes_once_on_another(app, client, auth, database_uri, worker_factory):
-    first = worker_factory(BOT_ECHO_DELAY=4)
+    # Redis hands the killed worker's unacknowledged job out again after 3 s.
+    first = worker_factory(BOT_ECHO_DELAY=4, REPLY_QUEUE_VISIBILITY_TIMEOUT=3)
     _conversation_id, response = post(client, auth.headers())
     reply_id = response.get_json()["reply"]["id"]
     assert wait_until(lambda: reply_row(database_uri, reply_id).content, 20), first.log()
     first.kill()  # SIGKILL mid-reply: no acknowledgement, no hand-over
     assert reply_row(database_uri, reply_id).status.value in ("pending", "streaming")
-    second = worker_factory(BOT_ECHO_DELAY=1)
+    second = worker_factory(BOT_ECHO_DELAY=1, REPLY_QUEUE_VISIBILITY_TIMEOUT=3)
     wait_for_status(database_uri, reply_id, "complete", 40)
     reply = reply_row(database_uri, reply_id)
     assert (reply.content, reply.error, reply.runs) == (TEXT, None, 2)
     assert wait_until(lambda: second.outcomes("complete") == 1, 10), second.log()
+    # The old job came back (acks_late): it ran once (the take-over) or found the reply done.
+    assert wait_until(lambda: second.outcomes("redelivered") == 1, 20), second.log()
+    assert second.outcomes("complete") + second.outcomes("duplicate") == 2
+    assert reply_row(database_uri, reply_id).content == TEXT
 
 
 def test_redis_down_at_post_answers_503_and_writes_nothing(
@@ -156,7 +166,9 @@ def test_a_lost_enqueue_is_found_by_the_sweep(app, client, auth, database_uri, w
     _conversation_id, response = post(client, auth.headers())
     assert response.status_code == 202
     reply_id = response.get_json()["reply"]["id"]
+    assert queue_depth(client) == [1]  # no worker yet: the job waits
     redis_server.client().flushall()  # Redis restarted: the job is gone, the reply is committed
+    assert queue_depth(client) == [0]
     worker = worker_factory()
     wait_for_status(database_uri, reply_id, "complete", 30)
     reply = reply_row(database_uri, reply_id)

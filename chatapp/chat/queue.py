@@ -58,6 +58,7 @@ def celery_init_app(app: Flask) -> Celery:
     """The Celery app for this Flask app (Flask's documented pattern), with the reply task."""
     config = app.config
     timeout = float(config["REPLY_QUEUE_TIMEOUT"])
+    visibility = float(config["REPLY_QUEUE_VISIBILITY_TIMEOUT"])
     celery = Celery(app.name, set_as_current=False)
     celery.conf.update(
         broker_url=config["REPLY_QUEUE"],
@@ -70,7 +71,11 @@ def celery_init_app(app: Flask) -> Celery:
         # in a process that already has all its threads busy.
         worker_prefetch_multiplier=1,
         broker_transport_options={
-            "visibility_timeout": float(config["REPLY_QUEUE_VISIBILITY_TIMEOUT"]),
+            "visibility_timeout": visibility,
+            # How often a worker looks for jobs whose worker died (one sorted-set read):
+            # kombu's default is every 100 s, whatever the visibility timeout.
+            "unacked_restore_interval": int(max(1, min(10, visibility // 4))),
+            "unacked_restore_throttle": 1,
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
         },
