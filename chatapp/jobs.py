@@ -10,6 +10,7 @@ metrics. Replies run on the pool's threads, each task with its own short units o
 from __future__ import annotations
 
 import logging
+import threading
 
 from celery.signals import worker_ready, worker_shutting_down
 
@@ -43,6 +44,12 @@ def _worker_ready(**_kwargs) -> None:
 
 @worker_shutting_down.connect
 def _worker_shutting_down(**_kwargs) -> None:
-    # A warm shutdown (TERM) waits for the running tasks; the runner's keeper keeps their
-    # leases meanwhile. A cold one (a second TERM, KILL) leaves them to the leases.
-    log.info("reply worker shutting down: %d repl(ies) running", len(get_worker_runner(flask_app).running()))
+    # A warm shutdown (TERM) waits for the running tasks. As a web worker does, let them
+    # finish for REPLY_HANDOVER_SECONDS, then hand the rest over: their runs end, their
+    # leases are released, and another worker's sweep enqueues them again at once (a
+    # hand-over does not count against REPLY_MAX_RUNS). A cold shutdown (a second TERM,
+    # KILL) leaves them to their leases.
+    runner = get_worker_runner(flask_app)
+    log.info("reply worker shutting down: %d repl(ies) running", len(runner.running()))
+    grace = float(flask_app.config["REPLY_HANDOVER_SECONDS"])
+    threading.Thread(target=runner.shutdown, args=(grace,), name="reply-handover", daemon=True).start()

@@ -162,6 +162,23 @@ def test_redis_down_at_post_answers_503_and_writes_nothing(
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_stopping_worker_hands_its_reply_over(app, client, auth, database_uri, worker_factory):
+    first = worker_factory(BOT_ECHO_DELAY=20, REPLY_HANDOVER_SECONDS=0.5)
+    _conversation_id, response = post(client, auth.headers())
+    reply_id = response.get_json()["reply"]["id"]
+    assert wait_until(lambda: reply_row(database_uri, reply_id).content, 20), first.log()
+    attempt = reply_row(database_uri, reply_id).attempt
+    first.stop()  # TERM: a warm shutdown, which would wait 20 s for the reply without the hand-over
+    assert first.process.returncode == 0, first.log()
+    second = worker_factory(BOT_ECHO_DELAY=1)
+    wait_for_status(database_uri, reply_id, "complete", 30)
+    reply = reply_row(database_uri, reply_id)
+    # A new attempt from empty text; the handed-over run does not count.
+    assert (reply.content, reply.error, reply.runs, reply.attempt) == (TEXT, None, 1, attempt + 1)
+    assert wait_until(lambda: second.outcomes("complete") == 1, 10), second.log()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 def test_a_lost_enqueue_is_found_by_the_sweep(app, client, auth, database_uri, worker_factory, redis_server):
     _conversation_id, response = post(client, auth.headers())
     assert response.status_code == 202

@@ -36,10 +36,12 @@ from flask import Flask
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from chatapp.chat import leases
 from chatapp.chat.pipeline import generate_reply
 from chatapp.chat.runner import Cancellation, Reservation, ThreadPoolReplyRunner
+from chatapp.db import unit_of_work
 from chatapp.errors import ServiceBusy
-from chatapp.ops.metrics import QUEUE_JOBS, QUEUE_WAIT_SECONDS
+from chatapp.ops.metrics import QUEUE_JOBS, QUEUE_WAIT_SECONDS, job
 
 log = logging.getLogger(__name__)
 CELERY_KEY = "celery"
@@ -211,6 +213,14 @@ class WorkerReplyRunner(ThreadPoolReplyRunner):
             outcome = generate_reply(self.app, reply_id, owner=self.owner, cancel=cancel, live=live)
         finally:
             self._done(reply_id, cancel, live)
+        if outcome == "handed_over":
+            # Released before the task returns: Celery's warm shutdown ends the process as
+            # soon as its tasks have, which may be before shutdown() gets to release them.
+            try:
+                with job("lease"), unit_of_work(self.app):
+                    leases.release(self.owner, [reply_id])
+            except Exception:
+                log.warning("could not release reply %s; its lease expires in REPLY_LEASE_SECONDS", reply_id)
         return outcome
 
 
