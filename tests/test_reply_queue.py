@@ -11,6 +11,7 @@ import shutil
 import threading
 
 import pytest
+import requests
 
 from chatapp.chat.queue import QueueReplyRunner
 from chatapp.chat.runner import get_runner
@@ -18,6 +19,8 @@ from tests.support.databases import stored_messages
 from tests.support.load import wait_until
 from tests.support.metrics import parse, total
 from tests.support.queue import CeleryWorker, RedisServer
+from tests.support.servers import GunicornServer
+from tests.support.sse import read_reply
 
 pytestmark = [
     pytest.mark.slow,
@@ -110,6 +113,30 @@ def test_queue_mode_runs_replies_in_workers_only(app, client, auth, database_uri
 
     # The web process's /metrics samples the queue's depth: nothing waits now.
     assert queue_depth(client) == [0]
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_gunicorn_streams_a_reply_a_worker_runs(database_uri, worker_factory, redis_server, tmp_path):
+    # The web side as deployed: gunicorn's forked workers enqueue, and the stream they serve
+    # follows the reply's progress in the database as the Celery worker writes it.
+    redis_server.client().flushall()
+    worker = worker_factory(BOT_ECHO_DELAY=1)
+    config = {"REPLY_QUEUE": redis_server.url}
+    with GunicornServer(database_uri, workers=2, threads=4, config=config, log_dir=tmp_path) as server:
+        credentials = {"username": "queued", "password": "correct horse"}
+        assert requests.post(server.url + "/api/v1/users", json=credentials, timeout=30).status_code == 201
+        token = requests.post(server.url + "/api/v1/tokens", json=credentials, timeout=30).json()["token"]
+        headers = {"Authorization": f"Bearer {token}"}
+        conversation = requests.post(server.url + "/api/v1/conversations", json={}, headers=headers, timeout=30)
+        messages = f"{server.url}/api/v1/conversations/{conversation.json()['id']}/messages"
+        posted = requests.post(messages, json={"content": TEXT}, headers=headers, timeout=30)
+        assert posted.status_code == 202, posted.text
+        reply_id = posted.json()["reply"]["id"]
+        streamed = read_reply(None, f"{messages}/{reply_id}/stream", headers=headers)
+        log = server.log()
+    assert (streamed.text, streamed.status) == (TEXT, "complete"), log
+    assert wait_until(lambda: worker.outcomes("complete") == 1, 10), worker.log()
+    assert "taking over" not in log  # web processes do not sweep in queue mode
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
