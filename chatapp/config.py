@@ -124,6 +124,18 @@ class Defaults:
     # A reply's writes retry through a database outage this long; past the lease, another
     # process has taken the reply over anyway.
     REPLY_WRITE_RETRY_SECONDS = 60.0
+    # Replies on a job queue (README, "Replies on a job queue"): with a Redis URL here, web
+    # processes only enqueue reply ids and Celery workers (chatapp.jobs) run the replies.
+    REPLY_QUEUE = ""
+    REPLY_QUEUE_NAME = "chatapp.replies"
+    # Connect and socket timeout of every Redis call a web request makes: a dead Redis
+    # answers 503 in about this long, never hangs a request.
+    REPLY_QUEUE_TIMEOUT = 1.0
+    # Redis hands an unacknowledged job (its worker died) out again after this long; a
+    # duplicate delivery does nothing (the lease claim), and the sweep recovers sooner.
+    REPLY_QUEUE_VISIBILITY_TIMEOUT = 3600.0
+    # A Celery worker serves its own /metrics on this port (0: none), see docs/deployment.md.
+    QUEUE_WORKER_METRICS_PORT = 0
     STREAM_POLL_INTERVAL = 0.2
     STREAM_MAX_SECONDS = 3600.0
     # An open stream holds one of a gunicorn worker's threads: one user may hold this many

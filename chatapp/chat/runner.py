@@ -396,6 +396,12 @@ class ThreadPoolReplyRunner:
 def init_app(app: Flask) -> None:
     live_replies.init_app(app)
     titles.init_app(app)
+    if app.config.get("REPLY_QUEUE"):
+        # Queue mode: this process enqueues reply ids; Celery workers run them.
+        from chatapp.chat.queue import QueueReplyRunner
+
+        app.extensions[EXTENSION_KEY] = QueueReplyRunner(app)
+        return
     app.extensions[EXTENSION_KEY] = ThreadPoolReplyRunner(
         app, app.config["REPLY_WORKERS"], app.config["REPLY_QUEUE_MAX"]
     )

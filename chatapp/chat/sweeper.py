@@ -58,10 +58,15 @@ class Sweeper:
         self.app = app
         self._pid: int | None = None
         self._lock = threading.Lock()
+        # Queue mode: only Celery workers sweep (chatapp.jobs sets this); a web process
+        # runs no replies of its own.
+        self.queue_worker = False
 
     def ensure_started(self) -> None:
         interval = self.app.config["REPLY_SWEEP_INTERVAL"]
         if not interval or self._pid == os.getpid():
+            return
+        if self.app.config.get("REPLY_QUEUE") and not self.queue_worker:
             return
         with self._lock:
             if self._pid == os.getpid():

@@ -75,6 +75,19 @@ CONNECTION_HOLD_SECONDS = Histogram(
     buckets=_HOLD_BUCKETS,
 )
 REPLIES = Counter("chatapp_replies_total", "Replies that finished, by final status.", ["status"])
+# Queue mode (chatapp/chat/queue.py), observed in the Celery workers.
+QUEUE_WAIT_SECONDS = Histogram(
+    "chatapp_reply_queue_wait_seconds",
+    "Time from a reply's enqueue to the start of its job in a worker.",
+    buckets=_BOT_BUCKETS,
+)
+QUEUE_JOBS = Counter(
+    "chatapp_reply_queue_jobs_total",
+    "Reply jobs run by queue workers, by outcome: complete, failed, stopped, duplicate (the "
+    "reply was finished or taken already), handed_over, ...; 'redelivered' counts deliveries "
+    "Redis made again.",
+    ["outcome"],
+)
 LEASE_STATEMENTS = Counter(
     "chatapp_reply_lease_statements_total",
     "Statements of the lease keeper: 'renew' (an UPDATE for all of a process's replies) or "
@@ -307,7 +320,12 @@ def metrics():
         raise Forbidden(
             "metrics are served only to requests from this host; set METRICS_TOKEN to scrape from elsewhere"
         )
-    return Response(generate_latest(_registry()), mimetype=CONTENT_TYPE_LATEST)
+    body = generate_latest(_registry())
+    # Queue mode samples the queue's depth now (chatapp/chat/queue.py).
+    extra = getattr(current_app.extensions.get("chatapp.reply_runner"), "metrics_text", None)
+    if extra is not None:
+        body += extra()
+    return Response(body, mimetype=CONTENT_TYPE_LATEST)
 
 
 def init_app(app: Flask) -> None:
