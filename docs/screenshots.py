@@ -25,7 +25,7 @@ from playwright.sync_api import expect, sync_playwright  # noqa: E402
 from chatapp import create_app  # noqa: E402
 from chatapp.auth import services as auth  # noqa: E402
 from chatapp.chat import services as chat  # noqa: E402
-from chatapp.chat.models import Conversation  # noqa: E402
+from chatapp.chat.models import Conversation, Message  # noqa: E402
 from chatapp.db import db, unit_of_work  # noqa: E402
 from tests.support.databases import migrate  # noqa: E402
 from tests.support.servers import GunicornServer  # noqa: E402
@@ -52,7 +52,10 @@ def is_open(hour: int) -> bool:
     return 9 <= hour < 21
 ```
 
+A day's budget, roughly: $b = 3 \\times 25 + 40$ euros.
+
 More ideas on [visitlisboa.com](https://www.visitlisboa.com)."""
+FIRST_VERSION = "Lisbon in a weekend: the castle, tram 28 and a sunset viewpoint."
 
 HISTORY = [
     ("Weekend in Lisbon", "Plan a relaxed weekend in Lisbon for me.", MARKDOWN_REPLY),
@@ -106,11 +109,17 @@ def seed(database_uri: str) -> int:
         for (title, question, answer), age in reversed(list(zip(HISTORY, ages, strict=True))):
             conversation = chat.create_conversation(user.id, title)
             _message, reply = chat.post_message(conversation, question)
+            if answer is MARKDOWN_REPLY:
+                # Regenerated once: the ‹ 2/2 › switcher shows under the reply.
+                chat.finish_reply(reply.id, reply.attempt, FIRST_VERSION)
+                reply = chat.restart_reply(conversation, session.get(Message, reply.id))
             chat.finish_reply(reply.id, reply.attempt, answer)
             session.execute(
                 sa.update(Conversation).where(Conversation.id == conversation.id).values(updated_at=now - age)
             )
             shown = conversation.id
+        # As the runner records it on each reply it claims (finish_reply alone leaves none).
+        session.execute(sa.update(Message).where(Message.role == "assistant").values(model="echo"))
         streaming = chat.create_conversation(user.id, "How do replies stream?")
         _message, reply = chat.post_message(streaming, "Tell me about streaming.")
         chat.finish_reply(reply.id, reply.attempt, "Ask me anything and watch the reply arrive.")
@@ -153,7 +162,14 @@ def shoot(browser, url: str, lisbon: int) -> None:
     log_in(page, url)
     page.screenshot(path=OUT / "home.png")
     page.goto(f"{url}/c/{lisbon}")
-    page.screenshot(path=OUT / "conversation.png")
+    # The code block, the math and the reply's buttons (copy, regenerate, ‹ 2/2 ›, its model).
+    page.locator("li.message.assistant .code-block").last.scroll_into_view_if_needed()
+    page.screenshot(path=OUT / "reply.png")
+    # A new chat: nothing is stored until its first message; the model and a system prompt.
+    page.get_by_role("link", name="New chat").first.click()
+    page.get_by_text("System prompt (optional)").click()
+    page.get_by_label("System prompt").fill("Answer in short sentences.")
+    page.screenshot(path=OUT / "new-chat.png")
 
     # Mid-stream: the newest conversation, a new message, caught while the reply is written.
     page.get_by_role("link", name="How do replies stream?").click()
@@ -197,6 +213,20 @@ def shoot(browser, url: str, lisbon: int) -> None:
     page.goto(f"{url}/c/{lisbon}")
     page.screenshot(path=OUT / "phone-chat.png")
     phone.close()
+
+    phone_dark = browser.new_context(
+        viewport={"width": 375, "height": 740},
+        device_scale_factor=2,
+        is_mobile=True,
+        has_touch=True,
+        color_scheme="dark",
+    )
+    page = phone_dark.new_page()
+    log_in(page, url)
+    page.goto(f"{url}/c/{lisbon}")
+    page.locator("li.message.assistant .code-block").last.scroll_into_view_if_needed()
+    page.screenshot(path=OUT / "phone-dark.png")
+    phone_dark.close()
 
 
 if __name__ == "__main__":
