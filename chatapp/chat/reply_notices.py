@@ -69,6 +69,7 @@ class ReplyNotices:
         self._thread: threading.Thread | None = None
         self._pid = 0
         self.available = False  # the subscriber is connected: streams may wait for notices
+        self._stopping = threading.Event()
 
     # The writer's side.
 
@@ -83,6 +84,10 @@ class ReplyNotices:
             if self._publish_failed_at == float("-inf") or time.monotonic() - self._publish_failed_at > 60:
                 log.error("reply notices: cannot publish to Redis (%s); streams elsewhere poll the database", error)
             self._publish_failed_at = time.monotonic()
+
+    def publish_ready(self) -> bool:
+        """False for RECONNECT_SECONDS after a failed publish (which skips publishing meanwhile)."""
+        return time.monotonic() - self._publish_failed_at >= RECONNECT_SECONDS
 
     # The streams' side.
 
@@ -145,7 +150,7 @@ class ReplyNotices:
 
     def _dispatch_forever(self) -> None:
         lost_logged = False
-        while True:
+        while not self._stopping.is_set():
             pubsub = None
             try:
                 client = redis.Redis.from_url(
@@ -165,7 +170,7 @@ class ReplyNotices:
                     log.warning("reply notices: Redis is back; streams wait for notices again")
                     lost_logged = False
                 self._wake()  # whatever was published meanwhile: read it
-                while True:
+                while not self._stopping.is_set():
                     self._apply_pending(pubsub)
                     message = pubsub.get_message(timeout=_DISPATCH_TICK)
                     if message is None:
@@ -191,11 +196,18 @@ class ReplyNotices:
                         "reply notices: Redis is unreachable (%s); streams poll the database until it is back", error
                     )
                     lost_logged = True
-                time.sleep(RECONNECT_SECONDS)
+                self._stopping.wait(RECONNECT_SECONDS)
             finally:
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
                         pubsub.close()
+
+    def stop(self) -> None:
+        """End the dispatcher (tests; a process exiting needs nothing: the thread is a daemon)."""
+        self._stopping.set()
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            thread.join(5)
 
     def _apply_pending(self, pubsub) -> None:
         while not self._pending.empty():
