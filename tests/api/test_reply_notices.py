@@ -135,6 +135,10 @@ def test_a_stop_reaches_a_stream_elsewhere_through_a_notice(
     finished = []
     reader = threading.Thread(target=lambda: finished.extend(events))
     reader.start()
+    # Stop once the stream waits subscribed: its subscription confirmed (which wakes it to
+    # read once more, unless that came before its first read).
+    assert wait_until(lambda: notices.version(reply_id) > 0, 10)
+    wait_until(lambda: len(progress_reads) >= 2, 1)
     response = client.post(f"{conversation_url}/messages/{reply_id}/stop", headers=alice)
     assert response.status_code == 200
     reader.join(30)  # a bound for a loaded machine; without the notice it would wait 60 s
