@@ -29,7 +29,6 @@ import queue
 import threading
 import time
 
-import redis
 from flask import Flask
 
 log = logging.getLogger(__name__)
@@ -59,6 +58,14 @@ class ReplyNotices:
     """This process's publisher and its one subscriber (started with the first stream)."""
 
     def __init__(self, url: str, timeout: float) -> None:
+        try:
+            import redis  # the [redis] extra: imported only when REPLY_EVENTS (or queue mode) is set
+        except ImportError:
+            raise RuntimeError(
+                "REPLY_EVENTS (or REPLY_QUEUE) names a Redis, but redis-py is not installed: "
+                "pip install 'chatapp[redis]'"
+            ) from None
+        self._redis = redis
         self.url = url
         self._timeout = timeout
         self._publisher = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
@@ -80,7 +87,7 @@ class ReplyNotices:
         notice = json.dumps({"reply": reply_id, "attempt": attempt, "length": length, "status": status})
         try:
             self._publisher.publish(channel(reply_id), notice)
-        except redis.RedisError as error:
+        except self._redis.RedisError as error:
             if self._publish_failed_at == float("-inf") or time.monotonic() - self._publish_failed_at > 60:
                 log.error("reply notices: cannot publish to Redis (%s); streams elsewhere poll the database", error)
             self._publish_failed_at = time.monotonic()
@@ -153,7 +160,7 @@ class ReplyNotices:
         while not self._stopping.is_set():
             pubsub = None
             try:
-                client = redis.Redis.from_url(
+                client = self._redis.Redis.from_url(
                     self.url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout
                 )
                 pubsub = client.pubsub(ignore_subscribe_messages=False)
