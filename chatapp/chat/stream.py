@@ -195,15 +195,16 @@ def _reply_events(app, reply_id, resume, first, credential, notices) -> Iterator
         if live is not None and not live.ended:
             live.wait(version, DRAIN_CHECK_SECONDS)
         elif notices is not None and notices.available:
-            _wait_for_notice(notices, reply_id, notice_version, read_database_at)
+            _wait_for_notice(notices, reply_id, notice_version, min(read_database_at + NOTICE_SAFETY_SECONDS, deadline))
         else:
             time.sleep(poll)
 
 
-def _wait_for_notice(notices, reply_id: int, version: int, read_at: float) -> None:
+def _wait_for_notice(notices, reply_id: int, version: int, until: float) -> None:
     """Wait for another process's notice of a write (Redis pub/sub) instead of polling: until
-    one arrives, Redis is lost, the worker drains, or NOTICE_SAFETY_SECONDS after the last read."""
+    one arrives, Redis is lost, the worker drains, or ``until`` (the safety re-check, or the
+    stream's deadline)."""
     while not lifecycle.draining():
-        left = read_at + NOTICE_SAFETY_SECONDS - time.monotonic()
+        left = until - time.monotonic()
         if left <= 0 or notices.wait(reply_id, version, min(left, DRAIN_CHECK_SECONDS)):
             return
