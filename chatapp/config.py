@@ -136,6 +136,10 @@ class Defaults:
     REPLY_QUEUE_VISIBILITY_TIMEOUT = 3600.0
     # A Celery worker serves its own /metrics on this port (0: none), see docs/deployment.md.
     QUEUE_WORKER_METRICS_PORT = 0
+    # Streams told of new text through Redis pub/sub (README, "Streams across processes"):
+    # a Redis URL here, or in queue mode REPLY_QUEUE's by default ("off": none). Without
+    # it a stream whose reply runs in another process polls every STREAM_POLL_INTERVAL.
+    REPLY_EVENTS = ""
     STREAM_POLL_INTERVAL = 0.2
     STREAM_MAX_SECONDS = 3600.0
     # An open stream holds one of a gunicorn worker's threads: one user may hold this many

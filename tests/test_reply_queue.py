@@ -45,9 +45,14 @@ def redis_server():
 
 
 @pytest.fixture
-def extra_config(redis_server) -> dict:
+def redis_extra_config(redis_server) -> dict:
     redis_server.client().flushall()
     return {"REPLY_QUEUE": redis_server.url, "REPLY_QUEUE_TIMEOUT": 0.5}
+
+
+@pytest.fixture
+def extra_config(request, redis_extra_config) -> dict:
+    return {**redis_extra_config, **getattr(request, "param", {})}
 
 
 @pytest.fixture
@@ -237,3 +242,41 @@ def test_stop_reaches_a_reply_running_in_a_worker(app, client, auth, database_ur
     reply = reply_row(database_uri, reply_id)
     assert reply.status.value == "stopped"
     assert TEXT.startswith(reply.content) and reply.content != TEXT
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("extra_config", [{"STREAM_POLL_INTERVAL": 0.01}], indirect=True)
+def test_a_stream_here_is_pushed_a_reply_a_worker_runs(
+    app, client, auth, database_uri, worker_factory, redis_server, monkeypatch
+):
+    from chatapp.chat import reply_notices, services, stream
+    from chatapp.chat.reply_notices import get_reply_notices
+    from tests.support.sse import parse_events
+
+    reads = []
+    read = services.read_reply_progress
+    monkeypatch.setattr(stream.services, "read_reply_progress", lambda *args: reads.append(1) or read(*args))
+    notices = get_reply_notices(app)  # queue mode: on REPLY_QUEUE's Redis by default
+    assert notices is not None
+    notices.register(0)
+    notices.unregister(0)
+    assert wait_until(lambda: notices.available, 15)
+    told = redis_server.client().pubsub()
+    told.psubscribe(reply_notices.CHANNEL_PREFIX + "*")
+    worker_factory(BOT_ECHO_DELAY=3)
+    headers = auth.headers()
+    conversation_id, response = post(client, headers)
+    reply_id = response.get_json()["reply"]["id"]
+    streamed = client.get(f"/api/v1/conversations/{conversation_id}/messages/{reply_id}/stream", headers=headers)
+    events = parse_events(streamed.get_data(as_text=True))
+    notices.stop()
+    assert "".join(data for name, data in events if name == "message") == TEXT
+    assert [data for name, data in events if name == "done"] == ['{"status": "complete", "error": null}']
+    sent = []
+    while (message := told.get_message(timeout=0.5)) is not None:
+        if message["type"] == "pmessage":
+            sent.append(message)
+    told.close()
+    # The worker told each write; the stream read once per notice (plus its first read and the
+    # one after subscribing), where polling every 10 ms over the bot's 3 s reads ~300 times.
+    assert sent and len(reads) <= len(sent) + 2, (len(reads), len(sent))

@@ -27,6 +27,7 @@ from chatapp.api.schemas import (
 )
 from chatapp.chat import services as chat
 from chatapp.chat import stream_slots
+from chatapp.chat.reply_notices import publish_stopped
 from chatapp.chat.runner import commit_and_start_reply, get_runner
 from chatapp.chat.stream import parse_last_event_id, reply_events
 from chatapp.db import db, transaction
@@ -183,6 +184,7 @@ def stop_reply(conversation_id, reply_id):
     db.session.commit()
     # At once if it runs in this process; elsewhere its process notices within a second.
     get_runner(current_app).cancel(reply_id)
+    publish_stopped(current_app, reply.id, reply.attempt, len(reply.content or ""))
     return reply
 
 

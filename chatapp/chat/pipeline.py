@@ -69,7 +69,9 @@ def _run_bot(app: Flask, writer: ReplyWriter, history: list[dict], cancel, setti
     # short units of work.
     interval = app.config["REPLY_FLUSH_INTERVAL"]
     buffer: list[str] = []
-    last_flush = time.monotonic()
+    # The first text is stored (and told to the streams) at once, the rest every interval:
+    # at most one write for the first chunk, one per interval, and the final one.
+    last_flush = float("-inf")
     try:
         bot = bot_from_config(app.config)
         chunks = bot.stream(history, cancel, model=settings.model, system_prompt=settings.system_prompt)

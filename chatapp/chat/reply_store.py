@@ -22,6 +22,7 @@ from flask import Flask
 from chatapp.chat import conversation_settings, leases, services
 from chatapp.chat.bots import bot_from_config
 from chatapp.chat.live_replies import LiveReply
+from chatapp.chat.reply_notices import get_reply_notices
 from chatapp.db import is_transient, unit_of_work
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,11 @@ class ReplyWriter:
             if self.live is not None:
                 # Only after the commit landed: streams never show text the database lacks.
                 self.live.stored(self.attempt, text, final=final, error=error)
+            notices = get_reply_notices(self.app)
+            if notices is not None:
+                # Streams in other processes (or hosts) read the new text when told.
+                status = ("failed" if error else "complete") if final else "streaming"
+                notices.publish(self.reply_id, self.attempt, self.stored, status)
         return done
 
     def _landed(self, text: str, final: bool, error: str | None) -> bool | None:

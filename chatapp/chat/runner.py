@@ -31,7 +31,7 @@ from typing import Protocol
 import sqlalchemy as sa
 from flask import Flask
 
-from chatapp.chat import leases, live_replies, services, titles
+from chatapp.chat import leases, live_replies, reply_notices, services, titles
 from chatapp.chat.live_replies import LiveReply
 from chatapp.chat.pipeline import generate_reply
 from chatapp.db import db, is_transient, remove_session, unit_of_work
@@ -395,6 +395,7 @@ class ThreadPoolReplyRunner:
 
 def init_app(app: Flask) -> None:
     live_replies.init_app(app)
+    reply_notices.init_app(app)
     titles.init_app(app)
     if app.config.get("REPLY_QUEUE"):
         # Queue mode: this process enqueues reply ids; Celery workers run them.

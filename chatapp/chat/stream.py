@@ -24,6 +24,7 @@ from chatapp import lifecycle
 from chatapp.auth.services import Credential, credential_is_active
 from chatapp.chat import services
 from chatapp.chat.live_replies import LiveReply, get_live_replies
+from chatapp.chat.reply_notices import NOTICE_SAFETY_SECONDS, get_reply_notices
 from chatapp.db import unit_of_work
 from chatapp.errors import AppError
 from chatapp.ops.metrics import job
@@ -107,6 +108,18 @@ def reply_events(
     ``credential`` is what the request authenticated with (plain data, checked by the
     caller just now); the stream ends, ``unauthorized``, once it is no longer valid.
     """
+    notices = get_reply_notices(app)
+    if notices is None:
+        yield from _reply_events(app, reply_id, resume, first, credential, None)
+        return
+    notices.register(reply_id)
+    try:
+        yield from _reply_events(app, reply_id, resume, first, credential, notices)
+    finally:
+        notices.unregister(reply_id)
+
+
+def _reply_events(app, reply_id, resume, first, credential, notices) -> Iterator[str]:
     poll = app.config["STREAM_POLL_INTERVAL"]
     deadline = time.monotonic() + app.config["STREAM_MAX_SECONDS"]
     attempt, offset = resume if resume else (None, 0)
@@ -115,6 +128,7 @@ def reply_events(
     read_database_at = float("-inf")
     # The view has just authenticated the request.
     checked_credential_at = time.monotonic()
+    notice_version = 0
     yield "retry: 1000\n\n"
     while True:
         if live is None or live.ended:
@@ -141,6 +155,9 @@ def reply_events(
                 credential is not None and time.monotonic() - checked_credential_at >= LIVE_RECHECK_SECONDS
             )
             authorized = True
+            if notices is not None:
+                # Taken before the read: a notice of a write after it wakes the wait below.
+                notice_version = notices.version(reply_id)
             with job("stream"), unit_of_work(app, write=False):
                 progress = services.read_reply_progress(reply_id, offset)
                 if check_credential and credential is not None:
@@ -177,5 +194,17 @@ def reply_events(
             last_sent = time.monotonic()
         if live is not None and not live.ended:
             live.wait(version, DRAIN_CHECK_SECONDS)
+        elif notices is not None and notices.available:
+            _wait_for_notice(notices, reply_id, notice_version, min(read_database_at + NOTICE_SAFETY_SECONDS, deadline))
         else:
             time.sleep(poll)
+
+
+def _wait_for_notice(notices, reply_id: int, version: int, until: float) -> None:
+    """Wait for another process's notice of a write (Redis pub/sub) instead of polling: until
+    one arrives, Redis is lost, the worker drains, or ``until`` (the safety re-check, or the
+    stream's deadline)."""
+    while not lifecycle.draining():
+        left = until - time.monotonic()
+        if left <= 0 or notices.wait(reply_id, version, min(left, DRAIN_CHECK_SECONDS)):
+            return

@@ -7,6 +7,7 @@ from flask_login import current_user, login_required
 
 from chatapp import rate_limits
 from chatapp.chat import services as chat
+from chatapp.chat.reply_notices import publish_stopped
 from chatapp.chat.runner import commit_and_start_reply, get_runner
 from chatapp.db import begin_write, db, transaction
 from chatapp.errors import AppError, Conflict, InvalidInput
@@ -165,13 +166,14 @@ def stop_reply(conversation_id: int, reply_id: int):
     """Stop a reply being generated, without JavaScript; it keeps its text so far."""
     conversation = chat.get_conversation(current_user.id, conversation_id)
     try:
-        chat.stop_reply(conversation, chat.get_reply(conversation, reply_id))
+        reply = chat.stop_reply(conversation, chat.get_reply(conversation, reply_id))
     except Conflict:
         flash("That reply had already finished.", "info")
     else:
         db.session.commit()
         # At once if it runs in this process; elsewhere its process notices within a second.
         get_runner(current_app).cancel(reply_id)
+        publish_stopped(current_app, reply.id, reply.attempt, len(reply.content or ""))
     return redirect(url_for("web.conversation", conversation_id=conversation_id))
 
 
