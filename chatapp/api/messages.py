@@ -33,6 +33,9 @@ from chatapp.chat.stream import parse_last_event_id, reply_events
 from chatapp.db import db, transaction
 from chatapp.errors import InvalidInput
 
+# A branch switch answers the branch's first page, as large as GET .../messages's default one.
+DEFAULT_PAGE_LIMIT = PageQuery().fields["limit"].load_default
+
 blp = api_blueprint("messages", "Messages and bot replies", authenticated=True)
 # Plain page queries (?limit=&cursor=) skip the schema load; see chatapp.api.fast_args.
 blp.ARGUMENTS_PARSER = PAGE_QUERY_PARSER
@@ -163,7 +166,7 @@ def select_branch(body, conversation_id):
     """Show and continue the branch through a message, down to its newest leaf."""
     conversation = chat.get_conversation(current_user_id(), conversation_id)
     leaf_id = chat.select_branch(conversation, body["message_id"])
-    page = chat.list_messages(conversation_id, PageQuery().fields["limit"].load_default)
+    page = chat.list_messages(conversation_id, DEFAULT_PAGE_LIMIT)
     return json_response(
         {
             "current_leaf_id": leaf_id,

@@ -43,7 +43,7 @@ HIGHLIGHT_MAX_LENGTH = 20_000
 LANGUAGE_LABEL_MAX_LENGTH = 30
 
 # Classes only (nowrap: just the <span class="k">...</span> runs), never inline styles:
-# the colours come from static/code.css, in light and dark.
+# the colours come from static/reply.css (see code_css below), in light and dark.
 _formatter = HtmlFormatter(nowrap=True)
 # Every class Pygments gives a token ("k", "nf", "s2", ...): the only classes a <span> in a
 # reply may carry. A lexer's own token subtypes outside this set lose their class (and

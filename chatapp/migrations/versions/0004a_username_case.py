@@ -20,7 +20,7 @@ depends_on = None
 log = logging.getLogger("alembic.runtime.migration")
 
 
-def _free_name(connection, users, base: str, taken: set[str]) -> str:
+def _free_name(base: str, taken: set[str]) -> str:
     """``base`` with the shortest suffix "-2", "-3", ... that no user has in any case, cut to fit 40."""
     for number in range(2, 100_000):
         suffix = f"-{number}"
@@ -44,7 +44,7 @@ def upgrade():
         if name.lower() not in seen:
             seen.add(name.lower())
             continue
-        new_name = _free_name(connection, users, name, taken)
+        new_name = _free_name(name, taken)
         taken.add(new_name.lower())
         seen.add(new_name.lower())
         connection.execute(sa.update(users).where(users.c.id == user_id).values(username=new_name))
