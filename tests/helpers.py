@@ -115,10 +115,10 @@ def run_reply_again(app: Flask, reply_id: int) -> None:
     import sqlalchemy as sa
 
     from chatapp.chat.models import Message, Status
-    from chatapp.chat.runner import commit_and_start_reply
+    from chatapp.chat.runner import commit_and_start_reply, get_runner
     from chatapp.db import begin_write
 
-    with app.test_request_context():
+    with app.test_request_context(), get_runner(app).reserve() as reservation:
         begin_write()
         attempt = db.session.scalar(sa.select(Message.attempt).where(Message.id == reply_id)) + 1
         db.session.execute(
@@ -126,4 +126,4 @@ def run_reply_again(app: Flask, reply_id: int) -> None:
             .where(Message.id == reply_id)
             .values(content="", status=Status.PENDING, attempt=attempt, lease_owner=None, runs=0)
         )
-        commit_and_start_reply(app, reply_id, attempt)
+        commit_and_start_reply(app, reply_id, attempt, reservation)

@@ -28,7 +28,7 @@ from chatapp.api.schemas import (
 from chatapp.chat import services as chat
 from chatapp.chat import stream_slots
 from chatapp.chat.reply_notices import publish_stopped
-from chatapp.chat.runner import commit_and_start_reply, get_runner
+from chatapp.chat.runner import commit_and_start_reply, get_runner, reserves_a_reply
 from chatapp.chat.stream import parse_last_event_id, reply_events
 from chatapp.db import db, transaction
 from chatapp.errors import InvalidInput
@@ -97,15 +97,16 @@ def list_messages(query, conversation_id):
 @blp.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
 @error_responses(blp, 400, 401, 404, 409, 413, 415, 422, 429, 503)
 @with_idempotency_key
+@reserves_a_reply
 @transaction("write")
-def post_message(body, conversation_id, key):
+def post_message(body, conversation_id, key, reservation):
     """Send a message; the bot's reply starts as "pending" and can be streamed."""
     chat.check_conversation(current_user_id(), conversation_id)
     message, reply, created = chat.post_message_to(conversation_id, body["content"], key)
     # Plain data before the commit, as the exchange was written (see regenerate_reply).
     message_out, reply_out = with_siblings(conversation_id, message, reply)
     if created:
-        commit_and_start_reply(current_app, reply.id, reply.attempt)
+        commit_and_start_reply(current_app, reply.id, reply.attempt, reservation)
     return json_response({"message": message_out, "reply": reply_out}, 202)
 
 
@@ -120,13 +121,14 @@ def with_siblings(conversation_id: int, *messages) -> list[dict]:
 @blp.arguments(MessageIn())
 @blp.response(202, PostedMessage)
 @error_responses(blp, 400, 401, 404, 409, 413, 415, 422, 429, 503)
+@reserves_a_reply
 @transaction("write")
-def edit_message(body, conversation_id, message_id):
+def edit_message(body, conversation_id, message_id, reservation):
     """Edit one of your messages: a new version of it and a new reply become the current branch."""
     chat.check_conversation(current_user_id(), conversation_id)
     message, reply = chat.edit_message(conversation_id, message_id, body["content"])
     message_out, reply_out = with_siblings(conversation_id, message, reply)
-    commit_and_start_reply(current_app, reply.id, reply.attempt)
+    commit_and_start_reply(current_app, reply.id, reply.attempt, reservation)
     return json_response({"message": message_out, "reply": reply_out}, 202)
 
 
@@ -134,15 +136,16 @@ def edit_message(body, conversation_id, message_id):
 @rate_limits.regenerations
 @blp.response(202, BranchMessageOut)
 @error_responses(blp, 401, 404, 409, 429, 503)
+@reserves_a_reply
 @transaction("write")
-def regenerate_reply(conversation_id, reply_id):
+def regenerate_reply(conversation_id, reply_id, reservation):
     """Generate the latest reply again, as a new version beside it (which becomes current)."""
     conversation = chat.get_conversation(current_user_id(), conversation_id)
     version = chat.restart_reply(conversation, chat.get_reply(conversation, reply_id))
     # Plain data now: the reply as this request made it (the runner may change it at once,
     # and after a commit that failed but landed the session is a new one).
     (restarted,) = with_siblings(conversation_id, version)
-    commit_and_start_reply(current_app, version.id, version.attempt)
+    commit_and_start_reply(current_app, version.id, version.attempt, reservation)
     return json_response(restarted, 202)
 
 

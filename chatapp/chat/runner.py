@@ -7,9 +7,10 @@ lease (chatapp.chat.leases) in the database, so a reply submitted twice, or re-c
 another process, still runs once at a time. A job queue can replace this pool by
 enqueueing the id in ``submit`` and calling ``generate_reply`` in its worker.
 
-Before a view commits a pending reply it reserves the reply's place with ``reserve``
-(which refuses when the runner is full), so that a reply is never committed that no
-runner will take; a job queue's ``reserve`` may always succeed.
+Before a view's transaction begins, it reserves the reply's place with ``reserve``
+(``reserves_a_reply``), which refuses when the runner is full, so that a reply is never
+committed that no runner will take; a job queue's ``reserve`` checks only that its broker
+answers, which is why it runs holding no database connection.
 
 While this process runs replies, one keeper thread renews their leases every
 REPLY_LEASE_RENEW_SECONDS and checks every REPLY_STOP_CHECK_SECONDS that it still holds
@@ -20,6 +21,7 @@ which closes the bot's request. Both are one statement for all of this process's
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import queue
@@ -29,12 +31,12 @@ from collections.abc import Callable
 from typing import Protocol
 
 import sqlalchemy as sa
-from flask import Flask
+from flask import Flask, current_app
 
 from chatapp.chat import leases, live_replies, reply_notices, services, titles
 from chatapp.chat.live_replies import LiveReply
 from chatapp.chat.pipeline import generate_reply
-from chatapp.db import db, is_transient, remove_session, unit_of_work
+from chatapp.db import db, end_transaction, is_transient, remove_session, unit_of_work
 from chatapp.errors import ServiceBusy
 from chatapp.ops.metrics import LEASE_STATEMENTS, job
 
@@ -412,22 +414,37 @@ def get_runner(app: Flask) -> ThreadPoolReplyRunner:
     return app.extensions[EXTENSION_KEY]
 
 
-def commit_and_start_reply(app: Flask, reply_id: int, attempt: int) -> None:
+def reserves_a_reply(view: Callable) -> Callable:
+    """Reserve the reply's place in the runner before the view's transaction; pass it as ``reservation``.
+
+    Put it directly above ``@transaction(...)``. The authentication read (the token or the
+    login's user) is ended first, so no connection is held while ``reserve`` checks the
+    queue's Redis (up to REPLY_QUEUE_TIMEOUT when Redis does not answer). A refusal is a
+    503 before anything is read or written; the place goes back however the view ends
+    (a 4xx, an error, a form shown again) unless ``commit_and_start_reply`` used it.
+    """
+
+    @functools.wraps(view)
+    def reserve_first(*args, **kwargs):
+        end_transaction()
+        with get_runner(current_app).reserve() as reservation:
+            return view(*args, reservation=reservation, **kwargs)
+
+    return reserve_first
+
+
+def commit_and_start_reply(app: Flask, reply_id: int, attempt: int, reservation: Reservation) -> None:
     """Commit the view's unit of work, which made this reply attempt pending, then start it.
+
+    ``reservation`` is the reply's place, reserved before the view's transaction began
+    (``reserves_a_reply``): a full runner, or an unreachable queue, answered 503 before
+    anything was written, and a committed reply always has its place.
 
     A commit whose connection died after COMMIT was sent may have landed anyway; a landed
     reply that nobody starts would wait for another process's sweep. So after a failed
     commit, look in a new short transaction: if the reply is stored at this attempt,
     start it; if not, or if the database is still down, raise.
-
-    The reply's place in the runner is reserved first: a full runner answers 503 before
-    anything is committed, and a committed reply always has its place.
     """
-    with get_runner(app).reserve() as reservation:
-        _commit_and_submit(app, reply_id, attempt, reservation)
-
-
-def _commit_and_submit(app: Flask, reply_id: int, attempt: int, reservation: Reservation) -> None:
     try:
         db.session.commit()
     except sa.exc.DBAPIError as error:

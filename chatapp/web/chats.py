@@ -8,7 +8,7 @@ from flask_login import current_user, login_required
 from chatapp import rate_limits
 from chatapp.chat import services as chat
 from chatapp.chat.reply_notices import publish_stopped
-from chatapp.chat.runner import commit_and_start_reply, get_runner
+from chatapp.chat.runner import commit_and_start_reply, get_runner, reserves_a_reply
 from chatapp.db import begin_write, db, transaction
 from chatapp.errors import AppError, Conflict, InvalidInput
 from chatapp.security import parse_bounded_int
@@ -129,8 +129,9 @@ def delete(conversation_id: int):
 @bp.post("/c/<int:conversation_id>/messages")
 @login_required
 @rate_limits.messages
+@reserves_a_reply
 @transaction("write-after")
-def send_message(conversation_id: int):
+def send_message(conversation_id: int, reservation):
     """Send a message without JavaScript; the page then shows the reply as it was when loaded."""
     form = MessageForm()
     if not form.validate_on_submit():
@@ -143,19 +144,20 @@ def send_message(conversation_id: int):
         db.session.rollback()  # the page re-renders holding no write lock
         add_error(form, error, "content")
         return _render_conversation(conversation_id, message_form=form, status=error.status)
-    commit_and_start_reply(current_app, reply.id, reply.attempt)
+    commit_and_start_reply(current_app, reply.id, reply.attempt, reservation)
     return redirect(_back_to(conversation_id))
 
 
 @bp.post("/c/<int:conversation_id>/messages/<int:reply_id>/regenerate")
 @login_required
 @rate_limits.regenerations
+@reserves_a_reply
 @transaction("write")
-def regenerate(conversation_id: int, reply_id: int):
+def regenerate(conversation_id: int, reply_id: int, reservation):
     """Generate a finished or failed reply again, without JavaScript."""
     conversation = chat.get_conversation(current_user.id, conversation_id)
     reply = chat.restart_reply(conversation, chat.get_reply(conversation, reply_id))
-    commit_and_start_reply(current_app, reply.id, reply.attempt)
+    commit_and_start_reply(current_app, reply.id, reply.attempt, reservation)
     return redirect(url_for("web.conversation", conversation_id=conversation_id))
 
 
@@ -235,8 +237,9 @@ def edit_message_form(conversation_id: int, message_id: int):
 @bp.post("/c/<int:conversation_id>/messages/<int:message_id>/edit")
 @login_required
 @rate_limits.messages
+@reserves_a_reply
 @transaction("write-after")
-def edit_message(conversation_id: int, message_id: int):
+def edit_message(conversation_id: int, message_id: int, reservation):
     """Save an edit: a new version of the message, and its reply, become the current branch."""
     form = MessageForm()
     if not form.validate_on_submit():
@@ -251,7 +254,7 @@ def edit_message(conversation_id: int, message_id: int):
             raise
         add_error(form, error, "content")
         return _render_edit(conversation_id, message_id, form, status=error.status)
-    commit_and_start_reply(current_app, reply.id, reply.attempt)
+    commit_and_start_reply(current_app, reply.id, reply.attempt, reservation)
     return redirect(url_for("web.conversation", conversation_id=conversation_id))
 
 

@@ -10,7 +10,7 @@ from flask_login import current_user, login_required
 from chatapp import rate_limits
 from chatapp.chat import catalog
 from chatapp.chat import services as chat
-from chatapp.chat.runner import commit_and_start_reply
+from chatapp.chat.runner import commit_and_start_reply, reserves_a_reply
 from chatapp.db import begin_write, db, end_transaction, transaction
 from chatapp.errors import AppError
 from chatapp.web import bp, pages
@@ -39,8 +39,9 @@ def new_chat():
 @login_required
 @rate_limits.conversations
 @rate_limits.messages
+@reserves_a_reply
 @transaction("write-after")
-def start_chat():
+def start_chat(reservation):
     """Create a conversation with its first message and settings, start the reply, open it."""
     form = NewChatForm()
     if not form.validate_on_submit():
@@ -61,7 +62,7 @@ def start_chat():
         add_error(form, error, "content")
         return _render_new_chat(form, error.status)
     # One transaction: the conversation, the message and the pending reply land together.
-    commit_and_start_reply(current_app, reply.id, reply.attempt)
+    commit_and_start_reply(current_app, reply.id, reply.attempt, reservation)
     return redirect(url_for("web.conversation", conversation_id=conversation.id))
 
 
