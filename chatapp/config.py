@@ -156,10 +156,11 @@ class Defaults:
     # A database connection held longer than this logs a warning naming the route or job.
     HOLD_WARN_SECONDS = 1.0
     # Flask-Limiter. Per client address; behind a proxy set PROXY_FIX_X_FOR so that
-    # the address is the client's, not the proxy's. Several hosts share limits through
-    # RATELIMIT_STORAGE_URI = "redis://host:6379".
+    # the address is the client's, not the proxy's. Where counts live: "" (the default)
+    # is this process's memory, or in queue mode REPLY_QUEUE's Redis, shared by every
+    # host; set RATELIMIT_STORAGE_URI = "redis://host:6379/n" to choose (docs/deployment.md).
     RATELIMIT_ENABLED = True
-    RATELIMIT_STORAGE_URI = "memory://"
+    RATELIMIT_STORAGE_URI = ""
     RATELIMIT_HEADERS_ENABLED = True
     # A moving window counts the requests of the last minute (or hour) exactly; a fixed
     # window would let a client send twice its limit across a window's edge, and its count

@@ -2,8 +2,11 @@
 (tokens, registration, login), and per user on the work that costs (messages, which start
 a bot reply; regenerations; new conversations).
 
-Flask-Limiter counts in RATELIMIT_STORAGE_URI (memory by default, Redis to share counts
-between hosts); password guesses are also counted per username they name, whatever
+Flask-Limiter counts in RATELIMIT_STORAGE_URI: this process's memory by default, or, in
+queue mode (REPLY_QUEUE set) with no RATELIMIT_STORAGE_URI, the queue's Redis, so that
+every host and worker draws on one count. While that Redis is unreachable each process
+counts in its own memory (RATELIMIT_IN_MEMORY_FALLBACK_ENABLED) and says so in its log;
+it goes back to Redis once Redis answers. Password guesses are also counted per username they name, whatever
 address they come from. The limit strings are read from the app's config on each request,
 so an operator changes them without touching code, and tests turn them on only where they
 test them. A request over its limit raises Flask-Limiter's
@@ -12,18 +15,44 @@ RateLimitExceeded (a 429), which chatapp.errors.handlers renders as JSON under /
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 
 from flask import Flask, current_app, g, request
 from flask_limiter.util import get_remote_address
 from flask_login import current_user
 
+from chatapp.db import end_transaction
 from chatapp.extensions import limiter
+
+log = logging.getLogger(__name__)
+
+
+def holding_nothing(limit):
+    """``limit`` (a Flask-Limiter decorator) checked after the authentication read has ended.
+
+    The count may live in Redis, which can take up to its socket timeout to answer (or to
+    fail over to memory): no database connection is held meanwhile. Only on views that
+    write, whose transaction would end that read anyway.
+    """
+
+    def decorate(view):
+        limited = limit(view)
+
+        @functools.wraps(limited)
+        def end_the_read_first(*args, **kwargs):
+            end_transaction()
+            return limited(*args, **kwargs)
+
+        return end_the_read_first
+
+    return decorate
 
 
 def configured(key: str):
     """A limit read from config key ``key`` (e.g. "10 per minute;100 per hour") at request time."""
-    return limiter.limit(lambda: current_app.config[key], methods=["POST"])
+    return holding_nothing(limiter.limit(lambda: current_app.config[key], methods=["POST"]))
 
 
 def login_username() -> str:
@@ -47,14 +76,16 @@ registration = configured("RATELIMIT_REGISTER")
 login = configured("RATELIMIT_LOGIN")
 # One count per username for the login form and POST /api/v1/tokens together, so that
 # guesses cannot double their allowance by using both doors.
-login_per_username = limiter.shared_limit(
-    lambda: current_app.config["RATELIMIT_LOGIN_USERNAME"],
-    scope="login-username",
-    key_func=login_username,
-    methods=["POST"],
-    # Failed attempts only: someone guessing at an account cannot also use up its owner's
-    # successful logins (the owner is still held back once the guesses reach the limit).
-    deduct_when=lambda response: response.status_code >= 400,
+login_per_username = holding_nothing(
+    limiter.shared_limit(
+        lambda: current_app.config["RATELIMIT_LOGIN_USERNAME"],
+        scope="login-username",
+        key_func=login_username,
+        methods=["POST"],
+        # Failed attempts only: someone guessing at an account cannot also use up its owner's
+        # successful logins (the owner is still held back once the guesses reach the limit).
+        deduct_when=lambda response: response.status_code >= 400,
+    )
 )
 
 
@@ -74,17 +105,21 @@ def per_user(key: str, scope: str):
     user gets the same allowance whichever they use. Decorate the view under the checks
     that establish who the user is (the API's before_request, or @login_required).
     """
-    return limiter.shared_limit(lambda: current_app.config[key], scope, key_func=user_key, methods=["POST"])
+    return holding_nothing(
+        limiter.shared_limit(lambda: current_app.config[key], scope, key_func=user_key, methods=["POST"])
+    )
 
 
 # Password checks of a signed-in user (changing the password, deleting the account): guesses
 # at the current password by whoever holds a session or token are limited as logins are.
-password_checks = limiter.shared_limit(
-    lambda: current_app.config["RATELIMIT_LOGIN_USERNAME"],
-    scope="password-checks",
-    key_func=user_key,
-    methods=["POST", "DELETE"],
-    deduct_when=lambda response: response.status_code >= 400,
+password_checks = holding_nothing(
+    limiter.shared_limit(
+        lambda: current_app.config["RATELIMIT_LOGIN_USERNAME"],
+        scope="password-checks",
+        key_func=user_key,
+        methods=["POST", "DELETE"],
+        deduct_when=lambda response: response.status_code >= 400,
+    )
 )
 messages = per_user("RATELIMIT_MESSAGES", "user-messages")
 conversations = per_user("RATELIMIT_CONVERSATIONS", "user-conversations")
@@ -102,6 +137,8 @@ def init_app(app: Flask) -> None:
     limiter._strategy = None
     limiter._key_prefix = ""
     limiter._storage_dead = False
+    limiter._storage_options = {}
+    _choose_storage(app)
     limiter.init_app(app)
     if limiter.enabled and not _limits_beyond_decorators():
         # Flask-Limiter's before_request hook works out, on every request, which
@@ -111,6 +148,36 @@ def init_app(app: Flask) -> None:
         # any other hook's, so it goes. Its after_request (X-RateLimit-* headers) and
         # teardown stay.
         app.before_request_funcs[None].remove(limiter._check_request_limit)
+
+
+def _choose_storage(app: Flask) -> None:
+    """RATELIMIT_STORAGE_URI if set; else the queue's Redis in queue mode; else memory.
+
+    The queue's own Redis URL, database number included: Flask-Limiter's keys all start
+    "LIMITS:", which none of Celery's, the sweep's or the reply notices' do, and counts
+    that a flush of that database resets cost only a fresh minute's allowance.
+    """
+    config = app.config
+    if config.get("RATELIMIT_STORAGE_URI"):
+        return
+    queue = config.get("REPLY_QUEUE")
+    if not queue:
+        config["RATELIMIT_STORAGE_URI"] = "memory://"
+        return
+    config["RATELIMIT_STORAGE_URI"] = queue
+    # As every Redis call a request makes: a dark Redis costs a request this long, once,
+    # before the count moves to memory (then Redis is retried at growing intervals).
+    timeout = float(config["REPLY_QUEUE_TIMEOUT"])
+    config["RATELIMIT_STORAGE_OPTIONS"] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        **config.get("RATELIMIT_STORAGE_OPTIONS", {}),
+    }
+    if config.get("RATELIMIT_ENABLED", True):
+        log.info(
+            "rate limits are counted in the reply queue's Redis (REPLY_QUEUE), shared by every "
+            "process; in this process's memory while it is unreachable"
+        )
 
 
 def _limits_beyond_decorators() -> bool:
