@@ -15,6 +15,7 @@ import requests
 
 from chatapp.chat.queue import QueueReplyRunner
 from chatapp.chat.runner import get_runner
+from chatapp.chat.services import DEFAULT_TITLE
 from tests.support.databases import stored_messages
 from tests.support.load import wait_until
 from tests.support.metrics import parse, total
@@ -100,15 +101,21 @@ def test_queue_mode_runs_replies_in_workers_only(app, client, auth, database_uri
     threads_before = set(threading.enumerate())
     worker = worker_factory()
     headers = auth.headers()
-    _conversation_id, response = post(client, headers)
+    conversation_id, response = post(client, headers)
     assert response.status_code == 202, response.get_json()
     reply_id = response.get_json()["reply"]["id"]
     wait_for_status(database_uri, reply_id, "complete")
     reply = reply_row(database_uri, reply_id)
     assert (reply.content, reply.error, reply.runs) == (TEXT, None, 1)
-    # The web process enqueued, and ran nothing: no reply thread, no keeper started.
+    # The conversation's title job was a Celery task the worker ran (the echo engine titles
+    # a conversation with its first words).
+    conversation = f"/api/v1/conversations/{conversation_id}"
+    assert wait_until(lambda: client.get(conversation, headers=headers).get_json()["title"] != DEFAULT_TITLE, 20)
+    assert TEXT.startswith(client.get(conversation, headers=headers).get_json()["title"])
+    assert wait_until(lambda: "Task chatapp.generate_title[" in worker.log(), 10), worker.log()
+    # The web process enqueued, and ran nothing: no reply, keeper or title thread started.
     started = set(threading.enumerate()) - threads_before
-    assert not [thread for thread in started if thread.name in ("reply", "reply-keeper")]
+    assert not [thread for thread in started if thread.name in ("reply", "reply-keeper", "title")]
     assert wait_until(lambda: worker.outcomes("complete") == 1, 10), worker.log()
     samples = worker.metrics()
     assert total(samples, "chatapp_reply_queue_wait_seconds_count") == 1

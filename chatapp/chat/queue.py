@@ -18,6 +18,12 @@ own can be orphaned), finds a committed reply no process claimed within
 REPLY_LEASE_SECONDS, or whose lease expired, and enqueues it again; a Redis marker lets
 one sweep enqueue each orphan at most once per REPLY_LEASE_SECONDS across all workers.
 
+Titles: in queue mode a title job is a Celery task too (``TITLE_TASK_NAME``, the
+conversation's id only), which the reply that completed enqueues from its worker and the
+reply workers run; nothing runs in web processes. Its work is the same short read, bot
+call and conditional write as the in-process title threads' (chatapp.chat.titles), so a
+task delivered twice stores one title.
+
 Redis down at a POST: ``reserve`` pings the broker (short timeouts) before the view
 commits, so the view answers 503 and writes nothing; a publish that fails after the
 commit is logged and left to the sweep.
@@ -36,7 +42,7 @@ from flask import Flask
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from chatapp.chat import leases
+from chatapp.chat import leases, titles
 from chatapp.chat.pipeline import generate_reply
 from chatapp.chat.runner import Cancellation, Reservation, ThreadPoolReplyRunner
 from chatapp.db import unit_of_work
@@ -47,6 +53,7 @@ log = logging.getLogger(__name__)
 CELERY_KEY = "celery"
 WORKER_RUNNER_KEY = "chatapp.queue_worker_runner"
 TASK_NAME = "chatapp.generate_reply"
+TITLE_TASK_NAME = "chatapp.generate_title"
 _ENQUEUED_MARK = "chatapp:reply-enqueued:"
 # What generate_reply's result means for the queue's job outcome counter.
 _OUTCOMES = {"skipped": "duplicate"}
@@ -96,8 +103,35 @@ def celery_init_app(app: Flask) -> Celery:
         QUEUE_JOBS.labels(_OUTCOMES.get(outcome, outcome)).inc()
         return outcome
 
+    @celery.task(name=TITLE_TASK_NAME)
+    def make_title(conversation_id: int) -> str:
+        """Title one conversation here; only its id crosses the queue."""
+        return titles.generate_title(app, int(conversation_id))
+
     app.extensions[CELERY_KEY] = celery
     return celery
+
+
+class QueueTitleJobs:
+    """Title jobs as Celery tasks, run by the reply workers; nothing waits in this process."""
+
+    def __init__(self, app: Flask):
+        self.app = app
+
+    def submit(self, conversation_id: int) -> bool:
+        """Enqueue a title job; False if Redis refused it (the conversation keeps its title)."""
+        try:
+            self.app.extensions[CELERY_KEY].send_task(TITLE_TASK_NAME, args=[int(conversation_id)], retry=False)
+        except Exception as error:  # a title is a nicety: never fail the reply over it
+            log.warning("conversation %s: no title job enqueued (%s)", conversation_id, error)
+            return False
+        return True
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        return True
+
+    def shutdown(self, grace: float) -> None:
+        """Nothing runs here: queued titles stay in Redis for the workers."""
 
 
 class QueueReplyRunner:

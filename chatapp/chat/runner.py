@@ -398,13 +398,14 @@ class ThreadPoolReplyRunner:
 def init_app(app: Flask) -> None:
     live_replies.init_app(app)
     reply_notices.init_app(app)
-    titles.init_app(app)
     if app.config.get("REPLY_QUEUE"):
-        # Queue mode: this process enqueues reply ids; Celery workers run them.
-        from chatapp.chat.queue import QueueReplyRunner
+        # Queue mode: this process enqueues reply and title jobs; Celery workers run them.
+        from chatapp.chat.queue import QueueReplyRunner, QueueTitleJobs
 
         app.extensions[EXTENSION_KEY] = QueueReplyRunner(app)
+        app.extensions[titles.EXTENSION_KEY] = QueueTitleJobs(app)
         return
+    titles.init_app(app)
     app.extensions[EXTENSION_KEY] = ThreadPoolReplyRunner(
         app, app.config["REPLY_WORKERS"], app.config["REPLY_QUEUE_MAX"]
     )

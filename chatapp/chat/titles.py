@@ -8,7 +8,8 @@ that happened meanwhile wins. A failure keeps the default title and is only logg
 
 A few daemon threads of this process, apart from the reply threads, so a slow title never
 takes a reply's place; the queue is bounded (a title is a nicety: beyond it, one is
-skipped), and ``shutdown`` stops them with the reply runner.
+skipped), and ``shutdown`` stops them with the reply runner. In queue mode a title job is
+a Celery task instead, run by the reply workers (chatapp.chat.queue.QueueTitleJobs).
 """
 
 from __future__ import annotations
@@ -149,4 +150,5 @@ def init_app(app: Flask) -> None:
 
 
 def get_title_jobs(app: Flask) -> TitleJobs:
+    # In queue mode, chatapp.chat.queue.QueueTitleJobs: the same submit/wait_idle/shutdown.
     return app.extensions[EXTENSION_KEY]
