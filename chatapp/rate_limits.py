@@ -138,8 +138,10 @@ def init_app(app: Flask) -> None:
     limiter._key_prefix = ""
     limiter._storage_dead = False
     limiter._storage_options = {}
-    _choose_storage(app)
+    shared = _choose_storage(app)
     limiter.init_app(app)
+    if shared and limiter.enabled:
+        app.after_request(_StorageWatch())
     if limiter.enabled and not _limits_beyond_decorators():
         # Flask-Limiter's before_request hook works out, on every request, which
         # application, default, meta, blueprint or fallback limits apply; the limits
@@ -150,20 +152,21 @@ def init_app(app: Flask) -> None:
         app.before_request_funcs[None].remove(limiter._check_request_limit)
 
 
-def _choose_storage(app: Flask) -> None:
+def _choose_storage(app: Flask) -> bool:
     """RATELIMIT_STORAGE_URI if set; else the queue's Redis in queue mode; else memory.
 
     The queue's own Redis URL, database number included: Flask-Limiter's keys all start
     "LIMITS:", which none of Celery's, the sweep's or the reply notices' do, and counts
     that a flush of that database resets cost only a fresh minute's allowance.
+    Returns whether the counts live in a storage shared between processes.
     """
     config = app.config
     if config.get("RATELIMIT_STORAGE_URI"):
-        return
+        return not str(config["RATELIMIT_STORAGE_URI"]).startswith("memory://")
     queue = config.get("REPLY_QUEUE")
     if not queue:
         config["RATELIMIT_STORAGE_URI"] = "memory://"
-        return
+        return False
     config["RATELIMIT_STORAGE_URI"] = queue
     # As every Redis call a request makes: a dark Redis costs a request this long, once,
     # before the count moves to memory (then Redis is retried at growing intervals).
@@ -178,6 +181,31 @@ def _choose_storage(app: Flask) -> None:
             "rate limits are counted in the reply queue's Redis (REPLY_QUEUE), shared by every "
             "process; in this process's memory while it is unreachable"
         )
+    return True
+
+
+class _StorageWatch:
+    """Logs when this process's counts move to memory (the shared storage is down) and back.
+
+    Flask-Limiter says so only to a logger with a NullHandler, which an app that configures
+    no logging never shows: an operator must see that the limits stopped being shared.
+    """
+
+    def __init__(self) -> None:
+        self.in_memory = False
+
+    def __call__(self, response):
+        dead = limiter._storage_dead
+        if dead != self.in_memory:
+            self.in_memory = dead
+            if dead:
+                log.warning(
+                    "the rate limits' storage (RATELIMIT_STORAGE_URI, or REPLY_QUEUE's Redis) is unreachable: "
+                    "this process counts limits in its own memory, not shared, until it answers again"
+                )
+            else:
+                log.warning("the rate limits' storage answers again: limits are shared again")
+        return response
 
 
 def _limits_beyond_decorators() -> bool:

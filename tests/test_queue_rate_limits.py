@@ -77,4 +77,4 @@ def test_a_queue_redis_that_is_down_leaves_limits_counting_in_memory(make_app, c
         statuses = new_conversations(app, headers, 4)
     # Neither failed (500) nor let through unlimited, and the log says why.
     assert statuses == [201, 201, 201, 429]
-    assert "falling back to in-memory storage" in caplog.text
+    assert "this process counts limits in its own memory" in caplog.text
