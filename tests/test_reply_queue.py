@@ -287,3 +287,47 @@ def test_a_stream_here_is_pushed_a_reply_a_worker_runs(
     # The worker told each write; the stream read once per notice (plus its first read and the
     # one after subscribing), where polling every 10 ms over the bot's 3 s reads ~300 times.
     assert sent and len(reads) <= len(sent) + 2, (len(reads), len(sent))
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_started_while_redis_is_down_the_service_recovers_by_itself(database_uri, tmp_path):
+    # Web processes and a reply worker start while nothing listens at the queue's address
+    # (Redis rebooting with the hosts, say): neither crashes nor loops, reads are served, a
+    # new message is a 503 that saves nothing, and once Redis is up everything works.
+    redis_server = RedisServer()  # its port chosen; not started yet
+    worker = CeleryWorker(database_uri, redis_server.url, tmp_path, LEASES)
+    config = {"REPLY_QUEUE": redis_server.url, "RATELIMIT_ENABLED": "true"}
+    try:
+        worker.start(wait=False)
+        with GunicornServer(database_uri, workers=1, threads=4, config=config, log_dir=tmp_path) as server:
+            credentials = {"username": "early", "password": "correct horse"}
+            # Rate limited, and the limits' Redis is down: counted in memory, not a 500.
+            assert requests.post(server.url + "/api/v1/users", json=credentials, timeout=30).status_code == 201
+            token = requests.post(server.url + "/api/v1/tokens", json=credentials, timeout=30).json()["token"]
+            headers = {"Authorization": f"Bearer {token}"}
+            conversations = server.url + "/api/v1/conversations"
+            created = requests.post(conversations, json={}, headers=headers, timeout=30)
+            assert created.status_code == 201, created.text
+            messages = f"{conversations}/{created.json()['id']}/messages"
+            assert requests.get(conversations, headers=headers, timeout=30).status_code == 200
+            # Readiness is the database's: a load balancer keeps serving reads.
+            assert requests.get(server.url + "/readyz", timeout=30).status_code == 200
+            refused = requests.post(messages, json={"content": TEXT}, headers=headers, timeout=30)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "replies_unavailable"
+            assert requests.get(messages, headers=headers, timeout=30).json()["items"] == []
+            assert wait_until(lambda: "Cannot connect to redis" in worker.log(), 30), worker.log()
+            assert worker.process.poll() is None, worker.log()
+
+            redis_server.start()
+            posted = requests.post(messages, json={"content": TEXT}, headers=headers, timeout=30)
+            assert posted.status_code == 202, posted.text
+            streamed = read_reply(None, f"{messages}/{posted.json()['reply']['id']}/stream", headers=headers)
+            log = server.log_text()
+        assert (streamed.text, streamed.status) == (TEXT, "complete"), worker.log()
+        assert "the reply queue (Redis) is unreachable" in log
+        assert "this process counts limits in its own memory" in log
+        assert worker.process.poll() is None, worker.log()
+    finally:
+        worker.stop()
+        redis_server.stop()
