@@ -90,6 +90,11 @@ def celery_init_app(app: Flask) -> Celery:
         },
         broker_connection_timeout=timeout,
         broker_connection_retry_on_startup=True,
+        # A worker waits for Redis as long as it takes (retrying every 2 to 30 s, logged),
+        # at start-up and after losing it, instead of exiting after 100 tries (about 50
+        # minutes) into a restart loop. Nothing is lost meanwhile: posts are refused (503),
+        # and what Redis lost the sweep enqueues again from the database.
+        broker_connection_max_retries=None,
         worker_hijack_root_logger=False,
     )
 
