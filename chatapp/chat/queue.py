@@ -230,7 +230,7 @@ class _DepthCollector:
         up.add_metric([], 0 if self._depth is None else 1)
         yield up
         if self._depth is not None:
-            depth = GaugeMetricFamily("chatapp_reply_queue_depth", "Reply jobs waiting in the queue for a worker.")
+            depth = GaugeMetricFamily("chatapp_reply_queue_depth", "Jobs (replies, titles) waiting for a worker.")
             depth.add_metric([], self._depth)
             yield depth
 
