@@ -170,6 +170,10 @@ defaults
     # Each request is balanced on its own (the client's keep-alive connection to HAProxy
     # stays open), so round-robin alternates even for one client.
     option http-server-close
+    # Send each event on at once: without it HAProxy marks the data of a response not yet
+    # ended as "more to come" (MSG_MORE), and the kernel holds a small SSE event up to
+    # 200 ms waiting for more.
+    option http-no-delay
     # A request whose connection to a server failed, or that a server closed without an
     # answer (a host restarting), is sent again to another. Safe for a post too: a client
     # sending an Idempotency-Key gets the first answer again, never a second message.

@@ -27,9 +27,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
+import sqlalchemy as sa
 
 from tests.support import pgbouncer
-from tests.support.databases import ROOT, SECRET_KEY
+from tests.support.databases import ROOT, SECRET_KEY, inspect_db
 from tests.support.hosts import HAProxy, Host, Topology
 from tests.support.load import wait_until
 from tests.support.queue import RedisServer
@@ -43,21 +44,25 @@ def words_for(content: str, count: int) -> list[str]:
 
 
 class ChatModel:
-    """A fake OpenAI-compatible model on ``address``: ``words`` words per reply, ``delay`` s apart.
+    """A fake OpenAI-compatible model on ``address``: ``words`` words per reply, ``delay`` s apart,
+    the first after ``first_delay`` s (a real model's reading of the prompt).
 
     ``first_sent[content]`` lists when (time.time()) each request for that message got its
     first token, for time-to-first-token measured from the model's own send.
     """
 
-    def __init__(self, address: str, words: int, delay: float):
+    def __init__(self, address: str, words: int, delay: float, first_delay: float = 0.0):
         self.words = words
         self.delay = delay
+        self.first_delay = first_delay
         self.first_sent: dict[str, list[float]] = {}
         self._lock = threading.Lock()
         model = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Each token leaves at once (TCP_NODELAY), as model servers send them.
+            disable_nagle_algorithm = True
 
             def log_message(self, *args):
                 pass
@@ -71,8 +76,7 @@ class ChatModel:
                 self.end_headers()
                 try:
                     for index, word in enumerate(words_for(content, model.words)):
-                        if index:
-                            time.sleep(model.delay)
+                        time.sleep(model.delay if index else model.first_delay)
                         chunk = {"choices": [{"index": 0, "delta": {"content": word}}]}
                         self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                         self.wfile.flush()
@@ -117,7 +121,11 @@ class AppHost(GunicornServer):
 
 
 class WorkerHost:
-    """A Celery reply worker on ``host``, in a process group of its own (SIGKILLed as a whole)."""
+    """A Celery reply worker on ``host``, in a process group of its own (SIGKILLed as a whole),
+    started again whenever it exits without being stopped, as systemd's ``Restart=on-failure``
+    does (docs/deployment.md): ``exits`` lists the return codes it was restarted after."""
+
+    RESTART_SECONDS = 0.5
 
     def __init__(self, host: Host, database_uri: str, config: dict, log_dir: Path, concurrency: int):
         self.host = host
@@ -129,38 +137,74 @@ class WorkerHost:
         self.args = [sys.executable, "-m", "celery", "--app", "chatapp.jobs", "worker", "--pool", "threads"]
         self.args += ["--concurrency", str(concurrency), "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
         self.args += ["--hostname", f"{host.name}@{uuid.uuid4().hex[:8]}"]
-        self.log_path = log_dir / f"celery-{host.name}.log"
+        self.log_path = log_dir / f"celery-{host.name}-{time.monotonic_ns()}.log"
         self.process: subprocess.Popen | None = None
+        self.exits: list[int] = []
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._supervisor: threading.Thread | None = None
 
     def start(self) -> WorkerHost:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - the worker writes to it until it ends
-        self.process = subprocess.Popen(
-            self.host.command(self.args),
-            cwd=ROOT,
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        ready = wait_until(lambda: self.process.poll() is not None or "reply worker ready" in self.log(), 60)
-        assert ready and self.process.poll() is None, self.log()
+        self._launch()
+        self._supervisor = threading.Thread(target=self._supervise, name=f"supervise-{self.host.name}", daemon=True)
+        self._supervisor.start()
         return self
+
+    def _launch(self) -> None:
+        ready_before = self.log().count("reply worker ready")
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            self._log = open(self.log_path, "ab")  # noqa: SIM115 - the worker writes to it until it ends
+            self.process = subprocess.Popen(
+                self.host.command(self.args),
+                cwd=ROOT,
+                env=self.env,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            process = self.process
+        ready = wait_until(
+            lambda: process.poll() is not None or self.log().count("reply worker ready") > ready_before, 60
+        )
+        assert ready and (process.poll() is None or self._stopping.is_set()), self.log()
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(0.1):
+            process = self.process
+            if process is None or process.poll() is None:
+                continue
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self.exits.append(process.returncode)
+                self._log.close()
+            time.sleep(self.RESTART_SECONDS)
+            with contextlib.suppress(AssertionError):  # seen by the test: the replies never finish
+                self._launch()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def kill(self) -> None:
         """SIGKILL the worker's whole process group: no acknowledgement, no hand-over."""
-        if self.process is not None and self.process.poll() is None:
+        process = self.process
+        if process is not None and process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+        with self._lock:
+            self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(70)
+        process = self.process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(30)
+                process.wait(30)
             except subprocess.TimeoutExpired:
                 self.kill()
         if getattr(self, "_log", None) and not self._log.closed:
@@ -187,17 +231,22 @@ class Cluster:
         *,
         words: int,
         delay: float,
+        first_delay: float = 0.0,
         app_hosts: int = 2,
         worker_hosts: int = 2,
         threads: int = 128,
         concurrency: int = 200,
         namespaces: bool | None = None,
+        colocate: bool = False,
     ):
         self.database_uri = database_uri
         self.log_dir = log_dir
         self.stack = contextlib.ExitStack()
-        self.topology = Topology(app_hosts + worker_hosts, namespaces=namespaces)
-        self.words, self.delay = words, delay
+        # colocate: the reply workers run on the app hosts (worker n on app host n).
+        self.colocate = colocate
+        self.topology = Topology(app_hosts if colocate else app_hosts + worker_hosts, namespaces=namespaces)
+        self.worker_count = worker_hosts
+        self.words, self.delay, self.first_delay = words, delay, first_delay
         self.app_count, self.threads, self.concurrency = app_hosts, threads, concurrency
         self.apps: list[AppHost] = []
         self.workers: list[WorkerHost] = []
@@ -219,7 +268,7 @@ class Cluster:
         self.redis = RedisServer(gateway)
         self.redis.start()
         stack.callback(self.redis.stop)
-        self.model = stack.enter_context(ChatModel(gateway, self.words, self.delay))
+        self.model = stack.enter_context(ChatModel(gateway, self.words, self.delay, self.first_delay))
         self.config = {
             **TEST_CONFIG,
             **LEASES,
@@ -238,9 +287,8 @@ class Cluster:
             AppHost(host, host.free_port(), uri, self.config, self.log_dir, self.threads)
             for host in hosts[: self.app_count]
         ]
-        self.workers = [
-            WorkerHost(host, uri, self.config, self.log_dir, self.concurrency) for host in hosts[self.app_count :]
-        ]
+        worker_hosts = hosts[: self.worker_count] if self.colocate else hosts[self.app_count :]
+        self.workers = [WorkerHost(host, uri, self.config, self.log_dir, self.concurrency) for host in worker_hosts]
         for app in self.apps:
             stack.callback(app.stop)
         for worker in self.workers:
@@ -298,6 +346,55 @@ def _catching(run, errors: list[BaseException]):
     return wrapped
 
 
+def replies_written_by(database_uri: str, pid: int) -> list[int]:
+    """Replies streaming with some text stored, whose lease the process ``pid`` holds (owner "host:pid:nonce")."""
+    from chatapp.chat.models import Message, Status
+
+    with inspect_db(database_uri) as session:
+        rows = session.execute(
+            sa.select(Message.id, Message.lease_owner).where(
+                Message.status == Status.STREAMING, sa.func.length(Message.content) > 0
+            )
+        ).all()
+    return [reply_id for reply_id, owner in rows if owner and owner.split(":")[1] == str(pid)]
+
+
+@dataclass
+class Faults:
+    """What inject_faults did: the replies the killed worker was writing, and when (time.time())."""
+
+    interrupted: list[int]
+    killed_at: float
+
+
+def inject_faults(cluster: Cluster, chats: list[Chat], *, at_least: int = 10) -> Faults:
+    """SIGKILL reply worker 0 once it writes ``at_least`` replies, restart Redis empty, then
+    restart app host 0 (SIGTERM, start again) while streams are open."""
+    doomed = cluster.workers[0]
+    assert doomed.process is not None
+    pid = doomed.process.pid
+    writing = wait_until(lambda: len(replies_written_by(cluster.database_uri, pid)) >= at_least, 90)
+    assert writing, cluster.logs()
+    interrupted = replies_written_by(cluster.database_uri, pid)
+    killed_at = time.time()
+    doomed.kill()
+    cluster.restart_redis()
+    assert wait_until(lambda: any(chat.stream_hosts and chat.status is None for chat in chats), 30)
+    cluster.restart_app(0)
+    return Faults(interrupted, killed_at)
+
+
+def stored_messages(database_uri: str) -> list[tuple]:
+    """(conversation id, role, content, status, runs, id, updated_at) of every message."""
+    from chatapp.chat.models import Message
+
+    with inspect_db(database_uri) as session:
+        return [
+            (row.conversation_id, row.role.value, row.content, row.status.value, row.runs, row.id, row.updated_at)
+            for row in session.scalars(sa.select(Message)).all()
+        ]
+
+
 def sign_up(url: str, conversations: int) -> tuple[str, list[int]]:
     """A user, an API token and ``conversations`` conversations, through the load balancer."""
     credentials = {"username": f"chatter{uuid.uuid4().hex[:8]}", "password": "correct horse"}
@@ -327,7 +424,8 @@ class Chat:
     resets: int = 0
     text: str = ""
     status: str | None = None
-    first_text_at: float | None = None  # time.time() at the client
+    stream_opened_at: float | None = None  # time.time() at the client: its first stream answered
+    first_text_at: float | None = None
     done_at: float | None = None
     problems: list[str] = field(default_factory=list)
 
@@ -372,6 +470,8 @@ def run_chat(url: str, token: str, chat: Chat, deadline: float) -> Chat:
                         time.sleep(0.2)
                         continue
                     chat.stream_hosts.append(response.headers.get("X-Served-By", "?"))
+                    if chat.stream_opened_at is None:
+                        chat.stream_opened_at = time.time()
                     for event in iter_events(response.iter_content(chunk_size=None)):
                         last_id = event.id or last_id
                         if event.name == "message":

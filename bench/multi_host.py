@@ -1,0 +1,202 @@
+"""Several hosts behind HAProxy: lost messages, wrong replies, first-token and push latency.
+
+The topology of tests/test_multi_host.py (tests/support/multi_host.py): app hosts
+(gunicorn) and reply-worker hosts (Celery), each in its own network namespace as root
+(else on its own loopback address), behind HAProxy doing round-robin, in queue mode with
+REPLY_EVENTS, on PostgreSQL through a PgBouncer, with a redis-server of the run's own.
+``--chats`` clients post one message each and stream its reply through HAProxy at once.
+
+Layouts: ``across`` (2 app hosts + 2 worker hosts: every stream is pushed from another
+host) and ``one-host`` (1 host running gunicorn and the Celery worker, still behind
+HAProxy and Redis). Faults (``--faults``, across only): reply worker 0 SIGKILLed
+mid-reply, Redis restarted empty, app host 0 restarted.
+
+Figures, all on this machine's one clock (time.time()):
+- lost: acknowledged (202) messages not stored; wrong: replies not ``complete`` with
+  exactly the model's text, in the database or as the client assembled its stream;
+- first token added: the client's first text event minus the model's own send of its
+  first token (the fake model logs it), p50/p95;
+- push, commit -> client: the client's receipt of the final status (``done``) minus the
+  writer's timestamp on that final write (``updated_at``, taken just before its commit), p50/p95.
+
+Targets: first token added <= 50 ms at p50; commit -> client <= 100 ms.
+
+    python bench/multi_host.py [--chats 200] [--layout across one-host] [--faults] [--no-clean-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.databases import Database  # noqa: E402
+from bench.lifecycle import workdir  # noqa: E402
+from bench.report import finish, fmt, machine_report, print_verdicts, table  # noqa: E402
+from tests.support.load import percentile  # noqa: E402
+from tests.support.multi_host import (  # noqa: E402
+    Chat,
+    Cluster,
+    epoch,
+    inject_faults,
+    run_chat,
+    sign_up,
+    stored_messages,
+)
+
+
+def run(layout: str, faults: bool, args, wd: Path) -> dict:
+    with Database("postgresql", wd) as database:
+        log_dir = wd / f"{layout}-{'faults' if faults else 'clean'}"
+        log_dir.mkdir()
+        shape = {"app_hosts": 2, "worker_hosts": 2} if layout == "across" else {"app_hosts": 1, "worker_hosts": 1}
+        with Cluster(
+            database.uri,
+            log_dir,
+            words=args.words,
+            delay=args.delay,
+            first_delay=args.first_delay,
+            colocate=layout == "one-host",
+            **shape,
+        ) as cluster:
+            where = cluster.topology.describe()
+            token, conversation_ids = sign_up(cluster.url, args.chats)
+            chats = [Chat(conversation_id, f"chat {n}") for n, conversation_id in enumerate(conversation_ids)]
+            deadline = time.monotonic() + 300
+            clients = [threading.Thread(target=run_chat, args=(cluster.url, token, chat, deadline)) for chat in chats]
+            started = time.monotonic()
+            for client in clients:
+                client.start()
+            if faults:
+                inject_faults(cluster, chats)
+            for client in clients:
+                client.join(max(1.0, deadline - time.monotonic()))
+            elapsed = time.monotonic() - started
+            rows = stored_messages(database.uri)
+            first_sent = dict(cluster.model.first_sent)
+            expected = {chat.content: cluster.model.expected(chat.content) for chat in chats}
+    users = Counter((row[0], row[2]) for row in rows if row[1] == "user")
+    replies = {row[5]: row for row in rows if row[1] == "assistant"}
+    acknowledged = [chat for chat in chats if chat.acknowledged]
+    lost = [chat for chat in acknowledged if users[(chat.conversation_id, chat.content)] != 1]
+    wrong = [
+        chat
+        for chat in acknowledged
+        if chat.reply_id not in replies
+        or (replies[chat.reply_id][2], replies[chat.reply_id][3]) != (expected[chat.content], "complete")
+        or (chat.text, chat.status) != (expected[chat.content], "complete")
+    ]
+    ttft = [
+        chat.first_text_at - first_sent[chat.content][0]
+        for chat in acknowledged
+        if chat.first_text_at is not None and first_sent.get(chat.content)
+    ]
+    # Streams that were not yet open when the model sent its first token (their client was
+    # still posting or connecting): their added time is the client's own start-up.
+    late = [
+        chat
+        for chat in acknowledged
+        if chat.stream_opened_at is None
+        or (first_sent.get(chat.content) and chat.stream_opened_at > first_sent[chat.content][0])
+    ]
+    push = [
+        chat.done_at - epoch(replies[chat.reply_id][6])
+        for chat in acknowledged
+        if chat.done_at is not None and chat.reply_id in replies
+    ]
+    return {
+        "layout": layout,
+        "faults": faults,
+        "where": where,
+        "chats": len(chats),
+        "acknowledged": len(acknowledged),
+        "lost": len(lost),
+        "wrong": len(wrong),
+        "reconnected": sum(1 for chat in chats if chat.connections > 1),
+        "stream_elsewhere": sum(1 for chat in chats if any(host != chat.post_host for host in chat.stream_hosts)),
+        "seconds": elapsed,
+        "late_streams": len(late),
+        "ttft_added_p50_ms": percentile(ttft, 50) * 1000,
+        "ttft_added_p95_ms": percentile(ttft, 95) * 1000,
+        "push_p50_ms": percentile(push, 50) * 1000,
+        "push_p95_ms": percentile(push, 95) * 1000,
+        "push_max_ms": max(push) * 1000,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chats", type=int, default=200)
+    parser.add_argument("--layout", nargs="+", default=["across", "one-host"], choices=["across", "one-host"])
+    parser.add_argument("--faults", action="store_true", help="also a run with faults (across only)")
+    parser.add_argument("--no-clean-run", action="store_true", help="only the run with faults")
+    parser.add_argument("--words", type=int, default=24, help="words per reply")
+    parser.add_argument("--delay", type=float, default=0.3, help="seconds between the model's words")
+    parser.add_argument("--first-delay", type=float, default=0.5, help="seconds before the model's first word")
+    parser.add_argument("--json")
+    parser.add_argument("--keep-logs", action="store_true")
+    args = parser.parse_args()
+    print(machine_report())
+    plan = [(layout, False) for layout in args.layout if not args.no_clean_run]
+    if args.faults and "across" in args.layout:
+        plan.append(("across", True))
+    results = []
+    with workdir(args.keep_logs) as wd:
+        for layout, faults in plan:
+            results.append(run(layout, faults, args, wd))
+            print(f"# {layout}{' with faults' if faults else ''}: {results[-1]['where']}", flush=True)
+    print(
+        table(
+            [
+                "layout",
+                "faults",
+                "chats",
+                "acked",
+                "lost",
+                "wrong",
+                "streams resumed",
+                "stream on other host",
+                "first token added p50",
+                "p95",
+                "commit->client p50",
+                "p95",
+                "max",
+            ],
+            [
+                [
+                    r["layout"],
+                    "yes" if r["faults"] else "no",
+                    r["chats"],
+                    r["acknowledged"],
+                    r["lost"],
+                    r["wrong"],
+                    r["reconnected"],
+                    r["stream_elsewhere"],
+                    f"{fmt(r['ttft_added_p50_ms'], 0)} ms",
+                    f"{fmt(r['ttft_added_p95_ms'], 0)} ms",
+                    f"{fmt(r['push_p50_ms'], 0)} ms",
+                    f"{fmt(r['push_p95_ms'], 0)} ms",
+                    f"{fmt(r['push_max_ms'], 0)} ms",
+                ]
+                for r in results
+            ],
+        )
+    )
+    verdicts = []
+    for r in results:
+        name = f"{r['layout']}{' with faults' if r['faults'] else ''}"
+        ttft_ok = "met" if r["ttft_added_p50_ms"] <= 50 else f"MISSED by {r['ttft_added_p50_ms'] - 50:.0f} ms"
+        push_ok = "met" if r["push_p95_ms"] <= 100 else f"MISSED at p95 by {r['push_p95_ms'] - 100:.0f} ms"
+        verdicts.append(f"{name}: first token added <= 50 ms at p50: {ttft_ok}; commit->client <= 100 ms: {push_ok}")
+        verdicts.append(f"{name}: lost {r['lost']}, wrong {r['wrong']} (target 0 and 0)")
+    print_verdicts(verdicts)
+    finish(args.json, results)
+
+
+if __name__ == "__main__":
+    main()
