@@ -29,6 +29,7 @@ Targets: first token added <= 50 ms at p50; commit -> client <= 100 ms.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import time
@@ -72,6 +73,7 @@ def run(layout: str, faults: bool, args, wd: Path) -> dict:
             deadline = time.monotonic() + 300
             clients = [threading.Thread(target=run_chat, args=(cluster.url, token, chat, deadline)) for chat in chats]
             started = time.monotonic()
+            cpu_before = sum(os.times()[:2])
             for index, client in enumerate(clients):
                 # Chats start evenly over --ramp seconds (people do not all press Enter at once).
                 time.sleep(max(0.0, started + args.ramp * index / len(clients) - time.monotonic()))
@@ -81,6 +83,8 @@ def run(layout: str, faults: bool, args, wd: Path) -> dict:
             for client in clients:
                 client.join(max(1.0, deadline - time.monotonic()))
             elapsed = time.monotonic() - started
+            # This process: the clients and the model, a load of its own on a small machine.
+            bench_cpu = sum(os.times()[:2]) - cpu_before
             rows = stored_messages(database.uri)
             first_sent = dict(cluster.model.first_sent)
             expected = {chat.content: cluster.model.expected(chat.content) for chat in chats}
@@ -130,6 +134,7 @@ def run(layout: str, faults: bool, args, wd: Path) -> dict:
         "stream_elsewhere": sum(1 for chat in chats if any(host != chat.post_host for host in chat.stream_hosts)),
         "seconds": elapsed,
         "late_streams": len(late),
+        "bench_cpu_share": bench_cpu / elapsed,
         "ttft_added_p50_ms": percentile(ttft, 50) * 1000,
         "ttft_added_p95_ms": percentile(ttft, 95) * 1000,
         "ttft_open_p50_ms": percentile(ttft_open, 50) * 1000,
@@ -161,7 +166,12 @@ def main() -> None:
     with workdir(args.keep_logs) as wd:
         for layout, faults in plan:
             results.append(run(layout, faults, args, wd))
-            print(f"# {layout}{' with faults' if faults else ''}: {results[-1]['where']}", flush=True)
+            result = results[-1]
+            print(
+                f"# {layout}{' with faults' if faults else ''}: {result['where']}; {result['seconds']:.1f} s; "
+                f"clients + model used {result['bench_cpu_share']:.2f} CPU",
+                flush=True,
+            )
     print(
         table(
             [

@@ -170,6 +170,8 @@ defaults
     # Each request is balanced on its own (the client's keep-alive connection to HAProxy
     # stays open), so round-robin alternates even for one client.
     option http-server-close
+    # The client's address for the app's rate limits (with CHATAPP_PROXY_FIX_X_FOR=1).
+    option forwardfor
     # Send each event on at once: without it HAProxy marks the data of a response not yet
     # ended as "more to come" (MSG_MORE), and the kernel holds a small SSE event up to
     # 200 ms waiting for more.
