@@ -51,6 +51,14 @@ from tests.support.multi_host import (  # noqa: E402
     sign_up,
     stored_messages,
 )
+from tests.support.servers import process_cpu_seconds  # noqa: E402
+
+
+def hosts_cpu(cluster: Cluster) -> float:
+    """CPU seconds so far of the app hosts' gunicorns and the worker hosts' Celery processes
+    (those running now: a restarted process starts from zero, so a fault run under-counts)."""
+    workers = [worker.process.pid for worker in cluster.workers if worker.process is not None]
+    return sum(app.cpu_seconds() for app in cluster.apps) + sum(process_cpu_seconds(pid) for pid in workers)
 
 
 def run(layout: str, faults: bool, args, wd: Path) -> dict:
@@ -74,6 +82,7 @@ def run(layout: str, faults: bool, args, wd: Path) -> dict:
             clients = [threading.Thread(target=run_chat, args=(cluster.url, token, chat, deadline)) for chat in chats]
             started = time.monotonic()
             cpu_before = sum(os.times()[:2])
+            hosts_before = hosts_cpu(cluster)
             for index, client in enumerate(clients):
                 # Chats start evenly over --ramp seconds (people do not all press Enter at once).
                 time.sleep(max(0.0, started + args.ramp * index / len(clients) - time.monotonic()))
@@ -85,6 +94,7 @@ def run(layout: str, faults: bool, args, wd: Path) -> dict:
             elapsed = time.monotonic() - started
             # This process: the clients and the model, a load of its own on a small machine.
             bench_cpu = sum(os.times()[:2]) - cpu_before
+            hosts_used = hosts_cpu(cluster) - hosts_before
             rows = stored_messages(database.uri)
             first_sent = dict(cluster.model.first_sent)
             expected = {chat.content: cluster.model.expected(chat.content) for chat in chats}
@@ -135,6 +145,7 @@ def run(layout: str, faults: bool, args, wd: Path) -> dict:
         "seconds": elapsed,
         "late_streams": len(late),
         "bench_cpu_share": bench_cpu / elapsed,
+        "hosts_cpu_share": hosts_used / elapsed,
         "ttft_added_p50_ms": percentile(ttft, 50) * 1000,
         "ttft_added_p95_ms": percentile(ttft, 95) * 1000,
         "ttft_open_p50_ms": percentile(ttft_open, 50) * 1000,
@@ -169,7 +180,8 @@ def main() -> None:
             result = results[-1]
             print(
                 f"# {layout}{' with faults' if faults else ''}: {result['where']}; {result['seconds']:.1f} s; "
-                f"clients + model used {result['bench_cpu_share']:.2f} CPU",
+                f"clients + model used {result['bench_cpu_share']:.2f} CPU, app and worker hosts "
+                f"{result['hosts_cpu_share']:.2f} CPU (of {os.cpu_count()})",
                 flush=True,
             )
     print(
