@@ -41,16 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.databases import Database  # noqa: E402
 from bench.lifecycle import workdir  # noqa: E402
 from bench.report import finish, fmt, machine_report, print_verdicts, table  # noqa: E402
+from tests.support.chats import Chat, epoch, run_chat, sign_up  # noqa: E402
 from tests.support.load import percentile  # noqa: E402
-from tests.support.multi_host import (  # noqa: E402
-    Chat,
-    Cluster,
-    epoch,
-    inject_faults,
-    run_chat,
-    sign_up,
-    stored_messages,
-)
+from tests.support.multi_host import Cluster, inject_faults, stored_messages  # noqa: E402
 from tests.support.servers import process_cpu_seconds  # noqa: E402
 
 
@@ -65,7 +58,7 @@ def run(layout: str, faults: bool, args, wd: Path) -> dict:
     with Database("postgresql", wd) as database:
         log_dir = wd / f"{layout}-{'faults' if faults else 'clean'}"
         log_dir.mkdir()
-        shape = {"app_hosts": 2, "worker_hosts": 2} if layout == "across" else {"app_hosts": 1, "worker_hosts": 1}
+        hosts = 2 if layout == "across" else 1  # app hosts, and as many worker hosts
         with Cluster(
             database.uri,
             log_dir,
@@ -73,7 +66,8 @@ def run(layout: str, faults: bool, args, wd: Path) -> dict:
             delay=args.delay,
             first_delay=args.first_delay,
             colocate=layout == "one-host",
-            **shape,
+            app_hosts=hosts,
+            worker_hosts=hosts,
         ) as cluster:
             where = cluster.topology.describe()
             token, conversation_ids = sign_up(cluster.url, args.chats)

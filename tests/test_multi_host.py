@@ -20,8 +20,9 @@ from collections import Counter
 import pytest
 
 from tests.support import pgbouncer
+from tests.support.chats import Chat, run_chat, sign_up
 from tests.support.hosts import haproxy_binary
-from tests.support.multi_host import Chat, Cluster, inject_faults, run_chat, sign_up, stored_messages
+from tests.support.multi_host import Cluster, inject_faults, stored_messages
 
 pytestmark = [
     pytest.mark.slow,
@@ -75,7 +76,7 @@ def test_chats_through_a_load_balancer_survive_a_killed_worker_a_redis_restart_a
     # The killed worker's replies ran again elsewhere, from the start: their streams were reset.
     assert faults.interrupted and all(replies[reply_id][4] >= 2 for reply_id in faults.interrupted)
     by_reply = {chat.reply_id: chat for chat in chats}
-    started = [by_reply[i] for i in faults.interrupted if by_reply[i].first_text_at < faults.killed_at]
+    started = [by_reply[i] for i in faults.interrupted if (by_reply[i].first_text_at or 0) < faults.killed_at]
     assert started and all(chat.resets >= 1 for chat in started)
     # Streams broken by the app host's restart resumed (with Last-Event-ID) through HAProxy.
     resumed = [chat for chat in chats if chat.connections > 1]
