@@ -19,9 +19,12 @@ Figures, all on this machine's one clock (time.time()):
   for only the streams already open when that token left (the others add their client's
   own post and connect time, under a burst of chats);
 - push, commit -> client: the client's receipt of the final status (``done``) minus the
-  writer's timestamp on that final write (``updated_at``, taken just before its commit), p50/p95.
+  writer's timestamp on that final write (``updated_at``, taken just before its commit), p50/p95;
+- stop -> client: every ``--stop-every``-th chat stops its reply (POST .../stop through
+  HAProxy) a second after its first text; the client's ``done`` (stopped) minus the stop's
+  ``updated_at``, p50/p95. The stop's view publishes the notice after its commit.
 
-Targets: first token added <= 50 ms at p50; commit -> client <= 100 ms.
+Targets: first token added <= 50 ms at p50; commit -> client and stop -> client <= 100 ms.
 
     python bench/multi_host.py [--chats 200] [--ramp 5] [--layout across one-host] [--faults] [--no-clean-run]
 """
@@ -29,12 +32,15 @@ Targets: first token added <= 50 ms at p50; commit -> client <= 100 ms.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
+
+import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -45,6 +51,28 @@ from tests.support.chats import Chat, epoch, run_chat, sign_up  # noqa: E402
 from tests.support.load import percentile  # noqa: E402
 from tests.support.multi_host import Cluster, inject_faults, stored_messages  # noqa: E402
 from tests.support.servers import process_cpu_seconds  # noqa: E402
+
+
+def stop_soon(url: str, token: str, chat: Chat, deadline: float) -> None:
+    """Stop ``chat``'s reply (through HAProxy, so often on another host than its stream) a
+    second after its client's first text."""
+    while chat.first_text_at is None and chat.status is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    stop = f"{url}/api/v1/conversations/{chat.conversation_id}/messages/{chat.reply_id}/stop"
+    with contextlib.suppress(requests.RequestException):  # then it ends complete: counted as wrong
+        requests.post(stop, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+
+def right(chat: Chat, row: tuple | None, expected: str, may_stop: bool) -> bool:
+    """Complete with exactly the model's text, or stopped with a start of it, in the database
+    and as the client assembled it."""
+    if row is None:
+        return False
+    content, status = row[2], row[3]
+    if may_stop and status == "stopped":
+        return expected.startswith(content) and (chat.text, chat.status) == (content, "stopped")
+    return (content, status) == (expected, "complete") and (chat.text, chat.status) == (expected, "complete")
 
 
 def hosts_cpu(cluster: Cluster) -> float:
@@ -77,12 +105,22 @@ def run(layout: str, faults: bool, args, wd: Path) -> dict:
             started = time.monotonic()
             cpu_before = sum(os.times()[:2])
             hosts_before = hosts_cpu(cluster)
-            for index, client in enumerate(clients):
+            # Every --stop-every-th chat stops its reply a second after its first text.
+            stopped = chats[:: args.stop_every] if args.stop_every else []
+            stoppers = {
+                id(chat): threading.Thread(target=stop_soon, args=(cluster.url, token, chat, deadline))
+                for chat in stopped
+            }
+            for index, (chat, client) in enumerate(zip(chats, clients, strict=True)):
                 # Chats start evenly over --ramp seconds (people do not all press Enter at once).
                 time.sleep(max(0.0, started + args.ramp * index / len(clients) - time.monotonic()))
                 client.start()
+                if id(chat) in stoppers:
+                    stoppers[id(chat)].start()
             if faults:
                 inject_faults(cluster, chats)
+            for stopper in stoppers.values():
+                stopper.join(max(1.0, deadline - time.monotonic()))
             for client in clients:
                 client.join(max(1.0, deadline - time.monotonic()))
             elapsed = time.monotonic() - started
@@ -96,12 +134,11 @@ def run(layout: str, faults: bool, args, wd: Path) -> dict:
     replies = {row[5]: row for row in rows if row[1] == "assistant"}
     acknowledged = [chat for chat in chats if chat.acknowledged]
     lost = [chat for chat in acknowledged if users[(chat.conversation_id, chat.content)] != 1]
+    stopping = {chat.conversation_id for chat in stopped}
     wrong = [
         chat
         for chat in acknowledged
-        if chat.reply_id not in replies
-        or (replies[chat.reply_id][2], replies[chat.reply_id][3]) != (expected[chat.content], "complete")
-        or (chat.text, chat.status) != (expected[chat.content], "complete")
+        if not right(chat, replies.get(chat.reply_id), expected[chat.content], chat.conversation_id in stopping)
     ]
     ttft = [
         chat.first_text_at - first_sent[chat.content][0]
@@ -121,10 +158,16 @@ def run(layout: str, faults: bool, args, wd: Path) -> dict:
         for chat in acknowledged
         if chat not in late and chat.first_text_at
     ]
+    # Commit -> client: the final write's (or the stop's) timestamp to the client's ``done``.
     push = [
         chat.done_at - epoch(replies[chat.reply_id][6])
         for chat in acknowledged
-        if chat.done_at is not None and chat.reply_id in replies
+        if chat.done_at is not None and chat.reply_id in replies and chat.status == "complete"
+    ]
+    stop_push = [
+        chat.done_at - epoch(replies[chat.reply_id][6])
+        for chat in acknowledged
+        if chat.done_at is not None and chat.reply_id in replies and chat.status == "stopped"
     ]
     return {
         "layout": layout,
@@ -147,6 +190,9 @@ def run(layout: str, faults: bool, args, wd: Path) -> dict:
         "push_p50_ms": percentile(push, 50) * 1000,
         "push_p95_ms": percentile(push, 95) * 1000,
         "push_max_ms": max(push) * 1000,
+        "stops": len(stop_push),
+        "stop_push_p50_ms": percentile(stop_push, 50) * 1000,
+        "stop_push_p95_ms": percentile(stop_push, 95) * 1000,
     }
 
 
@@ -159,6 +205,7 @@ def main() -> None:
     parser.add_argument("--words", type=int, default=24, help="words per reply")
     parser.add_argument("--delay", type=float, default=0.3, help="seconds between the model's words")
     parser.add_argument("--first-delay", type=float, default=0.5, help="seconds before the model's first word")
+    parser.add_argument("--stop-every", type=int, default=10, help="every n-th chat stops its reply (0: none)")
     parser.add_argument("--ramp", type=float, default=5.0, help="seconds over which the chats start")
     parser.add_argument("--json")
     parser.add_argument("--keep-logs", action="store_true")
@@ -197,6 +244,9 @@ def main() -> None:
                 "commit->client p50",
                 "p95",
                 "max",
+                "stops",
+                "stop->client p50",
+                "p95",
             ],
             [
                 [
@@ -216,6 +266,9 @@ def main() -> None:
                     f"{fmt(r['push_p50_ms'], 0)} ms",
                     f"{fmt(r['push_p95_ms'], 0)} ms",
                     f"{fmt(r['push_max_ms'], 0)} ms",
+                    r["stops"],
+                    f"{fmt(r['stop_push_p50_ms'], 0)} ms",
+                    f"{fmt(r['stop_push_p95_ms'], 0)} ms",
                 ]
                 for r in results
             ],
@@ -227,6 +280,8 @@ def main() -> None:
         ttft_ok = "met" if r["ttft_added_p50_ms"] <= 50 else f"MISSED by {r['ttft_added_p50_ms'] - 50:.0f} ms"
         push_ok = "met" if r["push_p95_ms"] <= 100 else f"MISSED at p95 by {r['push_p95_ms'] - 100:.0f} ms"
         verdicts.append(f"{name}: first token added <= 50 ms at p50: {ttft_ok}; commit->client <= 100 ms: {push_ok}")
+        stop_ok = "met" if r["stop_push_p95_ms"] <= 100 else f"MISSED at p95 by {r['stop_push_p95_ms'] - 100:.0f} ms"
+        verdicts.append(f"{name}: stop->client <= 100 ms: {stop_ok}")
         verdicts.append(f"{name}: lost {r['lost']}, wrong {r['wrong']} (target 0 and 0)")
     print_verdicts(verdicts)
     finish(args.json, results)
