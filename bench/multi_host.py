@@ -26,7 +26,7 @@ Figures, all on this machine's one clock (time.time()):
 
 Targets: first token added <= 50 ms at p50; commit -> client and stop -> client <= 100 ms.
 
-    python bench/multi_host.py [--chats 200] [--ramp 5] [--layout across one-host] [--faults] [--no-clean-run]
+    python bench/multi_host.py [--chats 200] [--ramp 5] [--stop-every 10] [--layout across one-host] [--faults]
 """
 
 from __future__ import annotations
