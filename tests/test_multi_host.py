@@ -13,6 +13,7 @@ database and as each client assembled it from its stream (resumed with Last-Even
 from __future__ import annotations
 
 import shutil
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -37,6 +38,11 @@ CHATS = 200
 WORDS, DELAY = 24, 0.3
 
 
+def listed_namespaces() -> list[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+    return [line.split()[0] for line in listed.splitlines() if line.strip()]
+
+
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 def test_chats_through_a_load_balancer_survive_a_killed_worker_a_redis_restart_and_an_app_restart(
     database_uri, tmp_path
@@ -58,6 +64,10 @@ def test_chats_through_a_load_balancer_survive_a_killed_worker_a_redis_restart_a
             client.join(max(1.0, deadline - time.monotonic()))
         logs = cluster.logs()
         rows = stored_messages(database_uri)
+        namespaces = [host.namespace for host in cluster.topology.hosts if host.namespace]
+
+    if namespaces:  # the hosts were network namespaces (as root): deleted with the cluster
+        assert not set(namespaces) & set(listed_namespaces())
 
     unfinished = [chat for chat in chats if chat.status is None]
     assert not unfinished, (unfinished[:3], logs)
