@@ -101,7 +101,10 @@ def run(layout: str, faults: bool, args, wd: Path) -> dict:
             token, conversation_ids = sign_up(cluster.url, args.chats)
             chats = [Chat(conversation_id, f"chat {n}") for n, conversation_id in enumerate(conversation_ids)]
             deadline = time.monotonic() + 300
-            clients = [threading.Thread(target=run_chat, args=(cluster.url, token, chat, deadline)) for chat in chats]
+            clients = [
+                threading.Thread(target=run_chat, args=(cluster.url, token, chat, deadline), daemon=True)
+                for chat in chats
+            ]
             started = time.monotonic()
             cpu_before = sum(os.times()[:2])
             hosts_before = hosts_cpu(cluster)

@@ -51,7 +51,9 @@ def test_chats_through_a_load_balancer_survive_a_killed_worker_a_redis_restart_a
         token, conversation_ids = sign_up(cluster.url, CHATS)
         chats = [Chat(conversation_id, f"chat {n}") for n, conversation_id in enumerate(conversation_ids)]
         deadline = time.monotonic() + 240
-        clients = [threading.Thread(target=run_chat, args=(cluster.url, token, chat, deadline)) for chat in chats]
+        clients = [
+            threading.Thread(target=run_chat, args=(cluster.url, token, chat, deadline), daemon=True) for chat in chats
+        ]
         for client in clients:
             client.start()
 

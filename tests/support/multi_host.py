@@ -240,7 +240,11 @@ class Cluster:
         """Stop an app host (SIGTERM, or SIGKILL) and start it again on the same address."""
         old = self.apps[index]
         if kill and old.process is not None:
-            old.process.kill()
+            # The whole host dies: its workers too (they would outlive the master, holding the port).
+            for pid in [*old.worker_pids(), old.process.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            old.process.wait(10)
         old.stop()
         new = AppHost(
             old.host, old.port, old.env["CHATAPP_SQLALCHEMY_DATABASE_URI"], self.config, self.log_dir, self.threads
