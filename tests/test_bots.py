@@ -281,3 +281,18 @@ def test_echo_offers_its_model_and_titles_with_the_first_words():
     assert bot.models() == ["echo"] and bot.default_model == "echo"
     assert bot.title("  one two\nthree four five six seven", "ignored") == "one two three four five six"
     assert first_words("abcdefghij klm", 5) == "abcd…"
+
+
+def test_one_process_streams_more_replies_at_once_than_httpx_s_default_pool_holds():
+    # A Celery worker with --concurrency 200 (or REPLY_WORKERS 200) runs that many replies in
+    # one process, all through one client: none may wait for a pooled connection and fail.
+    with FakeOpenAIServer("hang") as server:
+        bot = make_bot(server, connect_timeout=1)
+        streams = [bot.stream(HISTORY) for _ in range(110)]
+        try:
+            firsts = [next(stream) for stream in streams]
+        finally:
+            server.release.set()
+            for stream in streams:
+                stream.close()
+    assert firsts == ["Hello"] * 110

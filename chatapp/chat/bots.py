@@ -132,8 +132,12 @@ def _client(connect_timeout: float, read_timeout: float) -> httpx.Client:
             timeout = httpx.Timeout(
                 connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout
             )
+            # No cap on open connections: the process's reply threads (REPLY_WORKERS, or a
+            # Celery worker's --concurrency) already bound them, and httpx's default cap of
+            # 100 made the 101st reply at once wait `pool` seconds and fail (PoolTimeout).
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=20)
             # No environment proxies: the model server is the operator's, named in config.
-            client = _clients[key] = httpx.Client(timeout=timeout, trust_env=False)
+            client = _clients[key] = httpx.Client(timeout=timeout, limits=limits, trust_env=False)
         return client
 
 

@@ -18,16 +18,20 @@ from tests.support.servers import free_port
 
 
 class RedisServer:
-    """``redis-server`` on a free loopback port, nothing saved: stop() loses every job."""
+    """``redis-server`` on a free port of ``host`` (loopback by default), nothing saved: stop() loses every job."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = f"redis://{host}:{self.port}/0"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
+        args = ["redis-server", "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no"]
+        if self.host != "127.0.0.1":
+            args += ["--protected-mode", "no"]  # reached from other hosts (network namespaces)
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            args,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
