@@ -9,8 +9,14 @@ times chatapp's own calls, each in a request's session as the views make them:
   list deep    the same with a cursor 90% of the way down the current branch
   history      chat.reply_history(reply): what the pending reply at the branch's end is sent
                (BOT_HISTORY_MAX_CHARS of 100,000: about 700 messages of ~140 characters)
+  claim        reply_store.claim_reply(reply): a reply worker's claim of that reply, in its
+               own unit of work (the lease, the conversation's settings, the history), the
+               reply put back unclaimed between calls (not timed, not counted)
+  siblings     chat.list_siblings(message): the versions of the current branch's first
+               message (it and the trunk's message beside it), as GET .../siblings reads them
 
-It prints the median and 95th percentile in ms, and the SQL statements per call. Run it at
+It prints the median and 95th percentile in ms, and the SQL statements per call (all of
+them: on SQLite the claim's count includes its BEGIN IMMEDIATE). Run it at
 another checkout (a commit before branches) with --linear-only for the "before" figures.
 
     python bench/branches.py [--backend sqlite postgresql] [--calls 300] [--linear-only]
@@ -108,8 +114,9 @@ def seed(app, branched: bool) -> tuple[int, int, list[int]]:
         return conversation_id, branch[-1], branch
 
 
-def measure(app, call, calls: int) -> tuple[float, float, float]:
-    """Median and p95 ms of ``call`` in a request's session, and statements per call."""
+def measure(app, call, calls: int, reset=None) -> tuple[float, float, float]:
+    """Median and p95 ms of ``call`` in a request's session, and statements per call;
+    ``reset`` runs before each call, untimed and uncounted."""
     from chatapp.db import db
 
     with app.app_context():
@@ -121,6 +128,8 @@ def measure(app, call, calls: int) -> tuple[float, float, float]:
 
     times = []
     for _ in range(calls + 20):
+        if reset is not None:
+            reset()
         with app.test_request_context():
             sa.event.listen(engine, "before_cursor_execute", count)
             started = time.perf_counter()
@@ -133,7 +142,21 @@ def measure(app, call, calls: int) -> tuple[float, float, float]:
     return statistics.median(times), statistics.quantiles(times, n=20)[18], per_call
 
 
+def unclaim(app, reply_id: int) -> None:
+    """Put the reply back as it was before any worker claimed it."""
+    from chatapp.chat.models import Message, Status
+    from chatapp.db import unit_of_work
+
+    with unit_of_work(app) as session:
+        session.execute(
+            sa.update(Message)
+            .where(Message.id == reply_id)
+            .values(lease_owner=None, lease_expires_at=None, runs=0, attempt=0, status=Status.PENDING, content="")
+        )
+
+
 def run_backend(backend: str, args, wd: Path) -> list[list[str]]:
+    from chatapp.chat import reply_store
     from chatapp.chat import services as chat
 
     rows = []
@@ -155,8 +178,15 @@ def run_backend(backend: str, args, wd: Path) -> list[list[str]]:
                 "list deep page": lambda c=conversation_id, d=deep: chat.list_messages(c, 20, d),
                 "reply_history": lambda r=reply_id: chat.reply_history(r),
             }
+            resets = {}
+            if not args.linear_only:
+                cases["claim_reply"] = lambda r=reply_id: reply_store.claim_reply(app, r, "bench:1:x")
+                resets["claim_reply"] = lambda r=reply_id: unclaim(app, r)
+                if branched:  # the fork of the last branch, in the middle of the trunk
+                    fork = branch[(BRANCHES - 1) * ((MESSAGES - BRANCHES * BRANCH_LENGTH) // BRANCHES) + 2]
+                    cases["list_siblings"] = lambda c=conversation_id, m=fork: chat.list_siblings(c, m)
             for name, call in cases.items():
-                median, p95, statements = measure(app, call, args.calls)
+                median, p95, statements = measure(app, call, args.calls, resets.get(name))
                 rows.append([backend, label, name, f"{median:.2f}", f"{p95:.2f}", f"{statements:.0f}"])
                 print("# " + " | ".join(rows[-1]), flush=True)
         with app.app_context():

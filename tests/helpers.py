@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 
 from flask import Flask
 
 from chatapp.auth.models import User
 from chatapp.db import db, sqlite, unit_of_work
+
+
+def start_conversation(browser) -> int:
+    """A new, empty conversation of a logged-in test client, started as the page script does:
+    the API, with the login cookie and the CSRF token of a page."""
+    page = browser.get("/").get_data(as_text=True)
+    token = re.search(r'<meta name="csrf-token" content="([^"]+)">', page).group(1)
+    response = browser.post("/api/v1/conversations", json={}, headers={"X-CSRFToken": token})
+    assert response.status_code == 201, response.get_data(as_text=True)
+    return response.get_json()["id"]
 
 
 def checked_out(app: Flask) -> int:

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from chatapp.api.schemas import NO_NUL_PATTERN, VISIBLE_TEXT_PATTERN, no_nul, visible_text
 from chatapp.chat.models import Conversation, Message
 from chatapp.db import unit_of_work
+from tests.helpers import start_conversation
 from tests.support.sse import iter_events
 from tests.test_security import log_in
 
@@ -87,7 +88,7 @@ def test_hostile_text_to_the_api_is_refused_quickly(app, client, auth):
 def test_hostile_text_to_the_web_forms_is_refused_quickly(app, client, auth):
     auth.register("redos-web")
     browser, _csrf = log_in(app, "redos-web")
-    conversation_id = browser.post("/c").headers["Location"].rsplit("/", 1)[1]
+    conversation_id = start_conversation(browser)
     before = stored(app)
     # Form bodies are capped lower than JSON (Flask's MAX_FORM_MEMORY_SIZE, 500 kB).
     text = HOSTILE_TEXT[-400_000:]
@@ -294,7 +295,7 @@ def test_the_largest_last_event_id_still_streams(app, client, owner):
 def test_a_bad_before_on_the_conversation_page_shows_the_newest_messages(app, client, auth, before):
     auth.register("before-user")
     browser, _csrf = log_in(app, "before-user")
-    conversation_id = browser.post("/c").headers["Location"].rsplit("/", 1)[1]
+    conversation_id = start_conversation(browser)
     browser.post(f"/c/{conversation_id}/messages", data={"content": "the newest words"})
     assert app.extensions["chatapp.reply_runner"].wait_idle(30)
     page = browser.get(f"/c/{conversation_id}", query_string={"before": before})

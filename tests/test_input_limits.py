@@ -13,6 +13,7 @@ from chatapp.config import ConfigError
 from chatapp.errors import InvalidInput
 from chatapp.web.forms import sentence
 from tests.conftest import base_test_config
+from tests.helpers import start_conversation
 
 # Limits unlike the defaults, so that nothing passes by falling back on them.
 LIMITS = {
@@ -76,7 +77,7 @@ def test_title_message_and_token_name_limits_agree(app, client, auth):
     conversation = client.post("/api/v1/conversations", json={"title": "t" * 10}, headers=headers)
     assert conversation.status_code == 201
     api_conversation = f"/api/v1/conversations/{conversation.get_json()['id']}"
-    web_conversation = browser.post("/c").headers["Location"]
+    web_conversation = f"/c/{start_conversation(browser)}"
 
     # At the limit: accepted by both.
     assert client.patch(api_conversation, json={"title": "u" * 10}, headers=headers).status_code == 200
@@ -125,7 +126,7 @@ def test_whitespace_and_nul_read_the_same_everywhere(app, client, auth):
     client.post("/api/v1/users", json={"username": "webspace", "password": "x" * 8})
     browser = app.test_client()
     assert browser.post("/login", data={"username": "webspace", "password": "x" * 8}).status_code == 302
-    web_conversation = browser.post("/c").headers["Location"]
+    web_conversation = f"/c/{start_conversation(browser)}"
     problem = api_problem(client.patch(api_conversation, json={"title": "   "}, headers=headers), "title")
     assert problem == "must contain a visible character and no NUL characters"
     web_says(browser.post(f"{web_conversation}/rename", data={"title": "   "}), "title", problem)

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from chatapp.db import Base, unit_of_work
 from chatapp.inputs import MAX_JSON_DEPTH, InvalidJSON, decode_json
 from chatapp.web.forms import Form
+from tests.helpers import start_conversation
 from tests.test_security import PASSWORD, Owner, fill, log_in, openapi_path
 
 EXAMPLES = int(os.environ.get("CHATAPP_FUZZ_EXAMPLES", "25"))
@@ -455,7 +456,7 @@ def form_bodies(fields: list[str]) -> list[tuple[bytes, str]]:
 def web_session(app, client, username: str):
     """A logged-in browser and ids of its own: a fresh conversation, a reply, a token, its login."""
     browser, _csrf = log_in(app, username)
-    conversation_id = int(browser.post("/c").headers["Location"].rsplit("/", 1)[1])
+    conversation_id = start_conversation(browser)
     headers = {
         "Authorization": f"Bearer {client.post('/api/v1/tokens', json={'username': username, 'password': PASSWORD}).get_json()['token']}"
     }

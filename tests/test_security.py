@@ -393,9 +393,9 @@ def test_new_conversations_are_limited_per_user_through_the_api_and_the_browser_
     headers = auth.headers("founder")
     browser, _csrf = log_in(app, "founder")
     assert client.post("/api/v1/conversations", json={}, headers=headers).status_code == 201
-    assert browser.post("/c").status_code == 302
+    assert browser.post("/chat/new", data={"content": "hello"}).status_code == 302
     assert_limited_per_user(client.post("/api/v1/conversations", json={}, headers=headers), "2 per 1 minute")
-    assert_limited_page(browser.post("/c"))
+    assert_limited_page(browser.post("/chat/new", data={"content": "hello again"}))
     assert count(app, Conversation) == 2
     # Renaming one is not limited.
     conversation_id = client.get("/api/v1/conversations", headers=headers).get_json()["items"][0]["id"]

@@ -197,11 +197,13 @@ def upgraded_password_hash(user: User, password: str) -> str | None:
     return hash_password(password)
 
 
-def replace_password_hash(user_id: int, old_hash: str, new_hash: str) -> None:
-    """Store a rehashed password, unless the password changed since ``old_hash`` was read."""
-    db.session.execute(
+def replace_password_hash(user_id: int, old_hash: str, new_hash: str) -> bool:
+    """Store a new hash of the password, unless the password changed since ``old_hash`` was
+    read; False then, changing nothing."""
+    result = db.session.execute(
         sa.update(User).where(User.id == user_id, User.password_hash == old_hash).values(password_hash=new_hash)
     )
+    return cast(sa.CursorResult, result).rowcount > 0
 
 
 def hash_token(token: str) -> str:
@@ -319,10 +321,7 @@ def set_password(
     None, changing nothing, if the password changed since ``old_hash`` was read (another
     change won the race: the current password checked is no longer current).
     """
-    result = db.session.execute(
-        sa.update(User).where(User.id == user_id, User.password_hash == old_hash).values(password_hash=new_hash)
-    )
-    if cast(sa.CursorResult, result).rowcount == 0:
+    if not replace_password_hash(user_id, old_hash, new_hash):
         return None
     # Whoever knew the old password may be logged in elsewhere: those browsers are logged out.
     ended = login_sessions.end_other_sessions(user_id, keep=keep_session)

@@ -25,24 +25,14 @@ class ReplySettings:
     needs_title: bool  # its title is still the default one
 
 
-_REPLY_CONVERSATION = (
-    sa.select(
-        _conversations.c.id,
-        _conversations.c.model,
-        _conversations.c.system_prompt,
-        _conversations.c.title_source,
+def from_claim(claimed: sa.Row, default_model: str) -> ReplySettings:
+    """The settings the reply's claim returned with it (leases.claim_run)."""
+    return ReplySettings(
+        claimed.conversation_id,
+        claimed.model or default_model,
+        claimed.system_prompt,
+        claimed.title_source == "default",
     )
-    .select_from(_messages.join(_conversations, _conversations.c.id == _messages.c.conversation_id))
-    .where(_messages.c.id == sa.bindparam("reply_id"))
-)
-
-
-def for_reply(reply_id: int, default_model: str) -> ReplySettings | None:
-    """Read the reply's conversation settings (leases.claim recorded the model on the reply)."""
-    row = db.session.execute(_REPLY_CONVERSATION, {"reply_id": reply_id}).first()
-    if row is None:
-        return None
-    return ReplySettings(row.id, row.model or default_model, row.system_prompt, row.title_source == "default")
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,36 @@ def claim(
     With ``default_model``, the same UPDATE records the model this run uses: its
     conversation's, else that default.
     """
+    row = _claim(reply_id, owner, lease_seconds, max_runs, default_model)
+    return None if row is None else row.attempt
+
+
+def _conversation_column(name: str):
+    """The reply's conversation's column ``name``, looked up by its primary key."""
+    column = _conversations.c[name]
+    return sa.select(column).where(_conversations.c.id == _messages.c.conversation_id).scalar_subquery().label(name)
+
+
+def claim_run(reply_id: int, owner: str, lease_seconds: float, max_runs: int, default_model: str) -> sa.Row | None:
+    """``claim``, also returning what the run needs of the reply's conversation, in the same
+    statement: (attempt, conversation_id, model, system_prompt, title_source); None if not
+    claimed. ``model`` is the one the claim recorded (the conversation's, else the default)."""
+    return _claim(
+        reply_id,
+        owner,
+        lease_seconds,
+        max_runs,
+        default_model,
+        _messages.c.conversation_id,
+        _messages.c.model,
+        _conversation_column("system_prompt"),
+        _conversation_column("title_source"),
+    )
+
+
+def _claim(
+    reply_id: int, owner: str, lease_seconds: float, max_runs: int, default_model: str | None, *returning
+) -> sa.Row | None:
     now = utcnow()
     had_owner = _messages.c.lease_owner.is_not(None)
     extra = {}
@@ -95,9 +125,9 @@ def claim(
             updated_at=now,
             **extra,
         )
-        .returning(_messages.c.attempt)
+        .returning(_messages.c.attempt, *returning)
     )
-    return result.scalar()
+    return result.first()
 
 
 def renew(owner: str, reply_ids: list[int], lease_seconds: float) -> set[int]:

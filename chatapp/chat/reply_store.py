@@ -65,27 +65,24 @@ def claim_reply(
     def claim():
         with unit_of_work(app):
             bot = bot_from_config(config)
-            attempt = leases.claim(
+            # Two statements: the claim, which returns the conversation's settings too, and
+            # the history (the claim has just made the reply pending: no need to look again).
+            claimed = leases.claim_run(
                 reply_id,
                 owner,
                 float(config["REPLY_LEASE_SECONDS"]),
                 int(config["REPLY_MAX_RUNS"]),
                 default_model=bot.default_model,
             )
-            if attempt is None:
+            if claimed is None:
                 return None
-            settings = conversation_settings.for_reply(reply_id, bot.default_model)
-            if settings is None:  # not reached: the claim has just found the reply
-                return None
+            settings = conversation_settings.from_claim(claimed, bot.default_model)
             # The system prompt is always sent: it takes its share of the history's budget.
             prompt = settings.system_prompt
             if prompt is None:
                 prompt = getattr(bot, "system_prompt", "") or ""
             budget = max(0, int(config["BOT_HISTORY_MAX_CHARS"]) - len(prompt))
-            claimed = services.reply_history(reply_id, budget)
-            if claimed is None:  # not reached: the claim has just made the reply pending
-                return None
-            return attempt, claimed[1], settings
+            return claimed.attempt, services.history_before(reply_id, budget), settings
 
     return retry_transient(app, claim, f"reply {reply_id}")
 

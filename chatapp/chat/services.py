@@ -350,19 +350,18 @@ def sibling_info(conversation_id: int, messages: Sequence, connection: sa.Connec
     groups: dict[int | None, list[int]] = {}
     for row in connection.execute(query, params):
         groups.setdefault(row.parent_id, []).append(row.id)
-    infos = []
-    for message in messages:
-        ids = sorted(groups.get(message.parent_id) or [message.id])
-        position = ids.index(message.id) if message.id in ids else 0
-        infos.append(
-            {  # keys in sorted order, as the JSON provider writes them
-                "count": len(ids),
-                "index": position + 1,
-                "next_id": ids[position + 1] if position + 1 < len(ids) else None,
-                "previous_id": ids[position - 1] if position > 0 else None,
-            }
-        )
-    return infos
+    return [_place(sorted(groups.get(m.parent_id) or [m.id]), m.id) for m in messages]
+
+
+def _place(ids: list[int], message_id: int) -> dict:
+    """Where ``message_id`` stands among its versions ``ids`` (sorted), as sibling_info says."""
+    position = ids.index(message_id) if message_id in ids else 0
+    return {  # keys in sorted order, as the JSON provider writes them
+        "count": len(ids),
+        "index": position + 1,
+        "next_id": ids[position + 1] if position + 1 < len(ids) else None,
+        "previous_id": ids[position - 1] if position > 0 else None,
+    }
 
 
 def _with_siblings(conversation_id: int, rows: Sequence, connection: sa.Connection | None) -> list[BranchMessage]:
@@ -423,7 +422,10 @@ def list_siblings(conversation_id: int, message_id: int) -> list[BranchMessage]:
     else:
         query = query.where(_messages.c.parent_id == message.parent_id)
     rows = db.session.execute(query.order_by(_messages.c.id)).all()
-    return _with_siblings(conversation_id, rows, None)
+    # The rows are all the versions: their places need no sibling_info query.
+    ids = [row.id for row in rows]
+    make = cast(Callable[..., BranchMessage], BranchMessage)  # a row is its columns, in field order
+    return [make(*row, _place(ids, row.id)) for row in rows]
 
 
 # Down from a message to a leaf, taking the newest child at each step; the deepest row has
@@ -735,7 +737,13 @@ def reply_history(reply_id: int, max_chars: int | None = None) -> tuple[int, lis
         return None
     if max_chars is None:
         max_chars = current_app.config["BOT_HISTORY_MAX_CHARS"]
-    return reply.attempt, fit_history(_history_newest_first(reply_id, max_chars), max_chars)
+    return reply.attempt, history_before(reply_id, max_chars)
+
+
+def history_before(reply_id: int, max_chars: int) -> list[dict]:
+    """The newest messages before the reply that fit in ``max_chars`` characters, oldest
+    first (reply_history without its check that the reply is pending): one query."""
+    return fit_history(_history_newest_first(reply_id, max_chars), max_chars)
 
 
 # Matches no row once the reply was restarted (attempt), stopped or finished (status),

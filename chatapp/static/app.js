@@ -62,17 +62,40 @@
     return new Promise((resolve) => setTimeout(resolve, milliseconds));
   }
 
-  // Copy text to the clipboard and say so on the button: its label, or its aria-label when
-  // it is an icon.
-  async function copyText(button, text) {
-    let said = "Copied";
+  // GET a JSON resource of the API with the login cookie (the answer, as apiPost's).
+  function apiGet(url) {
+    return fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } });
+  }
+
+  // Its body, or null when the answer is not a success (a network failure throws).
+  async function getJson(url) {
+    const response = await apiGet(url);
+    return response.ok ? response.json() : null;
+  }
+
+  // Enter sends the form, Shift+Enter (or Enter while an input method composes) is a new line.
+  function sendOnEnter(input, form) {
+    input.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+        event.preventDefault();
+        if (!input.disabled) form.requestSubmit();
+      }
+    });
+  }
+
+  // Put text on the clipboard; false when the browser refuses (no permission, not https).
+  async function copyText(text) {
     try {
       await navigator.clipboard.writeText(text);
+      return true;
     } catch (_) {
-      said = "Press Ctrl+C";
+      return false;
     }
-    if (button.querySelector("svg")) button.setAttribute("aria-label", said);
-    else button.textContent = said;
+  }
+
+  // A text button's Copy (a code block's, a new token's): its label says how it went.
+  async function copyWithLabel(button, text) {
+    button.textContent = (await copyText(text)) ? "Copied" : "Press Ctrl+C";
   }
 
   // Each code block in a reply gets a Copy button, next to its language. The page adds it,
@@ -93,7 +116,7 @@
     const code = event.target.closest("button[data-copy-code]");
     if (code) {
       const pre = code.closest(".code-block")?.querySelector("pre");
-      if (pre) copyText(code, pre.textContent);
+      if (pre) copyWithLabel(code, pre.textContent);
     }
   });
 
@@ -252,6 +275,8 @@
       item.id = "message-" + data.id;
       item.dataset.messageId = data.id;
       item.querySelector(".text").textContent = data.content;
+      // The template's Edit points at a stand-in message: this one's form instead.
+      item.querySelector("a.edit-message")?.setAttribute("href", pageBase + "/" + data.id + "/edit");
       list.append(item);
       const empty = document.getElementById("empty-chat");
       if (empty) empty.remove();
@@ -369,7 +394,7 @@
           markFailed(item, "Lost the connection to this reply. Reload the page to see it.");
           setRunning(null);
           // EventSource does not say why; a 401 from the messages list says the login ended.
-          fetch(apiBase, { credentials: "same-origin", headers: { Accept: "application/json" } })
+          apiGet(apiBase)
             .then((response) => {
               if (response.status === 401) showError(SESSION_ENDED);
             })
@@ -406,10 +431,11 @@
       stopReply();
     });
 
-    // Escape stops the reply from anywhere on the page, unless it closes a menu or dialog.
+    // Escape stops the reply from anywhere on the page, unless it closes a menu (setUpMenus
+    // takes that Escape first) or a dialog.
     document.addEventListener("keydown", (event) => {
       if (event.key !== "Escape" || event.defaultPrevented || event.isComposing) return;
-      if (state.running === null || document.querySelector("details[open], dialog[open]")) return;
+      if (state.running === null || document.querySelector("dialog[open]")) return;
       event.preventDefault();
       stopReply();
     });
@@ -474,13 +500,7 @@
       stream(item, posted.reply.id);
     });
 
-    // Enter sends, Shift+Enter (or Enter while an input method composes) is a new line.
-    input.addEventListener("keydown", (event) => {
-      if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
-        event.preventDefault();
-        if (!input.disabled) form.requestSubmit();
-      }
-    });
+    sendOnEnter(input, form);
 
     list.addEventListener("submit", async (event) => {
       const regenerate = event.target.closest(".regenerate-form");
@@ -654,13 +674,6 @@
     menu.addEventListener("toggle", () => {
       if (menu.open) menu.querySelector("input[name=title]").select();
     });
-    menu.addEventListener("keydown", (event) => {
-      if (event.key === "Escape" && menu.open) {
-        event.preventDefault(); // closing the menu is all this Escape does
-        menu.open = false;
-        menu.querySelector("summary").focus();
-      }
-    });
   }
 
   function setUpCopyButtons() {
@@ -672,12 +685,7 @@
       const text = button.closest("li.message")?.querySelector(".text");
       if (!text) return;
       const raw = button.dataset.raw !== undefined ? button.dataset.raw : text.textContent;
-      let copied = true;
-      try {
-        await navigator.clipboard.writeText(raw);
-      } catch (_) {
-        copied = false;
-      }
+      const copied = await copyText(raw);
       button.dataset.copied = String(copied);
       const icon = button.querySelector("use");
       if (copied && icon) icon.setAttribute("href", "#icon-check");
@@ -697,7 +705,7 @@
       button.addEventListener("click", async () => {
         const field = document.getElementById(button.dataset.copy);
         field.select();
-        await copyText(button, field.value);
+        await copyWithLabel(button, field.value);
       });
     });
   }
@@ -745,9 +753,12 @@
     list.dataset.grouped = "local";
   }
 
-  // Menus (<details>): one open at a time; a click elsewhere or Escape closes them.
+  // Menus (<details class="menu">: the header's Rename and Model, the sidebar entries'): one
+  // open at a time; a click elsewhere or Escape closes them. Escape is taken while the event
+  // comes down the page (capture), before Escape-to-stop sees it: an Escape closes a menu and
+  // does nothing else, the next one stops a reply.
   function setUpMenus() {
-    const menus = () => document.querySelectorAll("details.entry-menu[open]");
+    const menus = () => document.querySelectorAll("details.menu[open]");
     document.addEventListener("toggle", (event) => {
       const opened = event.target;
       if (!(opened instanceof HTMLDetailsElement) || !opened.open) return;
@@ -757,13 +768,13 @@
       menus().forEach((menu) => !menu.contains(event.target) && (menu.open = false));
     });
     document.addEventListener("keydown", (event) => {
-      if (event.key !== "Escape") return;
+      if (event.key !== "Escape" || event.isComposing) return;
       menus().forEach((menu) => {
         event.preventDefault(); // closing the menu is all this Escape does
         menu.open = false;
         menu.querySelector("summary").focus();
       });
-    });
+    }, true);
   }
 
   // An entry's Delete asks in a dialog, then posts (without the script: its own page asks).
@@ -795,13 +806,10 @@
         if (loaded) return;
         loaded = true;
         try {
-          const response = await fetch(select.dataset.modelsUrl, {
-            credentials: "same-origin",
-            headers: { Accept: "application/json" },
-          });
-          if (!response.ok) return; // keep the options the page has
+          const body = await getJson(select.dataset.modelsUrl);
+          if (body === null) return; // keep the options the page has
           const known = new Set(Array.from(select.options, (option) => option.value));
-          for (const model of (await response.json()).items) {
+          for (const model of body.items) {
             if (model.default || known.has(model.id)) continue;
             const option = document.createElement("option");
             option.value = model.id;
@@ -821,14 +829,7 @@
   // The first message of a new chat: Enter sends it, Shift+Enter starts a new line.
   function setUpNewChat() {
     const form = document.getElementById("new-chat-form");
-    if (!form) return;
-    const input = form.querySelector("textarea[name=content]");
-    input.addEventListener("keydown", (event) => {
-      if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
-        event.preventDefault();
-        form.requestSubmit();
-      }
-    });
+    if (form) sendOnEnter(form.querySelector("textarea[name=content]"), form);
   }
 
   // A new conversation is titled in the background after its first reply: show the title
@@ -842,9 +843,9 @@
       for (const wait of [500, 1500, 4000]) {
         await pause(wait);
         try {
-          const response = await fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } });
-          if (!response.ok) return;
-          const title = (await response.json()).title;
+          const body = await getJson(url);
+          if (body === null) return;
+          const title = body.title;
           if (title !== defaultTitle) {
             heading.textContent = title;
             document.title = document.title.replace(defaultTitle, title);

@@ -16,11 +16,6 @@ from chatapp.web import bp, pages
 from chatapp.web.forms import MessageForm, RenameForm, add_error
 
 
-def _sidebar(active_id: int | None = None) -> pages.Sidebar:
-    per_page = current_app.config["WEB_CONVERSATIONS_PER_PAGE"]
-    return pages.sidebar(current_user.id, per_page, request.args.get("older"), active_id)
-
-
 def _back_to(conversation_id: int) -> str:
     """The conversation's page, with the sidebar on the page it was on (``?older=``)."""
     return url_for("web.conversation", conversation_id=conversation_id, older=request.args.get("older") or None)
@@ -42,7 +37,7 @@ def _render_conversation(conversation_id: int, *, message_form=None, rename_form
         "chat/conversation.html",
         conversation=pages.conversation_item(conversation),
         history=pages.history(conversation.id, per_page, before),
-        sidebar=_sidebar(conversation.id),
+        sidebar=pages.current_sidebar(conversation.id),
         message_form=message_form or MessageForm(formdata=None),
         rename_form=rename_form or RenameForm(formdata=None, title=conversation.title),
         # An earlier page of the history offers the way back to the newest messages.
@@ -50,6 +45,7 @@ def _render_conversation(conversation_id: int, *, message_form=None, rename_form
         # The sidebar's "Rename" (?rename=1) opens the rename pop-over, also without a script.
         rename_open=request.args.get("rename") == "1",
         chat_settings=pages.chat_settings(conversation.model, conversation.system_prompt),
+        blank_user_message=pages.BLANK_USER_MESSAGE,
     ), status
 
 
@@ -58,18 +54,7 @@ def _render_conversation(conversation_id: int, *, message_form=None, rename_form
 @transaction("read")
 def index():
     """Your conversations, newest first (or what to do when there are none)."""
-    return pages.render_page("chat/index.html", sidebar=_sidebar())
-
-
-@bp.post("/c")
-@login_required
-@rate_limits.conversations
-@transaction("write")
-def new_conversation():
-    """Start a conversation and open it."""
-    conversation = chat.create_conversation(current_user.id)
-    db.session.commit()
-    return redirect(url_for("web.conversation", conversation_id=conversation.id))
+    return pages.render_page("chat/index.html", sidebar=pages.current_sidebar())
 
 
 @bp.get("/c/<int:conversation_id>")
@@ -109,7 +94,7 @@ def confirm_delete(conversation_id: int):
     return pages.render_page(
         "chat/delete.html",
         conversation=pages.conversation_item(conversation),
-        sidebar=_sidebar(conversation.id),
+        sidebar=pages.current_sidebar(conversation.id),
     )
 
 
@@ -222,7 +207,7 @@ def _render_edit(conversation_id: int, message_id: int, form: MessageForm, statu
         conversation=pages.conversation_item(conversation),
         message=message,
         form=form,
-        sidebar=_sidebar(conversation.id),
+        sidebar=pages.current_sidebar(conversation.id),
     ), status
 
 

@@ -4,7 +4,7 @@ again and again leaves no empty conversations behind."""
 
 from __future__ import annotations
 
-from flask import current_app, flash, redirect, request, url_for
+from flask import current_app, flash, redirect, url_for
 from flask_login import current_user, login_required
 
 from chatapp import rate_limits
@@ -18,12 +18,11 @@ from chatapp.web.forms import ChatSettingsForm, NewChatForm, add_error, sentence
 
 
 def _render_new_chat(form: NewChatForm, status: int = 200):
-    per_page = current_app.config["WEB_CONVERSATIONS_PER_PAGE"]
     return pages.render_page(
         "chat/new.html",
         form=form,
         chat_settings=pages.chat_settings(form.model.data or None, form.system_prompt.data),
-        sidebar=pages.sidebar(current_user.id, per_page, request.args.get("older")),
+        sidebar=pages.current_sidebar(),
     ), status
 
 

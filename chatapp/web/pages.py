@@ -13,7 +13,8 @@ from datetime import UTC, date, datetime
 from functools import cached_property
 
 import sqlalchemy as sa
-from flask import render_template
+from flask import current_app, render_template, request
+from flask_login import current_user
 from markupsafe import Markup
 
 from chatapp.auth import login_sessions as sessions
@@ -123,6 +124,10 @@ class MessageItem:
         return render_streaming_markdown(self.content) if self.is_active else render_markdown(self.content)
 
 
+# The stand-in the page's blank user message is rendered from (the page script fills it in).
+BLANK_USER_MESSAGE = MessageItem(0, "user", "complete", "", None, is_latest=False, is_markdown=False)
+
+
 @dataclass(frozen=True)
 class ReplyText:
     """A reply's text so far, which the page shows, rendered, while the reply streams."""
@@ -190,6 +195,12 @@ def sidebar(user_id: int, per_page: int, cursor: str | None, active_id: int | No
     page = chat.list_conversations(user_id, per_page, cursor or None)
     items = [conversation_item(row) for row in page.items]
     return Sidebar(items, page.next_cursor, not cursor, active_id, cursor or None)
+
+
+def current_sidebar(active_id: int | None = None) -> Sidebar:
+    """The sidebar of a signed-in page: the page of the user's conversations its ``?older=`` asks for."""
+    per_page = current_app.config["WEB_CONVERSATIONS_PER_PAGE"]
+    return sidebar(current_user.id, per_page, request.args.get("older"), active_id)
 
 
 def message_item(message: Message | chat.BranchMessage, is_latest: bool, siblings: dict | None = None) -> MessageItem:

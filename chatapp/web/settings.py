@@ -3,7 +3,7 @@ login sessions, ended; the password, changed; the account, deleted after a confi
 
 from __future__ import annotations
 
-from flask import current_app, flash, redirect, request, url_for
+from flask import flash, redirect, url_for
 from flask_login import current_user, login_required
 
 from chatapp import rate_limits
@@ -14,10 +14,6 @@ from chatapp.errors import NotFound
 from chatapp.web import bp, pages
 from chatapp.web.accounts import log_out
 from chatapp.web.forms import DeleteAccountForm, PasswordChangeForm, TokenForm
-
-
-def _sidebar() -> pages.Sidebar:
-    return pages.sidebar(current_user.id, current_app.config["WEB_CONVERSATIONS_PER_PAGE"], request.args.get("older"))
 
 
 def _render_settings(
@@ -33,9 +29,7 @@ def _render_settings(
         new_token=new_token,
         tokens=pages.tokens(current_user.id),
         browser_sessions=pages.login_sessions(current_user.id, login_sessions.current_session_id()),
-        sidebar=pages.sidebar(
-            current_user.id, current_app.config["WEB_CONVERSATIONS_PER_PAGE"], request.args.get("older")
-        ),
+        sidebar=pages.current_sidebar(),
     ), status
 
 
@@ -72,7 +66,7 @@ def confirm_revoke_token(token_id: int):
     if row is None or row.revoked_at is not None:
         raise NotFound("token not found", code="token_not_found")
     token = pages.TokenItem(row.id, row.name, row.prefix, row.created_at, row.last_used_at)
-    return pages.render_page("settings/revoke_token.html", token=token, sidebar=_sidebar())
+    return pages.render_page("settings/revoke_token.html", token=token, sidebar=pages.current_sidebar())
 
 
 @bp.post("/settings/tokens/<int:token_id>/revoke")
@@ -162,7 +156,9 @@ def change_password():
 @transaction("read")
 def confirm_delete_account():
     """Ask for your password before deleting your account."""
-    return pages.render_page("settings/delete_account.html", form=DeleteAccountForm(formdata=None), sidebar=_sidebar())
+    return pages.render_page(
+        "settings/delete_account.html", form=DeleteAccountForm(formdata=None), sidebar=pages.current_sidebar()
+    )
 
 
 @bp.post("/settings/delete-account")
@@ -183,5 +179,5 @@ def delete_account():
             return redirect(url_for("web.login"))
         form.delete_password.errors = ["Wrong password: your account was not deleted."]
         status = 403
-    sidebar = _sidebar()
+    sidebar = pages.current_sidebar()
     return pages.render_page("settings/delete_account.html", form=form, sidebar=sidebar), status

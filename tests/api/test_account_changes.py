@@ -6,6 +6,7 @@ import logging
 import pytest
 import sqlalchemy as sa
 
+from chatapp.auth import services as auth_services
 from chatapp.auth.models import ApiToken, LoginSession, User
 from chatapp.chat.models import Conversation, Message
 from chatapp.db import unit_of_work
@@ -106,6 +107,23 @@ def test_a_refused_change_changes_nothing(client, app, auth, body, status, code)
         assert session.scalar(sa.select(User.password_hash)) == old_hash
     assert logged_in(other)
     assert client.get("/api/v1/conversations", headers=headers).status_code == 200
+
+
+def test_a_password_hash_is_replaced_only_over_the_hash_it_was_read_with(app, auth):
+    """A rehash at login and a password change write through one guarded UPDATE: over a hash
+    that changed meanwhile (another change won the race) neither writes anything."""
+    auth.register("alice", PASSWORD)
+    auth.token("alice", PASSWORD)
+    revoked = sa.select(sa.func.count()).where(ApiToken.revoked_at.is_not(None))
+    with unit_of_work(app) as session:
+        user_id, read = session.execute(sa.select(User.id, User.password_hash)).one()
+        assert auth_services.replace_password_hash(user_id, read, "first") is True
+        assert auth_services.replace_password_hash(user_id, read, "second") is False
+        assert auth_services.set_password(user_id, read, "third", keep_session=None, revoke_tokens=True) is None
+        assert session.scalar(sa.select(User.password_hash)) == "first"
+        assert session.scalar(revoked) == 0
+        assert auth_services.set_password(user_id, "first", "fourth", keep_session=None, revoke_tokens=True) == 0
+        assert (session.scalar(sa.select(User.password_hash)), session.scalar(revoked)) == ("fourth", 1)
 
 
 def test_change_password_needs_credentials(client, auth):

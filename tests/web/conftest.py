@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from chatapp.auth import services as auth_services
 from chatapp.chat import services as chat_services
 from chatapp.db import unit_of_work
+from tests.helpers import start_conversation
 
 PASSWORD = "correct horse"
 
@@ -65,9 +66,7 @@ class WebUser:
         return self.client.post("/logout", data={"csrf_token": self._token("/")})
 
     def new_conversation(self) -> int:
-        response = self.client.post("/c", data={"csrf_token": self._token("/")})
-        assert response.status_code == 302
-        return int(response.headers["Location"].rsplit("/", 1)[1])
+        return start_conversation(self.client)
 
 
 @pytest.fixture

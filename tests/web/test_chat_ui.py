@@ -146,6 +146,22 @@ def test_opening_a_chat_from_sidebar_page_two_keeps_page_two(client, app, alice)
     wait_for_background_work(app)
 
 
+def test_every_page_with_a_sidebar_shows_the_page_of_it_asked_for(client, app, alice):
+    """One helper reads the sidebar of every signed-in page: each takes ``?older=`` alike."""
+    app.config["WEB_CONVERSATIONS_PER_PAGE"] = 2
+    first, reply = seed_reply(app, "alice", "hi", "hello", title="first")
+    for title in ["second", "third"]:
+        seed_reply(app, "alice", "hi", "hello", title=title)
+    older = re.search(r'href="(/\?older=[^"]+)">Older</a>', client.get("/").get_data(as_text=True)).group(1)
+    query = htmllib.unescape(older).split("?", 1)[1]
+    pages = ["/", "/chat/new", "/settings", "/settings/delete-account", f"/c/{first}", f"/c/{first}/delete"]
+    pages.append(f"/c/{first}/messages/{reply - 1}/edit")  # the user's message, before its reply
+    for path in pages:
+        html = client.get(f"{path}?{query}").get_data(as_text=True)
+        assert list(sidebar_links(html)) == ["first"], path
+        assert list(sidebar_links(client.get(path).get_data(as_text=True))) == ["third", "second"], path
+
+
 def test_each_sidebar_entry_has_a_menu_with_rename_and_delete(client, app, alice):
     conversation_id, _ = seed_reply(app, "alice", "q", "a", title="Trip <plans>")
     html = client.get("/").get_data(as_text=True)

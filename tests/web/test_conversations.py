@@ -32,7 +32,8 @@ def conversation_titles(html: str) -> list[str]:
 
 LOGGED_IN_ROUTES = [
     ("get", "/"),
-    ("post", "/c"),
+    ("get", "/chat/new"),
+    ("post", "/chat/new"),
     ("get", "/c/1"),
     ("post", "/c/1/rename"),
     ("get", "/c/1/delete"),
@@ -62,6 +63,14 @@ def test_every_page_sends_strangers_to_the_login(client, app, web, method, path)
     assert count(app, Message) == 2
     with unit_of_work(app, write=False) as session:
         assert session.scalar(sa.select(Conversation.title)) == "New chat"
+
+
+def test_a_conversation_starts_with_its_first_message_not_an_empty_form(client, app, alice):
+    """No page posts an empty "new conversation" form: "New chat" opens /chat/new, which
+    stores nothing until the first message (the API still makes empty ones)."""
+    assert client.post("/c").status_code == 404
+    assert count(app, Conversation) == 0
+    assert 'href="/chat/new"' in client.get("/").get_data(as_text=True)
 
 
 def test_login_and_register_pages_need_no_login(client):

@@ -40,7 +40,7 @@ def logged_in(client, app, web):
 def test_every_logged_in_form_refuses_a_missing_or_wrong_token(client, app, logged_in):
     conversation_id, reply_id = logged_in
     forms = [
-        ("/c", {}),
+        ("/chat/new", {"content": "forged"}),
         (f"/c/{conversation_id}/rename", {"title": "forged"}),
         (f"/c/{conversation_id}/delete", {}),
         (f"/c/{conversation_id}/messages", {"content": "forged"}),

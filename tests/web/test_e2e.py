@@ -307,6 +307,13 @@ def test_phone_width_and_dark_mode(browser, database_uri, seeder, tmp_path):
         expect(page.get_by_role("button", name="Send")).to_be_visible()
         expect(page.get_by_role("link", name="Chats")).to_be_visible()  # the way back to the list
         expect(page.locator(".sidebar")).to_be_hidden()
+        # The header's actions are icons that keep their names, and leave the title most of the
+        # width: more than half of the screen, not a few letters and an ellipsis.
+        expect(page.get_by_role("link", name="Delete")).to_be_visible()
+        expect(page.locator("summary", has_text="Rename")).to_be_visible()
+        expect(page.locator("summary", has_text="Model")).to_be_visible()
+        title_width = page.locator("#chat-title").evaluate("title => title.getBoundingClientRect().width")
+        assert title_width > 375 / 2, title_width
         # Nothing wider than the screen: long titles and code scroll inside their own boxes.
         assert page.evaluate("document.documentElement.scrollWidth") <= 375
         # Dark mode follows the system setting.
@@ -382,11 +389,15 @@ def test_stop_a_reply_in_a_real_browser(browser, database_uri, seeder, tmp_path,
         if how == "button":
             stop.click()
         else:
-            # Escape first closes an open menu, and only that...
+            # Escape first closes an open menu, and only that: Rename's, the Model menu's...
             page.get_by_text("Rename", exact=True).click()
             expect(page.get_by_label("Title")).to_be_focused()
             page.keyboard.press("Escape")
             expect(page.locator("details.rename")).not_to_have_attribute("open", "")
+            page.locator("details.chat-settings > summary").click()
+            expect(page.locator("details.chat-settings")).to_have_attribute("open", "")
+            page.keyboard.press("Escape")
+            expect(page.locator("details.chat-settings")).not_to_have_attribute("open", "")
             # (Stopping disables the button at once, before the request goes out.)
             expect(stop).to_be_enabled()
             expect(newest_reply(page)).to_have_attribute("data-status", "streaming")
@@ -650,7 +661,7 @@ def test_chat_page_details_in_a_real_browser(browser, database_uri, seeder, tmp_
         page.get_by_role("button", name="Log in").click()
         page.wait_for_url(server.url + "/")
         page.goto(f"{server.url}/c/{newest}")
-        page.get_by_text("Rename", exact=True).click()
+        page.locator("summary", has_text="Rename").click()  # an icon here, named Rename
         title = page.get_by_label("Title")
         expect(title).to_be_visible()
         panel = page.locator("details.rename .menu-panel").bounding_box()
@@ -752,6 +763,11 @@ def test_a_streaming_reply_is_rendered_as_it_will_be_when_finished(browser, data
         context.close()
 
 
+# What a message's row of actions holds, in order: the names of its parts.
+ACTIONS = ".message-actions :is(nav, a, button)"
+ACTION_NAMES = "nodes => nodes.map(node => node.getAttribute('aria-label'))"
+
+
 # Page logic only: one database is enough.
 @pytest.mark.parametrize("backend", ["sqlite"])
 def test_edit_a_message_and_switch_between_versions(browser, database_uri, seeder, tmp_path):
@@ -775,6 +791,18 @@ def test_edit_a_message_and_switch_between_versions(browser, database_uri, seede
         expect_finished(page, expect, "second try")  # the echo bot
         expect(page.locator("li.message .text")).to_have_text(["second try", "second try"])
         expect(page.locator("li.message.user .version-position")).to_have_text("2/2")
+        # The new version, added by the script, has the row a rendered message has, its Edit
+        # pointing at its own form.
+        added = page.locator("li.message.user")
+        added_id = added.get_attribute("data-message-id")
+        edit = added.get_by_role("link", name="Edit")
+        expect(edit).to_have_attribute("href", f"/c/{conversation_id}/messages/{added_id}/edit")
+        added_row = added.locator(ACTIONS).evaluate_all(ACTION_NAMES)
+        page.reload()
+        page.wait_for_load_state("load")
+        rendered_row = page.locator("li.message.user").locator(ACTIONS).evaluate_all(ACTION_NAMES)
+        assert added_row == rendered_row
+        assert rendered_row == ["Versions of this message", "Previous version", "Next version", "Copy", "Edit"]
         # ‹ goes back to the first version and its reply, as they were.
         page.get_by_role("button", name="Previous version").click()
         page.wait_for_url(re.compile(rf".*/c/{conversation_id}#message-\d+$"))

@@ -121,8 +121,8 @@ def test_logging_in_starts_a_new_flask_session(client, app, web):
     with client.session_transaction() as fresh:
         assert fresh["csrf_token"] != old_raw_token
     # The token from before the login no longer passes; the new one does.
-    assert client.post("/c", data={"csrf_token": old_token}).status_code == 400
-    assert client.post("/c", data={"csrf_token": new_token}).status_code == 302
+    assert client.post("/settings/tokens", data={"name": "t", "csrf_token": old_token}).status_code == 400
+    assert client.post("/settings/tokens", data={"name": "t", "csrf_token": new_token}).status_code == 201
 
 
 @pytest.mark.parametrize("extra_config", [{"REMEMBER_COOKIE_REFRESH_EACH_REQUEST": True}], indirect=True)

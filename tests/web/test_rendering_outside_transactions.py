@@ -26,7 +26,7 @@ def test_refused_forms_answer_without_waiting_for_a_writer(app, client, web):
     conversation_id = web.new_conversation()
     conversations = count(app, Conversation)
     refused = [
-        (lambda: app.test_client().post("/c"), 302),  # not logged in: to the login page
+        (lambda: app.test_client().post("/chat/new"), 302),  # not logged in: to the login page
         (lambda: client.post(f"/c/{conversation_id}/rename", data={"title": ""}), 422),
         (lambda: client.post(f"/c/{conversation_id}/messages", data={"content": ""}), 422),
         (lambda: client.post("/settings/tokens", data={"name": "x" * 101}), 422),
