@@ -18,7 +18,8 @@ class FakeOpenAIServer:
     chunk then nothing; "silent" sends one chunk, then nothing until the client hangs up;
     "http500" answers an error; "garbage" sends a malformed chunk.
 
-    ``client_gone`` is set when a client is seen to close its request before the end.
+    ``client_gone`` is set when a client is seen to close its request before the end. With a
+    ``gate`` (an Event), "ok" sends the first word, then waits for the gate before the rest.
 
     ``GET /v1/models`` lists ``models`` (``models_status`` other than 200: an error instead),
     and a non-streamed completion (the title request) answers ``title_text``, after
@@ -39,6 +40,7 @@ class FakeOpenAIServer:
         self.title_text = "Greetings From The Model"
         self.title_gate: threading.Event | None = None
         self.title_waiting = threading.Event()
+        self.gate: threading.Event | None = None
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -127,6 +129,8 @@ class FakeOpenAIServer:
                         return
                     if server.delay:
                         time.sleep(server.delay)
+                    if server.gate is not None and index == 0:
+                        server.gate.wait(60)
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
 
@@ -140,6 +144,8 @@ class FakeOpenAIServer:
 
     def __exit__(self, *exc):
         self.release.set()
+        if self.gate is not None:
+            self.gate.set()
         if self.title_gate is not None:
             self.title_gate.set()
         self.httpd.shutdown()

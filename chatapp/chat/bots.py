@@ -132,8 +132,12 @@ def _client(connect_timeout: float, read_timeout: float) -> httpx.Client:
             timeout = httpx.Timeout(
                 connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout
             )
+            # No cap on connections: REPLY_WORKERS (and the title workers) bound the requests in
+            # flight, and may be in the hundreds under gevent; httpx's default cap of 100 would
+            # fail the replies past it (PoolTimeout) rather than run them.
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=20)
             # No environment proxies: the model server is the operator's, named in config.
-            client = _clients[key] = httpx.Client(timeout=timeout, trust_env=False)
+            client = _clients[key] = httpx.Client(timeout=timeout, limits=limits, trust_env=False)
         return client
 
 
