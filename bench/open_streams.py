@@ -8,8 +8,10 @@ word, then sends --words words, one every --word-delay seconds.
 
 Replies run in-process, as greenlets of the worker that took the message (REPLY_WORKERS
 raised to cover them): a reply waiting on the model costs a greenlet and a socket, and its
-streams in the same process are woken from memory. Queue mode (Celery) would add a worker
-process and Redis on the same 2 cores to do the same waiting.
+streams in the same process are woken from memory. A stream that lands on the other worker
+waits for Redis notices (REPLY_EVENTS, a redis-server of the run's own) instead of polling the
+database 5 times a second. Queue mode (Celery) would add a worker process on the same 2 cores
+to do the same waiting.
 
 The load generator is one asyncio loop (raw HTTP/1.1; its fd limit raised): it posts
 --streams messages (each in a new conversation, --concurrency at a time), opens the reply
@@ -23,7 +25,7 @@ list, a database read) every --get-interval seconds, one at a time. It reports:
 - RSS and open fds per worker before and with the streams open: memory per open stream
   (with its in-process reply) and the ``ulimit -n`` a worker needs.
 
-    python bench/open_streams.py [--streams 2000] [--workers 2] [--ttft 150] [--no-pgbouncer]
+    python bench/open_streams.py [--streams 2000] [--workers 2] [--ttft 240] [--recheck 30] [--no-pgbouncer]
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from bench.metrics import MetricsSampler  # noqa: E402
 from bench.report import finish, fmt, machine_report, table  # noqa: E402
 from tests.support import pgbouncer  # noqa: E402
 from tests.support.load import percentile  # noqa: E402
+from tests.support.queue import RedisServer  # noqa: E402
 from tests.support.servers import process_rss_kb  # noqa: E402
 from tests.support.sse import parse_events  # noqa: E402
 
@@ -267,6 +270,11 @@ def run(args, backend: str, directory: Path) -> dict:
             on_exit(bouncer.stop)
             uri = bouncer.url_for(uri)
         model, model_url = start_model(args)
+        # A stream served by the other worker than its reply's would poll the database 5 times
+        # a second; with Redis notices it waits for the writer's notice instead.
+        redis_server = RedisServer()
+        redis_server.start()
+        on_exit(redis_server.stop)
         env = {
             "CHATAPP_WORKER_CLASS": "gevent",
             "CHATAPP_WORKER_CONNECTIONS": str(args.worker_connections),
@@ -275,6 +283,8 @@ def run(args, backend: str, directory: Path) -> dict:
             "CHATAPP_OPENAI_BASE_URL": model_url,
             "CHATAPP_OPENAI_READ_TIMEOUT": str(args.ttft + args.ttft_jitter + 30),
             "CHATAPP_TITLES_ENABLED": "false",
+            "CHATAPP_STREAM_RECHECK_SECONDS": str(args.recheck),
+            "CHATAPP_REPLY_EVENTS": redis_server.url,
             "CHATAPP_REPLY_WORKERS": str(args.streams),
             "CHATAPP_REPLY_QUEUE_MAX": str(args.streams),
             "CHATAPP_SQLALCHEMY_ENGINE_OPTIONS": json.dumps(
@@ -300,6 +310,7 @@ def run(args, backend: str, directory: Path) -> dict:
         model.wait(10)
         if bouncer is not None:
             bouncer.stop()
+        redis_server.stop()
     streams = args.streams
     grew_kb = sum(load.rss_with.values()) - sum(load.rss_before.values())
     fds_grew = sum(load.fds_with.values()) - sum(load.fds_before.values())
@@ -339,7 +350,7 @@ def report(result: dict, args) -> None:
         f"\n# {result['streams']} streams on {args.workers} gevent workers "
         f"({'PgBouncer' if result['pgbouncer'] else 'direct'}), pool_size {args.pool_size}, "
         f"worker_connections {args.worker_connections}, model ttft {args.ttft}+{args.ttft_jitter} s, "
-        f"{args.words} words x {args.word_delay} s"
+        f"{args.words} words x {args.word_delay} s, STREAM_RECHECK_SECONDS {args.recheck}"
     )
     print(
         f"streams opened {result['opened']}, completed with the right text {result['completed']}, "
@@ -378,12 +389,13 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--worker-connections", type=int, default=2000)
-    parser.add_argument("--pool-size", type=int, default=10)
+    parser.add_argument("--pool-size", type=int, default=50)
     parser.add_argument("--pgbouncer-pool", type=int, default=20)
     parser.add_argument("--no-pgbouncer", dest="pgbouncer", action="store_false")
-    parser.add_argument("--concurrency", type=int, default=16, help="posts in flight while opening")
+    parser.add_argument("--concurrency", type=int, default=8, help="posts in flight while opening")
     parser.add_argument("--get-interval", type=float, default=0.1)
-    parser.add_argument("--ttft", type=float, default=150.0)
+    parser.add_argument("--recheck", type=float, default=30.0, help="STREAM_RECHECK_SECONDS")
+    parser.add_argument("--ttft", type=float, default=240.0)
     parser.add_argument("--ttft-jitter", type=float, default=30.0)
     parser.add_argument("--words", type=int, default=10)
     parser.add_argument("--word-delay", type=float, default=1.0)

@@ -146,6 +146,11 @@ class Defaults:
     # it a stream whose reply runs in another process polls every STREAM_POLL_INTERVAL.
     REPLY_EVENTS = ""
     STREAM_POLL_INTERVAL = 0.2
+    # While its reply runs in this process a stream still reads the database this often (a
+    # change made elsewhere; a revoked credential), and so does one waiting for Redis notices
+    # (a missed notice): one read per open stream per period. None: 5 s for both.
+    # Thousands of streams per worker (gevent) may want 15-30 s.
+    STREAM_RECHECK_SECONDS = None
     STREAM_MAX_SECONDS = 3600.0
     # An open stream holds one of a gunicorn worker's threads (gthread) or one of its
     # worker_connections (gevent): one user may hold this many at once in one worker

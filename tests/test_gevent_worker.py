@@ -222,3 +222,15 @@ def test_the_start_up_check_refuses_sqlite_and_a_blocking_psycopg_under_gevent(m
     waiting.wait = waiting.wait_c  # imported before it: would block the hub
     with pytest.raises(ConfigError, match="psycopg was imported before gevent patched"):
         check_worker_model(postgres)
+
+
+def test_a_live_stream_rereads_the_database_as_often_as_configured(tmp_path):
+    """Each open stream costs one read per STREAM_RECHECK_SECONDS: the knob for thousands of them."""
+    from chatapp import create_app
+    from chatapp.chat import stream
+    from tests.conftest import base_test_config
+
+    app = create_app(base_test_config(f"sqlite:///{tmp_path / 'chatapp.sqlite'}"))
+    assert stream._recheck_seconds(app) == stream.LIVE_RECHECK_SECONDS
+    app.config["STREAM_RECHECK_SECONDS"] = 30
+    assert stream._recheck_seconds(app) == 30.0
