@@ -205,7 +205,9 @@ class Run:
             if opened.is_set():
                 self.opened += 1
                 self._settle(all_settled)
-            status, body = await task
+            # A stream that outlives its reply by minutes is stuck: counted as an error.
+            limit = self.args.ttft + self.args.ttft_jitter + self.args.words * self.args.word_delay + 300
+            status, body = await asyncio.wait_for(task, limit)
             text, done = streamed_text(body)
             if status != 200 or done != "complete" or text != self.expected:
                 raise RuntimeError(f"stream {status} {done}: {text[:80]!r}")
@@ -288,7 +290,12 @@ def run(args, backend: str, directory: Path) -> dict:
             "CHATAPP_REPLY_WORKERS": str(args.streams),
             "CHATAPP_REPLY_QUEUE_MAX": str(args.streams),
             "CHATAPP_SQLALCHEMY_ENGINE_OPTIONS": json.dumps(
-                {"pool_size": args.pool_size, "max_overflow": 0, "pool_timeout": 5, "pool_pre_ping": True}
+                {
+                    "pool_size": args.pool_size,
+                    "max_overflow": 0,
+                    "pool_timeout": args.pool_timeout,
+                    "pool_pre_ping": True,
+                }
             ),
         }
         if bouncer is not None:
@@ -349,6 +356,7 @@ def report(result: dict, args) -> None:
     print(
         f"\n# {result['streams']} streams on {args.workers} gevent workers "
         f"({'PgBouncer' if result['pgbouncer'] else 'direct'}), pool_size {args.pool_size}, "
+        f"pool_timeout {args.pool_timeout} s, "
         f"worker_connections {args.worker_connections}, model ttft {args.ttft}+{args.ttft_jitter} s, "
         f"{args.words} words x {args.word_delay} s, STREAM_RECHECK_SECONDS {args.recheck}"
     )
@@ -390,7 +398,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--worker-connections", type=int, default=2000)
     parser.add_argument("--pool-size", type=int, default=50)
-    parser.add_argument("--pgbouncer-pool", type=int, default=20)
+    parser.add_argument("--pool-timeout", type=float, default=5.0, help="as shipped: 5 s")
+    parser.add_argument("--pgbouncer-pool", type=int, default=40)
     parser.add_argument("--no-pgbouncer", dest="pgbouncer", action="store_false")
     parser.add_argument("--concurrency", type=int, default=8, help="posts in flight while opening")
     parser.add_argument("--get-interval", type=float, default=0.1)
