@@ -11,6 +11,7 @@ from chatapp.config import (
     check_history_budget,
     check_input_limits,
     check_secret_key,
+    check_stream_recheck,
     check_worker_model,
 )
 from chatapp.flask_app import ChatFlask
@@ -41,6 +42,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     check_secret_key(app.config)
     check_input_limits(app.config)
     check_history_budget(app.config)
+    check_stream_recheck(app.config)
     # Owner-only when created here: it holds the secret key (config.py) and the SQLite file.
     os.makedirs(app.instance_path, mode=0o700, exist_ok=True)
 

@@ -281,6 +281,17 @@ def check_input_limits(config) -> None:
             raise ConfigError(f"chatapp: {name} can be at most {column} (the database column's size); got {value!r}")
 
 
+def check_stream_recheck(config) -> None:
+    """Refuse a STREAM_RECHECK_SECONDS that is neither unset (None) nor a positive number."""
+    value = config.get("STREAM_RECHECK_SECONDS")
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(
+            f"chatapp: STREAM_RECHECK_SECONDS must be a number of seconds above 0, or unset for 5 s; got {value!r}"
+        )
+
+
 def check_worker_model(config) -> None:
     """Under gevent, refuse SQLite, and a psycopg that would block the hub.
 

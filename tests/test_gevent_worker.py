@@ -234,3 +234,13 @@ def test_a_live_stream_rereads_the_database_as_often_as_configured(tmp_path):
     assert stream._recheck_seconds(app) == stream.LIVE_RECHECK_SECONDS
     app.config["STREAM_RECHECK_SECONDS"] = 30
     assert stream._recheck_seconds(app) == 30.0
+
+
+@pytest.mark.parametrize("value", [0, -5, "30", True])
+def test_start_up_refuses_a_stream_recheck_that_is_not_a_positive_number(value, tmp_path):
+    from chatapp import create_app
+    from tests.conftest import base_test_config
+
+    config = {**base_test_config(f"sqlite:///{tmp_path / 'chatapp.sqlite'}"), "STREAM_RECHECK_SECONDS": value}
+    with pytest.raises(ConfigError, match="STREAM_RECHECK_SECONDS must be a number of seconds above 0"):
+        create_app(config)

@@ -205,7 +205,7 @@ def _recheck_seconds(app: Flask) -> float:
     """How often a live stream reads the database (and, when set, a stream waiting for Redis
     notices): each open stream costs one read per this long, which is what bounds a gevent
     worker's open streams (docs/deployment.md)."""
-    configured = app.config.get("STREAM_RECHECK_SECONDS")
+    configured = app.config.get("STREAM_RECHECK_SECONDS")  # None or above 0 (start-up checks)
     return float(configured) if configured else LIVE_RECHECK_SECONDS
 
 
