@@ -6,8 +6,39 @@ anything below without editing the file, and so do the CHATAPP_* variables read 
 """
 
 import os
-import shutil
-import tempfile
+import shlex
+import sys
+
+
+def _worker_class() -> str:
+    """The worker class this server will run: -k/--worker-class on the command line or in
+    GUNICORN_CMD_ARGS wins over CHATAPP_WORKER_CLASS, as gunicorn's precedence has it."""
+    chosen = os.environ.get("CHATAPP_WORKER_CLASS", "gthread")
+    for args in (shlex.split(os.environ.get("GUNICORN_CMD_ARGS", "")), sys.argv[1:]):
+        for index, arg in enumerate(args):
+            if arg in ("-k", "--worker-class") and index + 1 < len(args):
+                chosen = args[index + 1]
+            elif arg.startswith("--worker-class="):
+                chosen = arg.partition("=")[2]
+            elif arg.startswith("-k") and len(arg) > 2:
+                chosen = arg[2:]
+    return chosen
+
+
+# gevent: patch the standard library here, in the master, before anything else imports.
+# gunicorn's gevent worker patches only when it starts (init_process), after post_fork and
+# --preload have imported chatapp, SQLAlchemy and psycopg; psycopg picks its wait function
+# when first imported (its C one, which would block the hub, unless select is patched), and
+# threading.Lock objects made before the patch stay real locks. Patched here, everything
+# the workers inherit is cooperative; the worker's own patch_all() then finds it done.
+USES_GEVENT = "gevent" in _worker_class().lower()
+if USES_GEVENT:
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import shutil  # noqa: E402 - after the patch
+import tempfile  # noqa: E402
 
 # prometheus_client picks single- or multi-process mode when it is first imported, so
 # this must happen before any worker loads the app: every worker then writes its metrics
@@ -19,9 +50,14 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 bind = os.environ.get("CHATAPP_BIND", "127.0.0.1:8000")
 # Streamed replies keep a request open for as long as the bot talks. gthread gives
 # each worker a pool of threads, so a long stream ties up one thread, not a process.
+# gevent (PostgreSQL only; docs/deployment.md, "Many open streams: the gevent worker")
+# gives it a greenlet instead: thousands of open streams per worker.
 worker_class = os.environ.get("CHATAPP_WORKER_CLASS", "gthread")
 workers = int(os.environ.get("CHATAPP_WORKERS", "2"))
 threads = int(os.environ.get("CHATAPP_THREADS", "32"))
+# gevent: the most connections (open streams included) one worker serves at once; more
+# wait in the listen backlog. Each needs a file descriptor (LimitNOFILE).
+worker_connections = int(os.environ.get("CHATAPP_WORKER_CONNECTIONS", "1000"))
 # A stream sends data at least every few seconds; a worker silent this long is stuck.
 timeout = int(os.environ.get("CHATAPP_WORKER_TIMEOUT", "60"))
 # On HUP, max_requests or TERM, a worker stops accepting and gets this long to finish
@@ -51,12 +87,27 @@ access_log_format = (
 
 
 def on_starting(server):
-    """Start from empty metric files: values left by a previous run would be added in."""
+    """Refuse gevent on SQLite before any worker starts; start from empty metric files
+    (values left by a previous run would be added in)."""
+    if USES_GEVENT:
+        _check_gevent_database(server)
     directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     os.makedirs(directory, exist_ok=True)
     for name in os.listdir(directory):
         if name.endswith(".db"):
             os.remove(os.path.join(directory, name))
+
+
+def _check_gevent_database(server):
+    """Exit with one clear line if the app's settings cannot run under gevent (SQLite)."""
+    from chatapp import load_config
+    from chatapp.config import ConfigError, check_worker_model
+
+    try:
+        check_worker_model(load_config())
+    except ConfigError as error:
+        server.log.error("%s", error)
+        sys.exit(1)
 
 
 def post_fork(server, worker):

@@ -1,5 +1,9 @@
 """Built-in configuration defaults and the start-up checks that guard them."""
 
+import sys
+
+from chatapp.green import gevent_patched
+
 DEFAULT_SECRET_KEY = "dev"
 
 # What a username may hold (its length is USERNAME_MIN_LENGTH..USERNAME_MAX_LENGTH): a regular
@@ -97,8 +101,9 @@ class Defaults:
     # user message being answered. The system prompt is not counted.
     BOT_HISTORY_MAX_CHARS = 100_000
 
-    # Reply threads wait on the bot holding no connection, so they are cheap; the
-    # database pool, not this number, bounds database concurrency.
+    # Reply threads (greenlets under gevent) wait on the bot holding no connection, so they
+    # are cheap; the database pool, not this number, bounds database concurrency. It does
+    # bound the replies running at once per process, hence the bot's load.
     REPLY_WORKERS = 64
     # Replies that may wait for a free reply thread; beyond that, posting a message or
     # regenerating answers 503 (Retry-After) and stores nothing.
@@ -141,9 +146,15 @@ class Defaults:
     # it a stream whose reply runs in another process polls every STREAM_POLL_INTERVAL.
     REPLY_EVENTS = ""
     STREAM_POLL_INTERVAL = 0.2
+    # While its reply runs in this process a stream still reads the database this often (a
+    # change made elsewhere; a revoked credential), and so does one waiting for Redis notices
+    # (a missed notice): one read per open stream per period. None: 5 s for both.
+    # Thousands of streams per worker (gevent) may want 15-30 s.
+    STREAM_RECHECK_SECONDS = None
     STREAM_MAX_SECONDS = 3600.0
-    # An open stream holds one of a gunicorn worker's threads: one user may hold this many
-    # at once in one worker process; the next gets 429 until one ends.
+    # An open stream holds one of a gunicorn worker's threads (gthread) or one of its
+    # worker_connections (gevent): one user may hold this many at once in one worker
+    # process; the next gets 429 until one ends.
     STREAMS_PER_USER = 10
 
     # Operations (docs/deployment.md). With METRICS_TOKEN set, /metrics needs
@@ -269,3 +280,42 @@ def check_input_limits(config) -> None:
         column = COLUMN_LENGTHS.get(name)
         if column is not None and value > column:
             raise ConfigError(f"chatapp: {name} can be at most {column} (the database column's size); got {value!r}")
+
+
+def check_stream_recheck(config) -> None:
+    """Refuse a STREAM_RECHECK_SECONDS that is neither unset (None) nor a positive number."""
+    value = config.get("STREAM_RECHECK_SECONDS")
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(
+            f"chatapp: STREAM_RECHECK_SECONDS must be a number of seconds above 0, or unset for 5 s; got {value!r}"
+        )
+
+
+def check_worker_model(config) -> None:
+    """Under gevent, refuse SQLite, and a psycopg that would block the hub.
+
+    Every greenlet of a gevent worker shares one OS thread, so any call that blocks in C
+    stops them all. SQLite's busy handler sleeps in C while another writer holds the lock
+    (up to SQLITE_BUSY_TIMEOUT_MS), and its file I/O is blocking: one writer waiting would
+    freeze every open stream and request of the worker. psycopg (3.1.14 and later) waits
+    cooperatively when gevent patched ``select`` before psycopg was imported; imported
+    earlier, it keeps its C wait function, which blocks the hub for each query.
+    """
+    if not gevent_patched():
+        return
+    uri = str(config.get("SQLALCHEMY_DATABASE_URI") or "")
+    if uri.startswith("sqlite"):
+        raise ConfigError(
+            "chatapp: the gevent worker needs PostgreSQL: with SQLite, one writer waiting for the "
+            "database lock (or for the disk) would freeze every stream and request of the worker. "
+            "Use the default gthread worker with SQLite (unset CHATAPP_WORKER_CLASS), or move to PostgreSQL."
+        )
+    waiting = sys.modules.get("psycopg.waiting")
+    if waiting is not None and getattr(waiting, "wait", None) is getattr(waiting, "wait_c", object()):
+        raise ConfigError(
+            "chatapp: psycopg was imported before gevent patched the standard library, so every query "
+            "would block the whole worker. Start gunicorn with -c gunicorn.conf.py, which patches first "
+            "when CHATAPP_WORKER_CLASS=gevent (or -k gevent) is set."
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +19,10 @@ class FakeOpenAIServer:
     chunk then nothing; "silent" sends one chunk, then nothing until the client hangs up;
     "http500" answers an error; "garbage" sends a malformed chunk.
 
-    ``client_gone`` is set when a client is seen to close its request before the end.
+    ``client_gone`` is set when a client is seen to close its request before the end. With a
+    ``gate`` (an Event), "ok" sends the first word, then waits for the gate before the rest.
+    ``first_token_delay`` (plus up to ``first_token_jitter``, at random) seconds pass in "ok"
+    before the first word: a model thinking before it answers.
 
     ``GET /v1/models`` lists ``models`` (``models_status`` other than 200: an error instead),
     and a non-streamed completion (the title request) answers ``title_text``, after
@@ -39,6 +43,9 @@ class FakeOpenAIServer:
         self.title_text = "Greetings From The Model"
         self.title_gate: threading.Event | None = None
         self.title_waiting = threading.Event()
+        self.gate: threading.Event | None = None
+        self.first_token_delay = 0.0
+        self.first_token_jitter = 0.0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -93,6 +100,8 @@ class FakeOpenAIServer:
                     self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
                 words = server.reply_words
+                if server.mode == "ok" and server.first_token_delay + server.first_token_jitter > 0:
+                    time.sleep(server.first_token_delay + random.uniform(0, server.first_token_jitter))
                 if server.mode == "silent":
                     piece = _chunk(words[0])
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
@@ -127,6 +136,8 @@ class FakeOpenAIServer:
                         return
                     if server.delay:
                         time.sleep(server.delay)
+                    if server.gate is not None and index == 0:
+                        server.gate.wait(60)
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
 
@@ -140,6 +151,8 @@ class FakeOpenAIServer:
 
     def __exit__(self, *exc):
         self.release.set()
+        if self.gate is not None:
+            self.gate.set()
         if self.title_gate is not None:
             self.title_gate.set()
         self.httpd.shutdown()

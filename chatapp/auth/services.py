@@ -20,6 +20,7 @@ from chatapp.auth import login_sessions
 from chatapp.auth.models import ApiToken, LoginSession, User
 from chatapp.db import db, utcnow
 from chatapp.errors import Conflict, InvalidInput, ServiceBusy
+from chatapp.green import off_hub
 
 TOKEN_PREFIX = "chat_"
 # last_used_at is a hint for people, not an audit log: writing it at most this often
@@ -73,7 +74,7 @@ def _hashing_slot() -> Iterator[None]:
 
 def hash_password(password: str) -> str:
     with _hashing_slot():
-        return generate_password_hash(password, method=current_app.config["PASSWORD_HASH_METHOD"])
+        return off_hub(generate_password_hash, password, method=current_app.config["PASSWORD_HASH_METHOD"])
 
 
 def _dummy_hash() -> str:
@@ -81,7 +82,7 @@ def _dummy_hash() -> str:
     method = current_app.config["PASSWORD_HASH_METHOD"]
     if method not in _DUMMY_HASH:
         with _hashing_slot():
-            _DUMMY_HASH[method] = generate_password_hash(secrets.token_hex(8), method=method)
+            _DUMMY_HASH[method] = off_hub(generate_password_hash, secrets.token_hex(8), method=method)
     return _DUMMY_HASH[method]
 
 
@@ -168,18 +169,18 @@ def password_matches(user: User | None, password: object) -> TypeGuard[User]:
     if user is None:
         dummy = _dummy_hash()
         with _hashing_slot():
-            check_password_hash(dummy, str(password))
+            off_hub(check_password_hash, dummy, str(password))
         return False
     if not isinstance(password, str):
         return False
     dummy = _dummy_hash()  # made (once) before taking a slot: making it takes one too
     with _hashing_slot():
-        if check_password_hash(user.password_hash, password):
+        if off_hub(check_password_hash, user.password_hash, password):
             return True
         if _method_of(user.password_hash) != _method_of(dummy):
             # A hash from an older, cheaper method fails faster than the dummy check of a
             # name that does not exist: pay the configured cost, so timing tells nothing.
-            check_password_hash(dummy, password)
+            off_hub(check_password_hash, dummy, password)
         return False
 
 

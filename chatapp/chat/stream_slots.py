@@ -1,8 +1,9 @@
 """How many reply streams each user has open in this process, capped at STREAMS_PER_USER.
 
-An open stream holds one of the worker's threads for as long as it lasts (gthread), so
-without a cap one user could open enough streams to leave nobody else a thread. The
-count is per process: what it protects is this worker's threads. A stream's slot is
+An open stream holds one of the worker's threads for as long as it lasts (gthread), or
+one of its worker_connections (gevent: a greenlet and a socket), so without a cap one
+user could open enough streams to leave nobody else a thread or a connection. The count
+is per process: what it protects is this worker's capacity. A stream's slot is
 given back when its response is closed, which the WSGI server does however the stream
 ends: the reply finished, the client went away, or the generator failed.
 """
@@ -20,7 +21,7 @@ EXTENSION_KEY = "chatapp.stream_slots"
 
 
 class StreamSlots:
-    """Open streams per user id; a lock guards the counts (streams open on many threads)."""
+    """Open streams per user id; a lock guards the counts (streams open on many threads or greenlets)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
