@@ -16,9 +16,11 @@ EventSource that reconnects gets 401.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 
+import sqlalchemy as sa
 from flask import Flask
 
 from chatapp import lifecycle
@@ -27,9 +29,12 @@ from chatapp.chat import services
 from chatapp.chat.live_replies import LiveReply, get_live_replies
 from chatapp.chat.reply_notices import NOTICE_SAFETY_SECONDS, get_reply_notices
 from chatapp.db import unit_of_work
+from chatapp.db.engines import is_transient
 from chatapp.errors import AppError
 from chatapp.ops.metrics import job
 from chatapp.security import MAX_ID, parse_bounded_int
+
+log = logging.getLogger(__name__)
 
 KEEPALIVE_SECONDS = 15.0
 # While a reply runs here the stream still reads the database this often: a change
@@ -38,6 +43,13 @@ KEEPALIVE_SECONDS = 15.0
 LIVE_RECHECK_SECONDS = 5.0  # unless STREAM_RECHECK_SECONDS says otherwise
 # A waiting stream wakes at least this often to notice that its worker is shutting down.
 DRAIN_CHECK_SECONDS = 1.0
+# A stream's read that fails for a passing reason (the pool busy past pool_timeout, the
+# database briefly away) is tried again every READ_RETRY_SECONDS instead of ending the
+# stream: the text is in the database, and reading it later loses nothing. Only when no
+# read has worked for READ_GRACE_SECONDS does the stream end (the client's EventSource
+# then reconnects, and gets the view's 503 while the database stays down).
+READ_RETRY_SECONDS = 1.0
+READ_GRACE_SECONDS = 30.0
 FINAL_STATUSES = ("complete", "failed", "stopped")
 UNAUTHORIZED = json.dumps(
     {
@@ -131,6 +143,7 @@ def _reply_events(app, reply_id, resume, first, credential, notices) -> Iterator
     # The view has just authenticated the request.
     checked_credential_at = time.monotonic()
     notice_version = 0
+    failing_since: float | None = None  # when reads began to fail, while they do
     yield "retry: 1000\n\n"
     while True:
         if live is None or live.ended:
@@ -158,14 +171,27 @@ def _reply_events(app, reply_id, resume, first, credential, notices) -> Iterator
             if notices is not None:
                 # Taken before the read: a notice of a write after it wakes the wait below.
                 notice_version = notices.version(reply_id)
-            with job("stream"), unit_of_work(app, write=False):
-                progress = services.read_reply_progress(reply_id, offset)
-                if check_credential and credential is not None:
-                    authorized = credential_is_active(credential)
-            # No session or connection is held past this point until the next read.
-            read_database_at = time.monotonic()
-            if check_credential:
-                checked_credential_at = read_database_at
+            try:
+                with job("stream"), unit_of_work(app, write=False):
+                    progress = services.read_reply_progress(reply_id, offset)
+                    if check_credential and credential is not None:
+                        authorized = credential_is_active(credential)
+            except sa.exc.SQLAlchemyError as error:
+                failing_since = failing_since or time.monotonic()
+                if not is_transient(error) or time.monotonic() - failing_since >= READ_GRACE_SECONDS:
+                    raise
+                log.warning("a stream of reply %s could not read the database (%s); trying again", reply_id, error)
+                if progress is None:
+                    time.sleep(READ_RETRY_SECONDS)
+                    continue
+                # What this process knows of the live reply goes out meanwhile; the read is
+                # tried again in READ_RETRY_SECONDS, not a whole recheck period later.
+                read_database_at = time.monotonic() - recheck + READ_RETRY_SECONDS
+            else:
+                # No session or connection is held past this point until the next read.
+                read_database_at, failing_since = time.monotonic(), None
+                if check_credential:
+                    checked_credential_at = read_database_at
             if not authorized:
                 yield _event(UNAUTHORIZED, "done")
                 return

@@ -136,3 +136,68 @@ def test_a_live_stream_resumed_on_an_older_attempt_resets(client, app, alice, co
     rest = "".join(events)
     assert "data: answer" in rest and rest.endswith('event: done\ndata: {"status": "complete", "error": null}\n\n')
     wait_for_background_work(app)
+
+
+def reads_failing(monkeypatch, failures: list[BaseException]):
+    """The stream's reads of a reply's progress fail with ``failures``, in turn, after its first."""
+    read = services.read_reply_progress
+    calls = []
+
+    def flaky(reply_id, *args):
+        calls.append(reply_id)
+        if len(calls) > 1 and failures:
+            raise failures.pop(0)
+        return read(reply_id, *args)
+
+    monkeypatch.setattr(stream.services, "read_reply_progress", flaky)
+    return calls
+
+
+def pool_busy() -> sa.exc.TimeoutError:
+    return sa.exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached, connection timed out")
+
+
+@pytest.mark.parametrize("extra_config", [LIVE_CONFIG], indirect=True)
+def test_a_stream_rides_out_reads_that_fail_for_a_moment(client, app, alice, conversation_url, monkeypatch, caplog):
+    # A pool busy past pool_timeout (a starved worker under load) fails a few periodic reads:
+    # the stream tries again and the client still gets the whole reply, once.
+    threads = []
+
+    def submit_elsewhere(reply_id, reservation=None):
+        threads.append(threading.Thread(target=generate_reply, args=(app, reply_id)))
+        threads[-1].start()
+
+    monkeypatch.setattr(get_runner(app), "submit", submit_elsewhere)
+    monkeypatch.setattr(stream, "READ_RETRY_SECONDS", 0.05)
+    failures = [pool_busy(), pool_busy(), pool_busy()]
+    reads_failing(monkeypatch, failures)
+    reply_id = post(client, alice, conversation_url, CONTENT)
+    deltas, done = read_stream(client, f"{conversation_url}/messages/{reply_id}/stream", alice)
+    threads[0].join(10)
+    assert failures == []
+    assert "".join(deltas) == CONTENT
+    assert done == ['{"status": "complete", "error": null}']
+    assert "could not read the database" in caplog.text
+    assert checked_out(app) == 0
+
+
+@pytest.mark.parametrize("extra_config", [LIVE_CONFIG], indirect=True)
+@pytest.mark.parametrize("lasting", [True, False], ids=["transient-for-too-long", "not-transient"])
+def test_a_stream_ends_when_its_reads_keep_failing_or_fail_for_good(
+    client, app, alice, conversation_url, gated_bot, monkeypatch, lasting
+):
+    monkeypatch.setattr(stream, "READ_RETRY_SECONDS", 0.01)
+    monkeypatch.setattr(stream, "READ_GRACE_SECONDS", 0.2)
+    monkeypatch.setattr(stream, "LIVE_RECHECK_SECONDS", 0.01)
+    failures = [pool_busy() for _ in range(10_000)] if lasting else [sa.exc.ProgrammingError("SELECT", {}, None)]
+    reads_failing(monkeypatch, failures)
+    reply_id = post(client, alice, conversation_url, CONTENT)
+    assert gated_bot.thinking.wait(10)
+    response = client.get(f"{conversation_url}/messages/{reply_id}/stream", headers=alice, buffered=False)
+    with pytest.raises(sa.exc.SQLAlchemyError):
+        for _ in response.response:
+            pass
+    response.close()
+    gated_bot.go_on.set()
+    wait_for_background_work(app)
+    assert checked_out(app) == 0 and live_sessions() == 0
