@@ -19,12 +19,11 @@ import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
-from tests.support.servers import free_port
+from tests.support.servers import free_port, terminate
 
 _NAMESPACE = re.compile(r"^chatapp-(\d+)x(\d+)-h\d+")
 _runs = itertools.count()
@@ -244,13 +243,7 @@ class HAProxy:
         raise RuntimeError(f"haproxy did not answer:\n{self.log_path.read_text(errors='replace')}")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        terminate(self.process, 10)
         if getattr(self, "_log", None) and not self._log.closed:
             self._log.close()
 

@@ -31,7 +31,7 @@ from tests.support.databases import ROOT, SECRET_KEY, inspect_db
 from tests.support.hosts import HAProxy, Host, Topology
 from tests.support.load import wait_until
 from tests.support.queue import RedisServer
-from tests.support.servers import TEST_CONFIG, GunicornServer
+from tests.support.servers import TEST_CONFIG, GunicornServer, terminate
 
 
 class AppHost(GunicornServer):
@@ -127,13 +127,7 @@ class WorkerHost:
             self._stopping.set()
         if self._supervisor is not None:
             self._supervisor.join(70)
-        process = self.process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        terminate(self.process, 30, self.kill)
         if getattr(self, "_log", None) and not self._log.closed:
             self._log.close()
 

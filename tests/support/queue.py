@@ -4,7 +4,6 @@ workers started as docs/deployment.md starts them."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import redis
 from tests.support.databases import ROOT, SECRET_KEY
 from tests.support.load import wait_until
 from tests.support.metrics import scrape, total
-from tests.support.servers import free_port
+from tests.support.servers import free_port, terminate
 
 
 class RedisServer:
@@ -103,12 +102,7 @@ class CeleryWorker:
             self.process.wait(10)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        terminate(self.process, 20, self.kill)
         if getattr(self, "_log", None) and not self._log.closed:
             self._log.close()
 

@@ -28,6 +28,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def terminate(process: subprocess.Popen | None, grace: float, kill=None) -> None:
+    """SIGTERM ``process`` if it runs; if it has not exited after ``grace`` seconds,
+    ``kill()`` it (by default SIGKILL, then wait)."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        if kill is not None:
+            kill()
+        else:
+            process.kill()
+            process.wait(10)
+
+
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process so far (0 when it is gone)."""
     try:
@@ -155,12 +171,7 @@ class GunicornServer:
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             workers = self.worker_pids()
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(40)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+            terminate(self.process, 40)
             for pid in workers:  # a worker that outlived its master (never seen, but bounded)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
