@@ -178,6 +178,7 @@ def test_a_stream_rides_out_reads_that_fail_for_a_moment(client, app, alice, con
     assert "".join(deltas) == CONTENT
     assert done == ['{"status": "complete", "error": null}']
     assert "could not read the database" in caplog.text
+    wait_for_background_work(app)  # the conversation's title job, started by its first reply
     assert checked_out(app) == 0
 
 
