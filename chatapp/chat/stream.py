@@ -2,8 +2,10 @@
 
 The generator runs after the view has returned and its app context (and session) is
 gone. When the reply runs in this process, the stream waits on the writer's
-notifications (chatapp.chat.live_replies) and takes the committed text from memory;
-otherwise it polls, each poll one short unit of work ended before sleeping. Either way a
+notifications (chatapp.chat.live_replies) and takes the committed text from memory; when
+it runs elsewhere and Redis notices are on (chatapp.chat.reply_notices), it takes the text
+the notices carry when they continue its own exactly, and reads the database otherwise;
+else it polls, each poll one short unit of work ended before sleeping. Either way a
 client that disconnects, or a generator that is closed at any yield, holds nothing.
 
 A stream outlives the request that authenticated it, so it re-checks that credential (the
@@ -27,7 +29,7 @@ from chatapp import lifecycle
 from chatapp.auth.services import Credential, credential_is_active
 from chatapp.chat import services
 from chatapp.chat.live_replies import LiveReply, get_live_replies
-from chatapp.chat.reply_notices import NOTICE_SAFETY_SECONDS, get_reply_notices
+from chatapp.chat.reply_notices import NOTICE_SAFETY_SECONDS, SUBSCRIBE_CHECK_SECONDS, get_reply_notices
 from chatapp.db import unit_of_work
 from chatapp.db.engines import is_transient
 from chatapp.errors import AppError
@@ -143,6 +145,9 @@ def _reply_events(app, reply_id, resume, first, credential, notices) -> Iterator
     # The view has just authenticated the request.
     checked_credential_at = time.monotonic()
     notice_version = 0
+    woken_by_notice = False
+    # No notice can have been missed since the last read (it came after the subscription).
+    notices_whole = False
     failing_since: float | None = None  # when reads began to fail, while they do
     yield "retry: 1000\n\n"
     while True:
@@ -155,6 +160,14 @@ def _reply_events(app, reply_id, resume, first, credential, notices) -> Iterator
         if first is not None:
             progress, first, read_database_at = first, None, time.monotonic()
         recheck_due = time.monotonic() - read_database_at >= recheck
+        if woken_by_notice and progress is None and attempt is not None and not recheck_due:
+            # Another process committed text: the notices carry it, unless one was missed.
+            notice_version, progress, whole = notices.take(reply_id, attempt, offset, notice_version)
+            if progress is not None:
+                notices_whole = True
+                if not whole:
+                    read_database_at = float("-inf")  # something past this run: read next time round
+        woken_by_notice = False
         if progress is not None and attempt is not None and progress["attempt"] < attempt:
             progress = None  # an older run still going here; the database has a newer attempt
         elif progress is None and attempt is not None and live is not None and not live.ended and not recheck_due:
@@ -171,6 +184,7 @@ def _reply_events(app, reply_id, resume, first, credential, notices) -> Iterator
             if notices is not None:
                 # Taken before the read: a notice of a write after it wakes the wait below.
                 notice_version = notices.version(reply_id)
+                notices_whole = notices.confirmed(reply_id)
             try:
                 with job("stream"), unit_of_work(app, write=False):
                     progress = services.read_reply_progress(reply_id, offset)
@@ -222,7 +236,11 @@ def _reply_events(app, reply_id, resume, first, credential, notices) -> Iterator
             live.wait(version, DRAIN_CHECK_SECONDS)
         elif notices is not None and notices.available:
             safety = recheck if app.config.get("STREAM_RECHECK_SECONDS") else NOTICE_SAFETY_SECONDS
-            _wait_for_notice(notices, reply_id, notice_version, min(read_database_at + safety, deadline))
+            if not notices_whole:
+                safety = min(safety, SUBSCRIBE_CHECK_SECONDS)
+            woken_by_notice = _wait_for_notice(
+                notices, reply_id, notice_version, min(read_database_at + safety, deadline)
+            )
         else:
             time.sleep(poll)
 
@@ -235,11 +253,14 @@ def _recheck_seconds(app: Flask) -> float:
     return float(configured) if configured else LIVE_RECHECK_SECONDS
 
 
-def _wait_for_notice(notices, reply_id: int, version: int, until: float) -> None:
+def _wait_for_notice(notices, reply_id: int, version: int, until: float) -> bool:
     """Wait for another process's notice of a write (Redis pub/sub) instead of polling: until
-    one arrives, Redis is lost, the worker drains, or ``until`` (the safety re-check, or the
-    stream's deadline)."""
+    one arrives (True), Redis is lost, the worker drains, or ``until`` (the safety re-check, or
+    the stream's deadline)."""
     while not lifecycle.draining():
         left = until - time.monotonic()
-        if left <= 0 or notices.wait(reply_id, version, min(left, DRAIN_CHECK_SECONDS)):
-            return
+        if left <= 0:
+            return False
+        if notices.wait(reply_id, version, min(left, DRAIN_CHECK_SECONDS)):
+            return notices.available
+    return False
