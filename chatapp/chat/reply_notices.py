@@ -14,11 +14,10 @@ kept chunks, Redis lost) sends it to the database, which stays the truth.
 A process has one subscriber connection, owned by one dispatcher thread, whatever the
 number of its open streams: a stream registers the reply it waits on, the dispatcher
 subscribes to that reply's channel (and unsubscribes when its last stream ends) and wakes
-its streams when a notice arrives. A stream waits at most NOTICE_SAFETY_SECONDS before it
-reads the database anyway, so a missed notice costs seconds, never a stuck stream. Notices
-published between a stream's first read and its subscription's confirmation are missed:
-the next notice then shows a gap (a read), and until one has continued the stream's text it
-reads again after SUBSCRIBE_CHECK_SECONDS without one.
+its streams when a notice, or the subscription's own confirmation, arrives (what was
+published before it is read from the database: a stream that starts before its process is
+subscribed to its reply reads once more). A stream waits at most NOTICE_SAFETY_SECONDS
+before it reads the database anyway, so a missed notice costs seconds, never a stuck stream.
 
 Redis unreachable, or lost mid-run: one log line, every waiting stream is woken and polls
 the database at STREAM_POLL_INTERVAL (``available`` is False), and the dispatcher
@@ -47,8 +46,6 @@ EXTENSION_KEY = "chatapp.reply_notices"
 CHANNEL_PREFIX = "chatapp.reply."
 # A stream waiting for a notice reads the database at least this often anyway.
 NOTICE_SAFETY_SECONDS = 5.0
-# ...and this soon while no notice has yet shown that none was missed before it subscribed.
-SUBSCRIBE_CHECK_SECONDS = 1.0
 # A notice carries at most this much text (one flush's worth, normally far less); a longer
 # chunk is published without it, and the streams read it from the database.
 NOTICE_TEXT_MAX_CHARS = 16_000
@@ -242,7 +239,10 @@ class ReplyNotices:
         with self._changed:
             waiters = self._waiters.get(reply_id)
             if waiters is not None:
+                # A wake with no chunk: streams that read before it read again.
                 waiters.confirmed = True
+                waiters.version += 1
+                self._changed.notify_all()
 
     def _wake(self, reply_id: int | None = None) -> None:
         with self._changed:

@@ -29,7 +29,7 @@ from chatapp import lifecycle
 from chatapp.auth.services import Credential, credential_is_active
 from chatapp.chat import services
 from chatapp.chat.live_replies import LiveReply, get_live_replies
-from chatapp.chat.reply_notices import NOTICE_SAFETY_SECONDS, SUBSCRIBE_CHECK_SECONDS, get_reply_notices
+from chatapp.chat.reply_notices import NOTICE_SAFETY_SECONDS, get_reply_notices
 from chatapp.db import unit_of_work
 from chatapp.db.engines import is_transient
 from chatapp.errors import AppError
@@ -146,8 +146,6 @@ def _reply_events(app, reply_id, resume, first, credential, notices) -> Iterator
     checked_credential_at = time.monotonic()
     notice_version = 0
     woken_by_notice = False
-    # No notice can have been missed since the last read (it came after the subscription).
-    notices_whole = False
     failing_since: float | None = None  # when reads began to fail, while they do
     yield "retry: 1000\n\n"
     while True:
@@ -163,10 +161,8 @@ def _reply_events(app, reply_id, resume, first, credential, notices) -> Iterator
         if woken_by_notice and progress is None and attempt is not None and not recheck_due:
             # Another process committed text: the notices carry it, unless one was missed.
             notice_version, progress, whole = notices.take(reply_id, attempt, offset, notice_version)
-            if progress is not None:
-                notices_whole = True
-                if not whole:
-                    read_database_at = float("-inf")  # something past this run: read next time round
+            if progress is not None and not whole:
+                read_database_at = float("-inf")  # something past this run: read next time round
         woken_by_notice = False
         if progress is not None and attempt is not None and progress["attempt"] < attempt:
             progress = None  # an older run still going here; the database has a newer attempt
@@ -184,7 +180,6 @@ def _reply_events(app, reply_id, resume, first, credential, notices) -> Iterator
             if notices is not None:
                 # Taken before the read: a notice of a write after it wakes the wait below.
                 notice_version = notices.version(reply_id)
-                notices_whole = notices.confirmed(reply_id)
             try:
                 with job("stream"), unit_of_work(app, write=False):
                     progress = services.read_reply_progress(reply_id, offset)
@@ -236,8 +231,6 @@ def _reply_events(app, reply_id, resume, first, credential, notices) -> Iterator
             live.wait(version, DRAIN_CHECK_SECONDS)
         elif notices is not None and notices.available:
             safety = recheck if app.config.get("STREAM_RECHECK_SECONDS") else NOTICE_SAFETY_SECONDS
-            if not notices_whole:
-                safety = min(safety, SUBSCRIBE_CHECK_SECONDS)
             woken_by_notice = _wait_for_notice(
                 notices, reply_id, notice_version, min(read_database_at + safety, deadline)
             )

@@ -127,20 +127,21 @@ def test_a_stop_reaches_a_stream_elsewhere_through_a_notice(
     connected(notices)
     reply_id = post(client, alice, conversation_url)
     assert gated_bot.thinking.wait(10)
+    subscribed(notices, reply_id)
     events = reply_events(app, reply_id)
     assert next(events).startswith("retry:")
     assert "partial" in next(events)
     finished = []
     reader = threading.Thread(target=lambda: finished.extend(events))
     reader.start()
-    # Stop once the stream waits subscribed (else the stop's notice could be missed).
-    assert wait_until(lambda: notices.confirmed(reply_id), 10)
+    assert wait_until(lambda: len(progress_reads) == 1, 10)
     reads = len(progress_reads)
     response = client.post(f"{conversation_url}/messages/{reply_id}/stop", headers=alice)
     assert response.status_code == 200
     reader.join(30)  # a bound for a loaded machine; without the notice it would wait 120 s
     assert not reader.is_alive()
-    assert len(progress_reads) == reads  # the notice said it all
+    assert len(progress_reads) == reads == 1  # the notice said it all
+    notices.unregister(reply_id)
     gated_bot.go_on.set()
     assert [data for name, data in parse_events("".join(finished)) if name == "done"] == [
         '{"status": "stopped", "error": null}'
@@ -223,20 +224,28 @@ def held(app, monkeypatch):
 @pytest.fixture
 def no_rereads(monkeypatch):
     """No timed re-read within a test: every read left is one the notices asked for."""
-    for name in ("NOTICE_SAFETY_SECONDS", "LIVE_RECHECK_SECONDS", "SUBSCRIBE_CHECK_SECONDS"):
+    for name in ("NOTICE_SAFETY_SECONDS", "LIVE_RECHECK_SECONDS"):
         monkeypatch.setattr(stream, name, 120.0)
 
 
+def subscribed(notices, reply_id):
+    """This process subscribed to ``reply_id`` before its stream reads: no read after the
+    confirmation, so every read a test counts is one the stream chose."""
+    notices.register(reply_id)
+    assert wait_until(lambda: notices.confirmed(reply_id), 15)
+
+
 def stream_when_subscribed(app, notices, reply_id, run):
-    """Stream ``reply_id`` in a thread, start its run once the stream is subscribed; its events."""
+    """Stream ``reply_id`` in a thread, its process subscribed first; start its run; its events."""
+    subscribed(notices, reply_id)
     events = []
     reader = threading.Thread(target=lambda: events.extend(reply_events(app, reply_id)))
     reader.start()
-    assert wait_until(lambda: notices.confirmed(reply_id), 15)
     run.start()
     reader.join(60)  # a bound for a loaded machine; the reply takes about a second
     assert not reader.is_alive()
     run.join(10)
+    notices.unregister(reply_id)
     parsed = parse_events("".join(events))
     return [data for name, data in parsed if name == "message"], [data for name, data in parsed if name == "done"]
 
