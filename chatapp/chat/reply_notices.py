@@ -5,7 +5,7 @@ writer publishes a notice after each committed write, and a view after a committ
 ``{"reply": id, "attempt": n, "length": chars, "start": chars, "text": s, "status": s,
 "error": e}`` on the channel ``chatapp.reply.<id>``, where ``text`` is what that commit added
 (from character ``start``, Python str characters, to ``length``). A chunk longer than
-NOTICE_TEXT_MAX_CHARS is published without ``text``. The dispatcher keeps the last
+NOTICE_TEXT_MAX_CHARS is published without ``start`` and ``text``. The dispatcher keeps the last
 CHUNKS_KEPT chunks of each reply its streams wait on; a woken stream takes the run of them
 that continues exactly from its own (attempt, offset), with no database read. Anything else
 (a gap, another attempt, a notice without text or malformed, a stream fallen behind the
