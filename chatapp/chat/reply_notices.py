@@ -1,17 +1,23 @@
 """Reply notices through Redis pub/sub: a stream in one process wakes when another stores text.
 
 With REPLY_EVENTS set to a Redis URL (by default REPLY_QUEUE's, in queue mode), the reply
-writer publishes a small notice after each committed write, and a view after a committed
-stop: ``{"reply": id, "attempt": n, "length": chars, "status": s}`` on the channel
-``chatapp.reply.<id>``. The notice carries no text: the database stays the truth, and a
-stream woken by it reads the new text there (one read per stored write).
+writer publishes a notice after each committed write, and a view after a committed stop:
+``{"reply": id, "attempt": n, "length": chars, "start": chars, "text": s, "status": s,
+"error": e}`` on the channel ``chatapp.reply.<id>``, where ``text`` is what that commit added
+(from character ``start``, Python str characters, to ``length``). A chunk longer than
+NOTICE_TEXT_MAX_CHARS is published without ``start`` and ``text``. The dispatcher keeps the last
+CHUNKS_KEPT chunks of each reply its streams wait on; a woken stream takes the run of them
+that continues exactly from its own (attempt, offset), with no database read. Anything else
+(a gap, another attempt, a notice without text or malformed, a stream fallen behind the
+kept chunks, Redis lost) sends it to the database, which stays the truth.
 
 A process has one subscriber connection, owned by one dispatcher thread, whatever the
 number of its open streams: a stream registers the reply it waits on, the dispatcher
 subscribes to that reply's channel (and unsubscribes when its last stream ends) and wakes
-its streams when a notice, or the subscription's own confirmation, arrives. A stream waits
-at most NOTICE_SAFETY_SECONDS before it reads the database anyway, so a missed notice
-costs seconds, never a stuck stream.
+its streams when a notice, or the subscription's own confirmation, arrives (what was
+published before it is read from the database: a stream that starts before its process is
+subscribed to its reply reads once more). A stream waits at most NOTICE_SAFETY_SECONDS
+before it reads the database anyway, so a missed notice costs seconds, never a stuck stream.
 
 Redis unreachable, or lost mid-run: one log line, every waiting stream is woken and polls
 the database at STREAM_POLL_INTERVAL (``available`` is False), and the dispatcher
@@ -22,12 +28,15 @@ wakes every stream to read what it may have missed. Publishing never fails a rep
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
 import queue
 import threading
 import time
+from collections import deque
+from typing import NamedTuple
 
 from flask import Flask
 
@@ -37,6 +46,11 @@ EXTENSION_KEY = "chatapp.reply_notices"
 CHANNEL_PREFIX = "chatapp.reply."
 # A stream waiting for a notice reads the database at least this often anyway.
 NOTICE_SAFETY_SECONDS = 5.0
+# A notice carries at most this much text (one flush's worth, normally far less); a longer
+# chunk is published without it, and the streams read it from the database.
+NOTICE_TEXT_MAX_CHARS = 16_000
+# Chunks kept per reply with streams here: a stream further behind reads the database.
+CHUNKS_KEPT = 32
 RECONNECT_SECONDS = 1.0
 # How long the dispatcher blocks on its socket before it applies new (un)subscriptions.
 _DISPATCH_TICK = 0.05
@@ -46,12 +60,26 @@ def channel(reply_id: int) -> str:
     return f"{CHANNEL_PREFIX}{int(reply_id)}"
 
 
+class Chunk(NamedTuple):
+    """One notice as received: ``text`` (None if it came without) starts at character ``start``."""
+
+    seq: int  # the reply's wake version it brought
+    attempt: int
+    start: int
+    text: str | None
+    status: str
+    error: str | None
+
+
 class _Waiters:
-    """The streams of one reply in this process: a version bumped on each wake."""
+    """The streams of one reply in this process: a version bumped on each wake, recent chunks."""
 
     def __init__(self) -> None:
         self.count = 0
         self.version = 0
+        self.confirmed = False  # subscribed: every notice from now on arrives (or Redis is lost)
+        self.chunks: deque[Chunk] = deque(maxlen=CHUNKS_KEPT)
+        self.dropped_seq = 0  # the newest chunk pushed out of ``chunks``
 
 
 class ReplyNotices:
@@ -80,11 +108,17 @@ class ReplyNotices:
 
     # The writer's side.
 
-    def publish(self, reply_id: int, attempt: int, length: int, status: str) -> None:
-        """Tell every process's streams of ``reply_id`` that a write was committed; never raises."""
+    def publish(
+        self, reply_id: int, attempt: int, length: int, status: str, text: str | None = None, error: str | None = None
+    ) -> None:
+        """Tell every process's streams of ``reply_id`` that a write (``text``, ending at
+        character ``length``) was committed; never raises."""
         if time.monotonic() - self._publish_failed_at < RECONNECT_SECONDS:
             return  # Redis just failed: don't make every flush wait on its timeout
-        notice = json.dumps({"reply": reply_id, "attempt": attempt, "length": length, "status": status})
+        fields: dict = {"reply": reply_id, "attempt": attempt, "length": length, "status": status, "error": error}
+        if text is not None and len(text) <= NOTICE_TEXT_MAX_CHARS:
+            fields.update(start=length - len(text), text=text)
+        notice = json.dumps(fields)
         try:
             self._publisher.publish(channel(reply_id), notice)
         except self._redis.RedisError as error:
@@ -126,6 +160,43 @@ class ReplyNotices:
             waiters = self._waiters.get(reply_id)
             return waiters.version if waiters is not None else 0
 
+    def confirmed(self, reply_id: int) -> bool:
+        """This process is subscribed to ``reply_id``'s notices (take before a read)."""
+        with self._changed:
+            waiters = self._waiters.get(reply_id)
+            return self.available and waiters is not None and waiters.confirmed
+
+    def take(self, reply_id: int, attempt: int, offset: int, since: int) -> tuple[int, dict | None, bool]:
+        """(version, progress, whole) from the chunks received past version ``since``.
+
+        ``progress`` (shaped like ``services.read_reply_progress``) is their run that continues
+        exactly from (``attempt``, ``offset``); None if there is none: read the database. ``whole``
+        is False when some chunk past the run could not be used (a gap, another attempt, no
+        text): the stream reads the database next.
+        """
+        with self._changed:
+            waiters = self._waiters.get(reply_id)
+            if waiters is None or not self.available:
+                return 0, None, False
+            if waiters.dropped_seq > since:
+                return waiters.version, None, False  # fallen behind the kept chunks
+            delta: list[str] = []
+            status, error, whole = "streaming", None, True
+            for chunk in itertools.dropwhile(lambda chunk: chunk.seq <= since, waiters.chunks):
+                ends_before = chunk.text is not None and chunk.start + len(chunk.text) <= offset
+                if chunk.attempt < attempt or (chunk.attempt == attempt and ends_before and chunk.start != offset):
+                    continue  # what the stream has already sent (a read may have brought it first)
+                if chunk.attempt == attempt and chunk.text is not None and chunk.start == offset and whole:
+                    delta.append(chunk.text)
+                    offset += len(chunk.text)
+                    status, error = chunk.status, chunk.error
+                else:
+                    whole = False
+            if not delta and status == "streaming":
+                return waiters.version, None, False
+            progress = {"attempt": attempt, "delta": "".join(delta), "status": status, "error": error}
+            return waiters.version, progress, whole
+
     def wait(self, reply_id: int, version: int, timeout: float) -> bool:
         """Block until a notice for ``reply_id`` past ``version``, Redis is lost, or ``timeout``; True if woken."""
         with self._changed:
@@ -136,6 +207,42 @@ class ReplyNotices:
                 ),
                 timeout,
             )
+
+    def _received(self, reply_id: int, data) -> None:
+        """Keep a notice's chunk (if it is well formed) and wake the reply's streams."""
+        try:
+            notice = json.loads(data)
+            fields = (notice["attempt"], notice["length"], notice["status"], notice.get("error"), notice.get("text"))
+        except (ValueError, TypeError, KeyError):
+            fields = None
+        with self._changed:
+            waiters = self._waiters.get(reply_id)
+            if waiters is None:
+                return
+            waiters.version += 1
+            if fields is not None and notice.get("reply") == reply_id:
+                attempt, length, status, error, text = fields
+                start = notice.get("start", length)
+                well_formed = (
+                    all(type(number) is int for number in (attempt, length, start))
+                    and isinstance(status, str)
+                    and (error is None or isinstance(error, str))
+                    and (text is None or (isinstance(text, str) and start + len(text) == length))
+                )
+                if well_formed:
+                    if len(waiters.chunks) == waiters.chunks.maxlen:
+                        waiters.dropped_seq = waiters.chunks[0].seq
+                    waiters.chunks.append(Chunk(waiters.version, attempt, start, text, status, error))
+            self._changed.notify_all()
+
+    def _confirmed(self, reply_id: int) -> None:
+        with self._changed:
+            waiters = self._waiters.get(reply_id)
+            if waiters is not None:
+                # A wake with no chunk: streams that read before it read again.
+                waiters.confirmed = True
+                waiters.version += 1
+                self._changed.notify_all()
 
     def _wake(self, reply_id: int | None = None) -> None:
         with self._changed:
@@ -191,12 +298,16 @@ class ReplyNotices:
                         reply_id = int(name[len(CHANNEL_PREFIX) :])
                     except ValueError:
                         continue
-                    # A notice, or a new subscription confirmed (what came before it is in the database).
-                    if message["type"] in ("message", "subscribe"):
-                        self._wake(reply_id)
+                    if message["type"] == "message":
+                        self._received(reply_id, message.get("data"))
+                    elif message["type"] == "subscribe":
+                        self._confirmed(reply_id)
             except Exception as error:
                 with self._changed:
                     self.available = False
+                    for waiters in self._waiters.values():
+                        waiters.confirmed = False  # subscribed again (and confirmed) once Redis is back
+                        waiters.chunks.clear()
                     self._changed.notify_all()
                 if not lost_logged:
                     log.error(
@@ -246,4 +357,4 @@ def publish_stopped(app: Flask, reply_id: int, attempt: int, length: int) -> Non
     """After a committed stop (a view): streams elsewhere end "stopped" now, not at their re-check."""
     notices = get_reply_notices(app)
     if notices is not None:
-        notices.publish(reply_id, attempt, length, "stopped")
+        notices.publish(reply_id, attempt, length, "stopped", text="")

@@ -148,9 +148,9 @@ class ReplyWriter:
                 self.live.stored(self.attempt, text, final=final, error=error)
             notices = get_reply_notices(self.app)
             if notices is not None:
-                # Streams in other processes (or hosts) read the new text when told.
+                # Streams in other processes (or hosts) take the new text from the notice.
                 status = ("failed" if error else "complete") if final else "streaming"
-                notices.publish(self.reply_id, self.attempt, self.stored, status)
+                notices.publish(self.reply_id, self.attempt, self.stored, status, text=text, error=error)
         return done
 
     def _landed(self, text: str, final: bool, error: str | None) -> bool | None:

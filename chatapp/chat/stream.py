@@ -2,8 +2,10 @@
 
 The generator runs after the view has returned and its app context (and session) is
 gone. When the reply runs in this process, the stream waits on the writer's
-notifications (chatapp.chat.live_replies) and takes the committed text from memory;
-otherwise it polls, each poll one short unit of work ended before sleeping. Either way a
+notifications (chatapp.chat.live_replies) and takes the committed text from memory; when
+it runs elsewhere and Redis notices are on (chatapp.chat.reply_notices), it takes the text
+the notices carry when they continue its own exactly, and reads the database otherwise;
+else it polls, each poll one short unit of work ended before sleeping. Either way a
 client that disconnects, or a generator that is closed at any yield, holds nothing.
 
 A stream outlives the request that authenticated it, so it re-checks that credential (the
@@ -143,6 +145,7 @@ def _reply_events(app, reply_id, resume, first, credential, notices) -> Iterator
     # The view has just authenticated the request.
     checked_credential_at = time.monotonic()
     notice_version = 0
+    woken_by_notice = False
     failing_since: float | None = None  # when reads began to fail, while they do
     yield "retry: 1000\n\n"
     while True:
@@ -155,6 +158,12 @@ def _reply_events(app, reply_id, resume, first, credential, notices) -> Iterator
         if first is not None:
             progress, first, read_database_at = first, None, time.monotonic()
         recheck_due = time.monotonic() - read_database_at >= recheck
+        if woken_by_notice and progress is None and attempt is not None and not recheck_due:
+            # Another process committed text: the notices carry it, unless one was missed.
+            notice_version, progress, whole = notices.take(reply_id, attempt, offset, notice_version)
+            if progress is not None and not whole:
+                read_database_at = float("-inf")  # something past this run: read next time round
+        woken_by_notice = False
         if progress is not None and attempt is not None and progress["attempt"] < attempt:
             progress = None  # an older run still going here; the database has a newer attempt
         elif progress is None and attempt is not None and live is not None and not live.ended and not recheck_due:
@@ -222,7 +231,9 @@ def _reply_events(app, reply_id, resume, first, credential, notices) -> Iterator
             live.wait(version, DRAIN_CHECK_SECONDS)
         elif notices is not None and notices.available:
             safety = recheck if app.config.get("STREAM_RECHECK_SECONDS") else NOTICE_SAFETY_SECONDS
-            _wait_for_notice(notices, reply_id, notice_version, min(read_database_at + safety, deadline))
+            woken_by_notice = _wait_for_notice(
+                notices, reply_id, notice_version, min(read_database_at + safety, deadline)
+            )
         else:
             time.sleep(poll)
 
@@ -235,11 +246,14 @@ def _recheck_seconds(app: Flask) -> float:
     return float(configured) if configured else LIVE_RECHECK_SECONDS
 
 
-def _wait_for_notice(notices, reply_id: int, version: int, until: float) -> None:
+def _wait_for_notice(notices, reply_id: int, version: int, until: float) -> bool:
     """Wait for another process's notice of a write (Redis pub/sub) instead of polling: until
-    one arrives, Redis is lost, the worker drains, or ``until`` (the safety re-check, or the
-    stream's deadline)."""
+    one arrives (True), Redis is lost, the worker drains, or ``until`` (the safety re-check, or
+    the stream's deadline)."""
     while not lifecycle.draining():
         left = until - time.monotonic()
-        if left <= 0 or notices.wait(reply_id, version, min(left, DRAIN_CHECK_SECONDS)):
-            return
+        if left <= 0:
+            return False
+        if notices.wait(reply_id, version, min(left, DRAIN_CHECK_SECONDS)):
+            return notices.available
+    return False
