@@ -4,6 +4,10 @@ import threading
 
 import pytest
 
+from chatapp.chat import services, stream
+from chatapp.chat.pipeline import generate_reply
+from chatapp.chat.runner import get_runner
+
 
 @pytest.fixture
 def alice(auth):
@@ -41,3 +45,32 @@ def gated_bot(monkeypatch, app):
     bot = GatedBot()
     monkeypatch.setattr("chatapp.chat.pipeline.bot_from_config", lambda config: bot)
     return bot
+
+
+@pytest.fixture
+def elsewhere(app, monkeypatch):
+    """Replies run outside this process's live state, as in a queue worker or another gunicorn worker."""
+    threads = []
+
+    def submit_elsewhere(reply_id, reservation=None):
+        threads.append(threading.Thread(target=generate_reply, args=(app, reply_id)))
+        threads[-1].start()
+
+    monkeypatch.setattr(get_runner(app), "submit", submit_elsewhere)
+    yield threads
+    for thread in threads:
+        thread.join(10)
+
+
+@pytest.fixture
+def progress_reads(monkeypatch):
+    """Counts the database reads of a reply's progress (the stream view's and its generator's)."""
+    reads = []
+    read = services.read_reply_progress
+
+    def counted(reply_id, *args):
+        reads.append(reply_id)
+        return read(reply_id, *args)
+
+    monkeypatch.setattr(stream.services, "read_reply_progress", counted)
+    return reads

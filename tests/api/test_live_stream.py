@@ -8,8 +8,6 @@ import sqlalchemy as sa
 from chatapp.chat import services, stream
 from chatapp.chat.live_replies import get_live_replies
 from chatapp.chat.models import Message, Status
-from chatapp.chat.pipeline import generate_reply
-from chatapp.chat.runner import get_runner
 from chatapp.chat.stream import reply_events
 from chatapp.db import unit_of_work
 from tests.api.test_pipeline import post, reply_row
@@ -18,20 +16,6 @@ from tests.support.sse import parse_events
 
 LIVE_CONFIG = {"BOT_ECHO_DELAY": 0.6, "REPLY_FLUSH_INTERVAL": 0.02, "STREAM_POLL_INTERVAL": 0.01}
 CONTENT = "one two three four five six seven eight"
-
-
-@pytest.fixture
-def progress_reads(monkeypatch):
-    """Counts the database reads of a reply's progress (the stream view's and its generator's)."""
-    reads = []
-    read = services.read_reply_progress
-
-    def counted(reply_id, *args):
-        reads.append(reply_id)
-        return read(reply_id, *args)
-
-    monkeypatch.setattr(stream.services, "read_reply_progress", counted)
-    return reads
 
 
 def read_stream(client, url, headers):
@@ -61,18 +45,11 @@ def test_a_stream_where_its_reply_runs_reads_the_database_at_the_start_only(
 
 
 @pytest.mark.parametrize("extra_config", [LIVE_CONFIG], indirect=True)
-def test_a_stream_whose_reply_runs_elsewhere_polls(client, app, alice, conversation_url, progress_reads, monkeypatch):
+def test_a_stream_whose_reply_runs_elsewhere_polls(client, app, alice, conversation_url, progress_reads, elsewhere):
     # As with a job queue, or a reply running in another gunicorn worker: no live state here.
-    threads = []
-
-    def submit_elsewhere(reply_id, reservation=None):
-        threads.append(threading.Thread(target=generate_reply, args=(app, reply_id)))
-        threads[-1].start()
-
-    monkeypatch.setattr(get_runner(app), "submit", submit_elsewhere)
     reply_id = post(client, alice, conversation_url, CONTENT)
     deltas, done = read_stream(client, f"{conversation_url}/messages/{reply_id}/stream", alice)
-    threads[0].join(10)
+    elsewhere[0].join(10)
     assert "".join(deltas) == CONTENT and len(deltas) >= 3
     assert done == ['{"status": "complete", "error": null}']
     assert len(progress_reads) > 10
@@ -158,22 +135,17 @@ def pool_busy() -> sa.exc.TimeoutError:
 
 
 @pytest.mark.parametrize("extra_config", [LIVE_CONFIG], indirect=True)
-def test_a_stream_rides_out_reads_that_fail_for_a_moment(client, app, alice, conversation_url, monkeypatch, caplog):
+def test_a_stream_rides_out_reads_that_fail_for_a_moment(
+    client, app, alice, conversation_url, monkeypatch, caplog, elsewhere
+):
     # A pool busy past pool_timeout (a starved worker under load) fails a few periodic reads:
     # the stream tries again and the client still gets the whole reply, once.
-    threads = []
-
-    def submit_elsewhere(reply_id, reservation=None):
-        threads.append(threading.Thread(target=generate_reply, args=(app, reply_id)))
-        threads[-1].start()
-
-    monkeypatch.setattr(get_runner(app), "submit", submit_elsewhere)
     monkeypatch.setattr(stream, "READ_RETRY_SECONDS", 0.05)
     failures = [pool_busy(), pool_busy(), pool_busy()]
     reads_failing(monkeypatch, failures)
     reply_id = post(client, alice, conversation_url, CONTENT)
     deltas, done = read_stream(client, f"{conversation_url}/messages/{reply_id}/stream", alice)
-    threads[0].join(10)
+    elsewhere[0].join(10)
     assert failures == []
     assert "".join(deltas) == CONTENT
     assert done == ['{"status": "complete", "error": null}']

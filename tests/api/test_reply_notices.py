@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from chatapp.chat import reply_notices, services, stream
+from chatapp.chat import reply_notices, stream
 from chatapp.chat.pipeline import generate_reply
 from chatapp.chat.reply_notices import get_reply_notices
 from chatapp.chat.runner import get_runner
@@ -51,19 +51,6 @@ def connected(notices):
 
 
 @pytest.fixture
-def progress_reads(monkeypatch):
-    reads = []
-    read = services.read_reply_progress
-
-    def counted(reply_id, *args):
-        reads.append(reply_id)
-        return read(reply_id, *args)
-
-    monkeypatch.setattr(stream.services, "read_reply_progress", counted)
-    return reads
-
-
-@pytest.fixture
 def publishes(monkeypatch, notices):
     sent = []
     publish = notices.publish
@@ -74,21 +61,6 @@ def publishes(monkeypatch, notices):
 
     monkeypatch.setattr(notices, "publish", counted)
     return sent
-
-
-@pytest.fixture
-def elsewhere(app, monkeypatch):
-    """Replies run outside this process's live state, as in a queue worker or another gunicorn worker."""
-    threads = []
-
-    def submit_elsewhere(reply_id, reservation=None):
-        threads.append(threading.Thread(target=generate_reply, args=(app, reply_id)))
-        threads[-1].start()
-
-    monkeypatch.setattr(get_runner(app), "submit", submit_elsewhere)
-    yield threads
-    for thread in threads:
-        thread.join(10)
 
 
 def stream_all(app, reply_id, on_first_delta=None):
